@@ -326,10 +326,18 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+class EventKind(enum.Enum):
+    TRIGGERED = "triggered"
+    BACK = "back"
+    TIMED_OUT = "timed out"
+    NOT_STARTED = "not started"
+
+
 @dataclasses.dataclass
 class Event:
     at: float
     vassal: VassalReload
+    kind: EventKind
     what: str
 
 
@@ -369,7 +377,7 @@ class Rollout:
                     live[v.id] = keys
         return live
 
-    def step(self, snapshot: Snapshot, now: float, *, start_more: bool = True) -> list[Event]:
+    def step(self, snapshot: Snapshot, now: float) -> list[Event]:
         """Record who is back or timed out, then mark the vassals that may start now.
 
         The caller touches the config of every vassal in a ``triggered`` event.
@@ -381,10 +389,17 @@ class Rollout:
             v.stage = reload_stage(v.baseline, current, live_keys(current, v.name, snapshot.nodes))
             if v.stage is Stage.BACK:
                 v.back, v.outcome = now, Outcome.RELOADED
-                events.append(Event(now, v, f"back after {now - v.triggered:.2f}s"))
+                events.append(Event(now, v, EventKind.BACK, f"back after {now - v.triggered:.2f}s"))
             elif now - v.triggered >= self.timeout:
                 v.outcome, v.detail = Outcome.TIMED_OUT, v.stage.value
-                events.append(Event(now, v, f"timed out after {self.timeout:g}s: {v.detail}"))
+                events.append(
+                    Event(
+                        now,
+                        v,
+                        EventKind.TIMED_OUT,
+                        f"timed out after {self.timeout:g}s: {v.detail}",
+                    )
+                )
         live = self._live(snapshot)
         counts: dict[str, int] = dict.fromkeys(self.lowest_live, 0)
         for keys in live.values():
@@ -392,15 +407,13 @@ class Rollout:
                 counts[key] = counts.get(key, 0) + 1
         for key, count in counts.items():
             self.lowest_live[key] = min(self.lowest_live.get(key, count), count)
-        if not start_more:
-            return events
         free = None if self.max_parallel is None else self.max_parallel - len(self.in_flight())
         candidates = [v.id for v in self.pending() if v.id in snapshot.vassals]
         for vassal_id in pick_reloads(candidates, live, self.minimum, free):
             v = self.vassals[vassal_id]
             v.baseline, v.triggered, v.stage = snapshot.vassals[vassal_id], now, Stage.TOUCHED
             what = "triggered" if vassal_id in live else "triggered (was not live)"
-            events.append(Event(now, v, what))
+            events.append(Event(now, v, EventKind.TRIGGERED, what))
         if not self.in_flight():
             # Nothing in flight and nothing may start: no live count can rise any more.
             for v in self.pending():
@@ -410,7 +423,7 @@ class Rollout:
                     if v.id not in snapshot.vassals
                     else f"reloading it would leave fewer than {self.minimum} live"
                 )
-                events.append(Event(now, v, f"not started: {v.detail}"))
+                events.append(Event(now, v, EventKind.NOT_STARTED, f"not started: {v.detail}"))
         return events
 
     def abandon(self, reason: str) -> None:
@@ -648,20 +661,24 @@ class _Interrupted:
         self.signal = signum
 
 
-def run(
-    options: Options,
-    reporter: Reporter,
-    *,
-    clock: Callable[[], float] = time.monotonic,
-    wall_clock: Callable[[], float] = time.time,
-    sleep: Callable[[float], None] = time.sleep,
-    snapshot: Callable[[Options], Snapshot] = take_snapshot,
-) -> int:
+@dataclasses.dataclass(frozen=True)
+class Io:
+    """Everything the run does to the world, so that tests can replace it."""
+
+    clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    snapshot: Callable[[Options], Snapshot] = take_snapshot
+    touch: Callable[[str, int], None] = touch
+
+
+def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
+    io = io or Io()
     configs = find_configs(options.emperor_path, options.vassal_config_file_suffix)
     fleet = plan_fleet(configs, options.vassal_config_file_suffix)
-    first = snapshot(options)
+    first = io.snapshot(options)
     check_fleet(fleet, first, options.minimum_active_vassals)
-    started_wall, started = wall_clock(), clock()
+    started_wall, started = io.wall_clock(), io.clock()
     if options.dry_run:
         for line in describe_plan(fleet, first, options):
             reporter.line(line)
@@ -674,22 +691,11 @@ def run(
     rollout = Rollout(fleet, options.minimum_active_vassals, options.timeout, options.max_parallel)
     try:
         with emperor_lock(options.emperor_path):
-            exit_code = _drive(
-                rollout,
-                options,
-                reporter,
-                first,
-                started,
-                interrupted,
-                clock,
-                wall_clock,
-                sleep,
-                snapshot,
-            )
+            exit_code = _drive(rollout, options, reporter, first, started, interrupted, io)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    elapsed = clock() - started
+    elapsed = io.clock() - started
     _summarise(rollout, reporter, elapsed, exit_code)
     if options.json:
         print(json.dumps(report_json(fleet, options, started_wall, elapsed, exit_code, rollout)))
@@ -703,17 +709,14 @@ def _drive(
     current: Snapshot | None,
     started: float,
     interrupted: _Interrupted,
-    clock: Callable[[], float],
-    wall_clock: Callable[[], float],
-    sleep: Callable[[float], None],
-    snapshot: Callable[[Options], Snapshot],
+    io: Io,
 ) -> int:
     unreadable_since: float | None = None
     while True:
-        now = clock() - started
+        now = io.clock() - started
         if current is None:
             try:
-                current = snapshot(options)
+                current = io.snapshot(options)
                 unreadable_since = None
             except StatsError as exc:
                 unreadable_since = now if unreadable_since is None else unreadable_since
@@ -723,22 +726,21 @@ def _drive(
         if interrupted.signal is not None:
             rollout.abandon(f"interrupted by {signal.Signals(interrupted.signal).name}")
             return EXIT_INTERRUPTED
-        if current is not None:
-            for event in rollout.step(current, now):
-                if event.what.startswith("triggered"):
-                    vassal = event.vassal
-                    assert vassal.baseline is not None
-                    try:
-                        touch(vassal.config, touch_mtime(wall_clock(), vassal.baseline.last_mod))
-                    except OSError as exc:
-                        vassal.outcome, vassal.detail = Outcome.FAILED, f"cannot touch: {exc}"
-                        event.what = f"failed: {vassal.detail}"
-                reporter.event(event)
+        for event in rollout.step(current, now) if current is not None else []:
+            vassal = event.vassal
+            if event.kind is EventKind.TRIGGERED:
+                assert vassal.baseline is not None
+                try:
+                    io.touch(vassal.config, touch_mtime(io.wall_clock(), vassal.baseline.last_mod))
+                except OSError as exc:
+                    vassal.outcome, vassal.detail = Outcome.FAILED, f"cannot touch: {exc}"
+                    event.what = f"failed: {vassal.detail}"
+            reporter.event(event)
         if rollout.finished:
             everything = all(v.outcome is Outcome.RELOADED for v in rollout.vassals.values())
             return EXIT_OK if everything else EXIT_NOT_ALL_RELOADED
         current = None
-        sleep(options.check_interval)
+        io.sleep(options.check_interval)
 
 
 def _summarise(rollout: Rollout, reporter: Reporter, elapsed: float, exit_code: int) -> None:
@@ -878,7 +880,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     options = Options(**vars(args))
     reporter = Reporter(options.quiet, sys.stderr if options.json else sys.stdout, sys.stderr)
     try:

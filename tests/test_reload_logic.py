@@ -1,0 +1,372 @@
+"""The reload tool's decision logic, table-driven, and whole runs against a simulated emperor."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import uwsgi_reload as ur
+
+
+def vassal(
+    vid: str = "a.ini",
+    pid: int = 10,
+    respawns: int = 0,
+    last_mod: int = 1000,
+    accepting: bool = True,
+) -> ur.EmperorVassal:
+    return ur.EmperorVassal(
+        id=vid, pid=pid, respawns=respawns, last_mod=last_mod, accepting=accepting, ready=True
+    )
+
+
+def node(name: str, key: str = "k", dead: bool = False, ref: int = 0) -> ur.Node:
+    return ur.Node(key=key, name=name, death_mark=dead, ref=ref)
+
+
+@pytest.mark.parametrize(
+    ("node_name", "expected"),
+    [
+        ("/run/uwsgi/vassal_01.sock", "vassal_01"),
+        ("/run/uwsgi/shop.v2.sock", "shop.v2"),
+        ("/run/uwsgi/plain", "plain"),
+        ("relative.sock", "relative"),
+        ("127.0.0.1:3031", "127.0.0"),
+    ],
+)
+def test_node_vassal_name_keeps_dots(node_name: str, expected: str) -> None:
+    assert ur.node_vassal_name(node_name) == expected
+
+
+@pytest.mark.parametrize(
+    ("emperor", "nodes", "expected"),
+    [
+        (vassal(), [node("/r/a.sock")], {"k"}),
+        (vassal(accepting=False), [node("/r/a.sock")], set()),
+        (None, [node("/r/a.sock")], set()),
+        (vassal(), [node("/r/a.sock", dead=True)], set()),
+        (vassal(), [node("/r/b.sock")], set()),
+        (vassal(), [node("/r/a.sock", "k1"), node("/r/a.sock", "k2")], {"k1", "k2"}),
+        # a name that only shares a prefix is another vassal
+        (vassal(), [node("/r/a.b.sock")], set()),
+    ],
+)
+def test_live_keys(
+    emperor: ur.EmperorVassal | None, nodes: list[ur.Node], expected: set[str]
+) -> None:
+    assert ur.live_keys(emperor, "a", nodes) == expected
+
+
+@pytest.mark.parametrize(
+    ("current", "keys", "stage"),
+    [
+        (vassal(), {"k"}, ur.Stage.TOUCHED),  # nothing moved: still the old instance
+        (None, set(), ur.Stage.TOUCHED),
+        (vassal(respawns=1, accepting=False), set(), ur.Stage.REGISTERED),
+        (vassal(last_mod=1001, accepting=False), set(), ur.Stage.REGISTERED),
+        (vassal(respawns=1), set(), ur.Stage.ACCEPTING),
+        (vassal(respawns=1), {"k"}, ur.Stage.BACK),
+        (vassal(last_mod=1001), {"k"}, ur.Stage.BACK),
+        # died and was re-added by the emperor: new pid, respawns back to 0
+        (vassal(pid=11), {"k"}, ur.Stage.BACK),
+    ],
+)
+def test_reload_stage_back_means_back(
+    current: ur.EmperorVassal | None, keys: set[str], stage: ur.Stage
+) -> None:
+    assert ur.reload_stage(vassal(), current, frozenset(keys)) is stage
+
+
+@pytest.mark.parametrize(
+    ("now", "last_mod", "expected"),
+    [(2000.7, 1000, 2000), (1000.2, 1000, 1001), (999.0, 1000, 1001), (1001.0, 1000, 1001)],
+)
+def test_touch_mtime_moves_past_last_mod(now: float, last_mod: int, expected: int) -> None:
+    assert ur.touch_mtime(now, last_mod) == expected
+    assert ur.touch_mtime(now, last_mod) > last_mod
+
+
+K = frozenset({"k"})
+K2 = frozenset({"k2"})
+BOTH = frozenset({"k", "k2"})
+
+
+@pytest.mark.parametrize(
+    ("candidates", "live", "minimum", "slots", "expected"),
+    [
+        (["a", "b", "c", "d"], dict(a=K, b=K, c=K, d=K), 1, None, ["a", "b", "c"]),
+        (["a", "b", "c", "d"], dict(a=K, b=K, c=K, d=K), 3, None, ["a"]),
+        (["a", "b", "c", "d"], dict(a=K, b=K, c=K, d=K), 0, None, ["a", "b", "c", "d"]),
+        (["a", "b", "c", "d"], dict(a=K, b=K, c=K, d=K), 1, 2, ["a", "b"]),
+        # not-live vassals cost nothing and go first
+        (["a", "b", "c"], dict(a=K, b=K), 1, None, ["c", "a"]),
+        (["a", "b", "c"], dict(a=K, b=K), 2, None, ["c"]),
+        (["a", "b", "c"], dict(a=K, b=K), 2, 0, []),
+        # in-flight vassals are absent from `live`: the two left must both stay
+        (["c", "d"], dict(c=K, d=K), 2, None, []),
+        # per key: each key keeps its minimum
+        (["a", "b", "c", "d"], dict(a=K, b=K, c=K2, d=K2), 1, None, ["a", "c"]),
+        (["a", "b", "c"], dict(a=BOTH, b=K, c=K2), 1, None, ["a"]),
+        ([], dict(a=K), 0, None, []),
+    ],
+)
+def test_pick_reloads(
+    candidates: list[str],
+    live: dict[str, frozenset[str]],
+    minimum: int,
+    slots: int | None,
+    expected: list[str],
+) -> None:
+    assert ur.pick_reloads(candidates, live, minimum, slots) == expected
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "rounds"), [(4, 1, 2), (4, 3, 4), (8, 4, 2), (8, 0, 1), (2, 2, 0)]
+)
+def test_rounds_needed(n: int, m: int, rounds: int) -> None:
+    assert ur.rounds_needed(n, m) == rounds
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs against a simulated emperor + fastrouter: no sockets, no sleeping
+# ---------------------------------------------------------------------------------------------
+
+
+class SimVassal:
+    def __init__(self, vid: str, pid: int) -> None:
+        self.vid, self.pid, self.respawns, self.last_mod = vid, pid, 0, 1000
+        self.down_until: float | None = None  # not live until then (math.inf: never)
+        self.registers_at: float | None = None  # the emperor acts on a touch at this time
+        self.pending_mtime = 0
+
+
+class SimStack:
+    """An emperor that registers a touch after ``lag`` and brings a vassal back after ``reload``."""
+
+    def __init__(self, names: list[str], reload: float = 1.0, lag: float = 0.05) -> None:
+        self.t = 0.0
+        self.reload, self.lag = reload, lag
+        self.vassals = {n: SimVassal(n, 100 + i) for i, n in enumerate(names)}
+        self.reload_times: dict[str, float] = {}
+        self.never_back: set[str] = set()
+        self.fewest_live = len(names)
+        self.touched: list[tuple[float, str]] = []
+        self.on_sleep: list[tuple[float, object]] = []
+
+    def live(self, v: SimVassal) -> bool:
+        return v.down_until is None or self.t >= v.down_until
+
+    def _advance(self) -> None:
+        for v in self.vassals.values():
+            if v.registers_at is not None and self.t >= v.registers_at:
+                v.registers_at = None
+                v.respawns += 1
+                v.last_mod = v.pending_mtime
+                back = self.reload_times.get(v.vid, self.reload)
+                v.down_until = math.inf if v.vid in self.never_back else self.t + back
+        self.fewest_live = min(self.fewest_live, sum(self.live(v) for v in self.vassals.values()))
+
+    def touch(self, path: str, mtime: int) -> None:
+        v = self.vassals[os.path.basename(path)]
+        assert mtime > v.last_mod
+        v.pending_mtime = mtime
+        v.registers_at = self.t + self.lag
+        self.touched.append((self.t, v.vid))
+
+    def kill(self, vid: str, down_for: float) -> None:
+        """A vassal that dies comes back as a new entry: new pid, respawns 0."""
+        v = self.vassals[vid]
+        v.pid += 1000
+        v.respawns = 0
+        v.down_until = self.t + down_for
+
+    def snapshot(self, options: ur.Options) -> ur.Snapshot:
+        self._advance()
+        vassals = {
+            v.vid: vassal(v.vid, v.pid, v.respawns, v.last_mod, accepting=self.live(v))
+            for v in self.vassals.values()
+        }
+        nodes = [
+            node(f"/run/{ur.strip_suffix(v.vid, '.ini')}.sock")
+            for v in self.vassals.values()
+            if self.live(v)
+        ]
+        return ur.Snapshot(vassals, nodes)
+
+    def sleep(self, seconds: float) -> None:
+        for at, action in list(self.on_sleep):
+            if self.t >= at:
+                self.on_sleep.remove((at, action))
+                action()  # type: ignore[operator]
+        self.t += seconds
+        self._advance()
+
+    def io(self) -> ur.Io:
+        return ur.Io(
+            clock=lambda: self.t,
+            wall_clock=lambda: 2000.0 + self.t,
+            sleep=self.sleep,
+            snapshot=self.snapshot,
+            touch=self.touch,
+        )
+
+
+@pytest.fixture
+def emperor_dir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+
+
+def simulate(
+    emperor_dir: Path,
+    n: int = 4,
+    minimum: int = 1,
+    timeout: float = 10.0,
+    max_parallel: int | None = None,
+    names: list[str] | None = None,
+    setup: object = None,
+    **stack_args: float,
+) -> tuple[int, SimStack, str]:
+    names = names or [f"vassal_{i:02d}.ini" for i in range(1, n + 1)]
+    for name in names:
+        (emperor_dir / name).write_text("[uwsgi]\n")
+    stack = SimStack(names, **stack_args)
+    if setup is not None:
+        setup(stack)  # type: ignore[operator]
+    options = ur.Options(
+        emperor_path=str(emperor_dir),
+        fastrouter_stats_socket="unused",
+        emperor_stats_socket="unused",
+        minimum_active_vassals=minimum,
+        timeout=timeout,
+        max_parallel=max_parallel,
+    )
+    out = io.StringIO()
+    code = ur.run(options, ur.Reporter(False, out, out), stack.io())
+    return code, stack, out.getvalue()
+
+
+@pytest.mark.parametrize(("n", "minimum"), [(2, 1), (4, 1), (4, 2), (4, 3), (8, 4), (5, 2)])
+def test_run_keeps_minimum_and_is_pipelined(emperor_dir: Path, n: int, minimum: int) -> None:
+    code, stack, out = simulate(emperor_dir, n=n, minimum=minimum)
+    assert code == ur.EXIT_OK, out
+    assert stack.fewest_live >= minimum, out
+    assert all(v.respawns == 1 for v in stack.vassals.values())
+    # each reload takes lag + 1 s; polling adds at most one interval per round
+    rounds = ur.rounds_needed(n, minimum)
+    assert stack.t <= rounds * (1.05 + 0.2) + 0.2, out
+    assert f"reloaded {n} of {n}" in out
+
+
+def test_pipelined_next_starts_as_soon_as_one_is_back(emperor_dir: Path) -> None:
+    def uneven(stack: SimStack) -> None:
+        stack.reload_times = {"vassal_01.ini": 0.5, "vassal_02.ini": 3.0}
+
+    code, stack, _ = simulate(emperor_dir, n=3, minimum=1, setup=uneven)
+    assert code == ur.EXIT_OK
+    started = dict((vid, t) for t, vid in stack.touched)
+    # vassal_03 waits only for the fast one, not for the whole first round
+    assert started["vassal_03.ini"] < 1.0
+
+
+def test_touch_not_registered_yet_is_not_back(emperor_dir: Path) -> None:
+    # The emperor is slow to notice: stats still show the old instance, accepting and live.
+    code, stack, out = simulate(emperor_dir, n=2, minimum=1, lag=2.0)
+    assert code == ur.EXIT_OK
+    assert stack.fewest_live >= 1
+    assert stack.touched[1][0] >= 3.0, out
+
+
+def test_never_back_times_out_and_keeps_the_minimum(emperor_dir: Path) -> None:
+    def stuck(stack: SimStack) -> None:
+        stack.never_back = {"vassal_01.ini", "vassal_02.ini"}
+
+    code, stack, out = simulate(emperor_dir, n=4, minimum=2, timeout=3.0, setup=stuck)
+    assert code == ur.EXIT_NOT_ALL_RELOADED
+    assert stack.fewest_live >= 2
+    # the two stuck vassals used up the margin: nothing else may go down
+    assert [vid for _, vid in stack.touched] == ["vassal_01.ini", "vassal_02.ini"]
+    assert "timed out after 3s: reloading, but never accepting again" in out
+    assert "vassal_03: not started: reloading it would leave fewer than 2 live" in out
+
+
+def test_timeout_of_one_lets_the_others_go_when_the_minimum_allows(emperor_dir: Path) -> None:
+    def stuck(stack: SimStack) -> None:
+        stack.never_back = {"vassal_01.ini"}
+
+    code, stack, out = simulate(emperor_dir, n=4, minimum=1, timeout=3.0, setup=stuck)
+    assert code == ur.EXIT_NOT_ALL_RELOADED
+    assert stack.fewest_live >= 1
+    assert sorted(vid for _, vid in stack.touched) == [f"vassal_0{i}.ini" for i in range(1, 5)]
+    assert "reloaded 3 of 4" in out
+
+
+def test_emperor_never_registers_a_symlink_touch_hints_nofollow(emperor_dir: Path) -> None:
+    target = emperor_dir.parent / "target.ini"
+    target.write_text("[uwsgi]\n")
+    names = ["a.ini", "b.ini"]
+
+    def links(stack: SimStack) -> None:
+        for name in names:
+            (emperor_dir / name).unlink()
+            (emperor_dir / name).symlink_to(target)
+        stack.lag = math.inf
+
+    code, _, out = simulate(emperor_dir, names=names, timeout=1.0, setup=links)
+    assert code == ur.EXIT_NOT_ALL_RELOADED
+    assert "the emperor never registered the touch" in out
+    assert "--emperor-nofollow" in out
+
+
+def test_a_vassal_killed_during_the_run_is_not_counted_live(emperor_dir: Path) -> None:
+    def kill_later(stack: SimStack) -> None:
+        stack.on_sleep.append((0.5, lambda: stack.kill("vassal_03.ini", down_for=5.0)))
+
+    code, stack, out = simulate(emperor_dir, n=4, minimum=2, setup=kill_later)
+    assert code == ur.EXIT_OK, out
+    touched_at = {vid: t for t, vid in stack.touched}
+    # 01 and 02 went first; 03 died on its own at 0.5 s, leaving 04 as the only live one.
+    # Reloading the dead 03 costs nothing; 04 must wait until 01 and 02 are back.
+    assert 0.5 <= touched_at["vassal_03.ini"] < 1.0
+    assert "vassal_03: triggered (was not live)" in out
+    assert touched_at["vassal_04.ini"] >= 1.05
+
+
+def test_max_parallel_caps_reloads_in_flight(emperor_dir: Path) -> None:
+    code, stack, _ = simulate(emperor_dir, n=4, minimum=0, max_parallel=1)
+    assert code == ur.EXIT_OK
+    assert stack.fewest_live >= 3
+    assert stack.t >= 4.0
+
+
+def test_names_with_dots(emperor_dir: Path) -> None:
+    names = ["shop.v1.ini", "shop.v2.ini", "shop.ini"]
+    code, stack, out = simulate(emperor_dir, names=names, minimum=1)
+    assert code == ur.EXIT_OK, out
+    assert stack.fewest_live >= 1
+
+
+def test_sigint_starts_nothing_more_and_exits_130(emperor_dir: Path) -> None:
+    def interrupt(stack: SimStack) -> None:
+        stack.on_sleep.append((0.3, lambda: os.kill(os.getpid(), signal.SIGINT)))
+
+    code, stack, out = simulate(emperor_dir, n=4, minimum=3, setup=interrupt)
+    assert code == ur.EXIT_INTERRUPTED
+    assert [vid for _, vid in stack.touched] == ["vassal_01.ini"]
+    assert "vassal_01: in flight" in out
+    assert "vassal_02: not started: interrupted by SIGINT" in out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_not_live_at_start_goes_first(emperor_dir: Path) -> None:
+    def one_down(stack: SimStack) -> None:
+        stack.vassals["vassal_04.ini"].down_until = 0.5
+
+    code, stack, _ = simulate(emperor_dir, n=4, minimum=3, setup=one_down)
+    assert code == ur.EXIT_OK
+    assert stack.touched[0] == (0.0, "vassal_04.ini")
