@@ -1,0 +1,219 @@
+"""Watch a fastrouter's live nodes from a thread while something else (a reload) happens.
+
+A node is live when it is subscribed with ``death_mark == 0`` (see UWSGI_FACTS.md, fastrouter
+stats). The observer proves a "never fewer than N live" claim only as finely as it sampled, so it
+also reports its largest gap between samples: a test asserts on ``max_gap`` before trusting
+``min_live``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Callable, NamedTuple
+
+from uwsgi_reload import StatsError, parse_fastrouter_stats, read_stats
+
+StatsReader = Callable[[str], Mapping[str, Any]]
+
+
+class ObserverError(Exception):
+    """The observer has no sample to answer the question with."""
+
+
+class Sample(NamedTuple):
+    t: float
+    """Wall clock (``time.time()``) when the read started, comparable with a load report's."""
+    live: int
+
+
+def _read_with_timeout(timeout: float) -> StatsReader:
+    def read(address: str) -> Mapping[str, Any]:
+        return read_stats(address, timeout=timeout)
+
+    return read
+
+
+def count_live(data: Mapping[str, Any], key: str | None = None) -> int:
+    """Live nodes in one fastrouter stats document, for ``key`` or over all keys."""
+    return sum(
+        1 for node in parse_fastrouter_stats(data) if node.live and (key is None or node.key == key)
+    )
+
+
+class RouterObserver:
+    """Sample a fastrouter stats server every ``interval`` seconds in a daemon thread.
+
+    Use as a context manager (or ``start()``/``stop()``). A failed read (socket briefly missing,
+    refused, or not JSON) is counted in ``errors`` and leaves a gap in the timeline; it never
+    stops the thread.
+    """
+
+    def __init__(
+        self,
+        fastrouter_stats_address: str,
+        key: str | None = None,
+        interval: float = 0.01,
+        *,
+        read_timeout: float = 1.0,
+        reader: StatsReader | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.address = fastrouter_stats_address
+        self.key = key
+        self.interval = interval
+        self._read = reader if reader is not None else _read_with_timeout(read_timeout)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._samples: list[Sample] = []
+        self._errors: list[tuple[float, str]] = []
+        self._started: float | None = None
+        self._stopped: float | None = None
+        self._stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> RouterObserver:
+        if self._thread is not None:
+            raise RuntimeError("RouterObserver already started")
+        self._started = self._clock()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"router-observer {self.address}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is None or self._stopped is not None:
+            return
+        self._stop_event.set()
+        self._thread.join()
+        self._stopped = self._clock()
+
+    def __enter__(self) -> RouterObserver:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def sample_once(self) -> Sample | None:
+        """Read the stats once and record the sample (or the error)."""
+        t = self._clock()
+        try:
+            live = count_live(self._read(self.address), self.key)
+        except StatsError as exc:
+            self._failed(t, str(exc))
+            return None
+        except Exception as exc:  # a half-written or odd document: a gap, not a dead thread
+            self._failed(t, f"{type(exc).__name__}: {exc}")
+            return None
+        sample = Sample(t, live)
+        with self._lock:
+            self._samples.append(sample)
+        return sample
+
+    def _failed(self, t: float, message: str) -> None:
+        with self._lock:
+            self._errors.append((t, message))
+
+    def _loop(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop_event.is_set():
+            self.sample_once()
+            # Fixed schedule, but never catch up in a burst after a slow read.
+            next_at = max(next_at + self.interval, time.monotonic())
+            self._stop_event.wait(max(0.0, next_at - time.monotonic()))
+
+    # -- results --------------------------------------------------------------------------
+
+    @property
+    def timeline(self) -> list[Sample]:
+        with self._lock:
+            return list(self._samples)
+
+    @property
+    def samples(self) -> int:
+        with self._lock:
+            return len(self._samples)
+
+    @property
+    def errors(self) -> int:
+        """Failed reads."""
+        with self._lock:
+            return len(self._errors)
+
+    @property
+    def error_messages(self) -> list[tuple[float, str]]:
+        with self._lock:
+            return list(self._errors)
+
+    @property
+    def live(self) -> int | None:
+        """The latest live count, ``None`` before the first good read."""
+        with self._lock:
+            return self._samples[-1].live if self._samples else None
+
+    @property
+    def min_live(self) -> int:
+        timeline = self.timeline
+        if not timeline:
+            raise ObserverError(f"no sample of {self.address} ({self.errors} failed reads)")
+        return min(s.live for s in timeline)
+
+    @property
+    def max_gap(self) -> float:
+        """Largest time in seconds without a good sample, from start to stop (or now).
+
+        Counts the lead-in before the first sample and the tail after the last, so an observer
+        that never read anything has a gap as long as it ran.
+        """
+        if self._started is None:
+            return 0.0
+        end = self._stopped if self._stopped is not None else self._clock()
+        points = [self._started, *(s.t for s in self.timeline), end]
+        return max(b - a for a, b in zip(points, points[1:]))
+
+    def min_live_between(self, t0: float, t1: float) -> int:
+        """Fewest live nodes at any time in ``[t0, t1]`` (wall clock).
+
+        The count at a moment is the latest sample at or before it, so the sample just before
+        ``t0`` counts too.
+        """
+        if t1 < t0:
+            raise ValueError(f"t1 {t1} is before t0 {t0}")
+        timeline = self.timeline
+        times = [s.t for s in timeline]
+        first = bisect.bisect_right(times, t0) - 1
+        last = bisect.bisect_right(times, t1)
+        window = timeline[max(0, first):last]
+        if first < 0 or not window:
+            raise ObserverError(f"no sample of {self.address} at or before {t0:.3f}")
+        return min(s.live for s in window)
+
+    def wait_for(
+        self, predicate: Callable[[int], bool], timeout: float, what: str = "live count"
+    ) -> Sample:
+        """Block until a new sample satisfies ``predicate(live)``; ``ObserverError`` on timeout."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            timeline = self.timeline
+            for sample in timeline[seen:]:
+                if predicate(sample.live):
+                    return sample
+            seen = len(timeline)
+            time.sleep(self.interval / 2)
+        last = self.live
+        raise ObserverError(
+            f"timed out after {timeout} s waiting for {what} on {self.address} "
+            f"(last live count: {last}, failed reads: {self.errors})"
+        )

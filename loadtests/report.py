@@ -1,0 +1,342 @@
+"""The load report: built from raw request records in the locust process, read back as dataclasses.
+
+Pure functions and plain data only (no locust, no gevent), so both sides can import it.
+
+Phases split the run around the reload command (wall clock, ``time.time()``):
+
+* ``before``: requests that ended before the command started;
+* ``during``: requests whose ``[start, end]`` overlaps ``[command start, command end]``, so a
+  request queued before the reload and answered after it counts as ``during``;
+* ``after``: requests that started after the command ended.
+
+Without a reload command (or if it never started) every request is ``before``. A command still
+running when the load stops has no end: ``during`` then runs to the end of the load. Latency
+percentiles include failed requests (a request that hangs 2 s and then fails is still 2 s of
+waiting). ``rps`` is the phase's request count divided by its window: ``before`` is
+[load start, command start], ``during`` [command start, command end], ``after`` [command end,
+load end].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+SCHEMA_VERSION = 1
+BUCKET_S = 0.1
+PHASES = ("before", "during", "after")
+
+
+class ReportError(Exception):
+    """A load report is missing or does not have the expected shape."""
+
+
+class RequestRecord(NamedTuple):
+    """One request as the load client saw it."""
+
+    start: float
+    """Wall-clock start, seconds since the epoch."""
+    latency_ms: float
+    failure: str | None
+    """``None`` for a success, else its kind: ``"HTTP 502"``, ``"ConnectionRefusedError"``..."""
+
+    @property
+    def end(self) -> float:
+        return self.start + self.latency_ms / 1000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ReloadInfo:
+    """The reload command run under load, with its wall-clock start and end."""
+
+    command: str
+    started: float
+    ended: float | None
+    """``None`` if the command was still running when the load stopped (it was then killed)."""
+    returncode: int | None
+    stdout: str
+    stderr: str
+
+    @property
+    def completed(self) -> bool:
+        return self.ended is not None
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.ended is None else self.ended - self.started
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseStats:
+    """Requests, failures and latency of one phase (or of the whole run)."""
+
+    name: str
+    start: float
+    end: float
+    duration_s: float
+    requests: int
+    failures: int
+    failures_by_kind: dict[str, int]
+    rps: float
+    p50: float
+    p90: float
+    p99: float
+    p999: float
+    max_ms: float
+    """Latencies are milliseconds, 0.0 when the phase has no requests."""
+
+    @property
+    def ok(self) -> int:
+        return self.requests - self.failures
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesBucket:
+    """Requests that started in ``[t, t + bucket)`` seconds after the load started."""
+
+    t: float
+    requests: int
+    failures: int
+    max_ms: float
+    p99_ms: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """What one load run saw, split in phases around the reload command."""
+
+    started: float
+    ended: float
+    host: str
+    host_header: str | None
+    users: int
+    total: PhaseStats
+    before: PhaseStats
+    during: PhaseStats
+    after: PhaseStats
+    reload: ReloadInfo | None
+    bucket_s: float
+    series: list[SeriesBucket]
+
+    def phase(self, name: str) -> PhaseStats:
+        return {"total": self.total, "before": self.before, "during": self.during,
+                "after": self.after}[name]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoadReport:
+        try:
+            if data.get("schema") != SCHEMA_VERSION:
+                raise ReportError(f"load report schema {data.get('schema')!r}, "
+                                  f"expected {SCHEMA_VERSION}")
+            phases = data["phases"]
+            reload = data["reload"]
+            series = data["series"]
+            return cls(
+                started=float(data["started"]),
+                ended=float(data["ended"]),
+                host=str(data["host"]),
+                host_header=None if data["host_header"] is None else str(data["host_header"]),
+                users=int(data["users"]),
+                total=_phase_from_dict("total", phases["total"]),
+                before=_phase_from_dict("before", phases["before"]),
+                during=_phase_from_dict("during", phases["during"]),
+                after=_phase_from_dict("after", phases["after"]),
+                reload=None if reload is None else _reload_from_dict(reload),
+                bucket_s=float(series["bucket_s"]),
+                series=[
+                    SeriesBucket(
+                        t=float(b["t"]),
+                        requests=int(b["requests"]),
+                        failures=int(b["failures"]),
+                        max_ms=float(b["max_ms"]),
+                        p99_ms=float(b["p99_ms"]),
+                    )
+                    for b in series["buckets"]
+                ],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReportError(f"malformed load report: {type(exc).__name__}: {exc}") from None
+
+
+def load_report(path: str | os.PathLike[str]) -> LoadReport:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise ReportError(f"no load report at {os.fspath(path)}") from None
+    except ValueError as exc:
+        raise ReportError(f"load report {os.fspath(path)} is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"load report {os.fspath(path)} is not a JSON object")
+    return LoadReport.from_dict(data)
+
+
+def _phase_from_dict(name: str, raw: Mapping[str, Any]) -> PhaseStats:
+    latency = raw["latency_ms"]
+    return PhaseStats(
+        name=name,
+        start=float(raw["start"]),
+        end=float(raw["end"]),
+        duration_s=float(raw["duration_s"]),
+        requests=int(raw["requests"]),
+        failures=int(raw["failures"]),
+        failures_by_kind={str(k): int(v) for k, v in raw["failures_by_kind"].items()},
+        rps=float(raw["rps"]),
+        p50=float(latency["p50"]),
+        p90=float(latency["p90"]),
+        p99=float(latency["p99"]),
+        p999=float(latency["p99.9"]),
+        max_ms=float(latency["max"]),
+    )
+
+
+def _reload_from_dict(raw: Mapping[str, Any]) -> ReloadInfo:
+    return ReloadInfo(
+        command=str(raw["command"]),
+        started=float(raw["started"]),
+        ended=None if raw["ended"] is None else float(raw["ended"]),
+        returncode=None if raw["returncode"] is None else int(raw["returncode"]),
+        stdout=str(raw["stdout"]),
+        stderr=str(raw["stderr"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the report (runs in the locust process)
+# ---------------------------------------------------------------------------------------------
+
+
+def failure_kind(exception: BaseException | None) -> str | None:
+    """The failure kind of a locust request exception.
+
+    ``"HTTP 502"`` for a bad status (geventhttpclient's ``BadStatusCode`` has ``.code``), else the
+    exception class: ``ConnectionRefusedError``, ``ConnectionResetError``, ``timeout``...
+    """
+    if exception is None:
+        return None
+    code = getattr(exception, "code", None)
+    if isinstance(code, int) and not isinstance(code, bool) and code >= 100:
+        return f"HTTP {code}"
+    return type(exception).__name__
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile of already sorted values; 0.0 for no values."""
+    if not sorted_values:
+        return 0.0
+    # round(): 99.9 / 100 * 1000 is 999.0000000000001, whose ceil would skip a rank
+    rank = max(1, math.ceil(round(pct / 100.0 * len(sorted_values), 9)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def phase_of(record: RequestRecord, reload: ReloadInfo | None) -> str:
+    if reload is None or record.end < reload.started:
+        return "before"
+    if reload.ended is not None and record.start > reload.ended:
+        return "after"
+    return "during"
+
+
+def phase_stats(records: Sequence[RequestRecord], start: float, end: float) -> dict[str, Any]:
+    latencies = sorted(r.latency_ms for r in records)
+    kinds = Counter(r.failure for r in records if r.failure is not None)
+    duration = max(0.0, end - start)
+    return {
+        "start": start,
+        "end": end,
+        "duration_s": round(duration, 6),
+        "requests": len(records),
+        "failures": sum(kinds.values()),
+        "failures_by_kind": dict(sorted(kinds.items())),
+        "rps": round(len(records) / duration, 3) if duration > 0 else 0.0,
+        "latency_ms": {
+            "p50": round(percentile(latencies, 50), 3),
+            "p90": round(percentile(latencies, 90), 3),
+            "p99": round(percentile(latencies, 99), 3),
+            "p99.9": round(percentile(latencies, 99.9), 3),
+            "max": round(latencies[-1], 3) if latencies else 0.0,
+        },
+    }
+
+
+def time_series(
+    records: Iterable[RequestRecord], started: float, ended: float, bucket_s: float = BUCKET_S
+) -> list[dict[str, Any]]:
+    """Fixed buckets by request start, empty ones included: a hole in the traffic is a signal."""
+    count = max(1, math.ceil((ended - started) / bucket_s))
+    latencies: list[list[float]] = [[] for _ in range(count)]
+    failures = [0] * count
+    for record in records:
+        index = min(count - 1, max(0, int((record.start - started) / bucket_s)))
+        latencies[index].append(record.latency_ms)
+        if record.failure is not None:
+            failures[index] += 1
+    buckets = []
+    for index, values in enumerate(latencies):
+        values.sort()
+        buckets.append({
+            "t": round(index * bucket_s, 3),
+            "requests": len(values),
+            "failures": failures[index],
+            "max_ms": round(values[-1], 3) if values else 0.0,
+            "p99_ms": round(percentile(values, 99), 3),
+        })
+    return buckets
+
+
+def build_report(
+    records: Sequence[RequestRecord],
+    *,
+    started: float,
+    ended: float,
+    reload: ReloadInfo | None,
+    host: str,
+    host_header: str | None,
+    users: int,
+    bucket_s: float = BUCKET_S,
+) -> dict[str, Any]:
+    """The JSON-ready report (see ``LoadReport.from_dict`` for reading it back)."""
+    by_phase: dict[str, list[RequestRecord]] = {name: [] for name in PHASES}
+    for record in records:
+        by_phase[phase_of(record, reload)].append(record)
+    if reload is None:
+        windows = {"before": (started, ended), "during": (ended, ended), "after": (ended, ended)}
+    else:
+        reload_end = ended if reload.ended is None else reload.ended
+        windows = {
+            "before": (started, reload.started),
+            "during": (reload.started, reload_end),
+            "after": (reload_end, ended),
+        }
+    phases = {"total": phase_stats(records, started, ended)}
+    for name in PHASES:
+        phases[name] = phase_stats(by_phase[name], *windows[name])
+    return {
+        "schema": SCHEMA_VERSION,
+        "host": host,
+        "host_header": host_header,
+        "users": users,
+        "started": started,
+        "ended": ended,
+        "reload": None if reload is None else dataclasses.asdict(reload),
+        "phases": phases,
+        "series": {
+            "bucket_s": bucket_s,
+            "t0": started,
+            "buckets": time_series(records, started, ended, bucket_s),
+        },
+    }
+
+
+def write_report(path: str | os.PathLike[str], report: Mapping[str, Any]) -> None:
+    """Write atomically: a reader never sees half a report."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, path)
