@@ -1,0 +1,586 @@
+"""One uWSGI stack under test: emperor + fastrouter + N vassals + nginx, from ``examples/``.
+
+:func:`start_stack` renders the examples into a short temp dir (:mod:`harness.render`), starts the
+emperor (which runs the fastrouter and its subscription server, as the conf.d fragment says) and
+nginx under pytest-xprocess, and returns a :class:`Stack` once real probes agree: the emperor
+reports every vassal accepting, the fastrouter has a live node per vassal for the key, and nginx
+answers 200 through to the app.
+
+Stopping is not xprocess's ``terminate()``: it sends SIGTERM to the leaves of the tree first, and
+SIGTERM to a uWSGI 2.0 master means *reload*: a vassal master respawns the worker it just lost
+(a new pid, outside xprocess's list) and ignores the emperor's stop message, so the tree hangs
+for 20 s and leaks the new worker. SIGINT to the emperor's master is uWSGI's shutdown: the
+emperor stops every vassal ("RAGNAROK") and exits. Without --die-on-term, core/master.c maps
+SIGTERM to reap_them_all (reload) and SIGINT to kill_them_all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+from xprocess import ProcessStarter
+
+from harness import render
+from harness.render import KEY, Layout, Substitution
+from uwsgi_reload import (
+    EmperorVassal,
+    StatsError,
+    node_vassal_name,
+    parse_emperor_stats,
+    parse_fastrouter_stats,
+    read_stats,
+)
+
+CONTROL_ENV = "UWSGI_RELOAD_DEMO_CONTROL"
+POLL_INTERVAL = 0.1
+STOP_TIMEOUT = 30.0
+
+
+class StackError(RuntimeError):
+    """The stack could not do what a test asked; the message carries the relevant log tails."""
+
+
+class ProcessExitedWithError(StackError):
+    """A process of the stack exited while it was starting or while the stack was waited on."""
+
+
+class StackTimeout(StackError):
+    """A probe did not succeed before its deadline."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+    """What a stack is made of; the pytest options give the defaults, fixtures override them."""
+
+    vassals: int = 4
+    app_dir: Path = render.EXAMPLES_DIR
+    wsgi_file: str = render.DEFAULT_WSGI_FILE
+    start_delay: float = 0.0
+    #: Recorded for tests that want to deploy a broken version (``stack.deploy(broken=True)``).
+    broken_deploy: bool = False
+    keep: bool = False
+    start_timeout: float = 60.0
+
+    @property
+    def demo_app(self) -> bool:
+        return self.app_dir.resolve() == render.EXAMPLES_DIR.resolve()
+
+    def check(self) -> None:
+        """Raise ValueError on a combination the harness cannot honour."""
+        if self.vassals < 1:
+            raise ValueError(f"vassals must be >= 1, not {self.vassals}")
+        if self.start_delay < 0:
+            raise ValueError(f"start delay must be >= 0, not {self.start_delay}")
+        if not self.app_dir.is_dir():
+            raise ValueError(f"app dir {self.app_dir} is not a directory")
+        wsgi = self.app_dir / self.wsgi_file
+        if not wsgi.is_file():
+            raise ValueError(f"wsgi file {wsgi} does not exist")
+        if not self.demo_app and (self.start_delay or self.broken_deploy):
+            raise ValueError(
+                "start delay and broken deploy drive the demo app in examples/: "
+                f"{self.app_dir} does not read {CONTROL_ENV}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes, from /proc (Linux): identity is (pid, start time), so a reused pid is not confused
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Proc:
+    pid: int
+    start: int
+
+    def alive(self) -> bool:
+        stat = _proc_stat(self.pid)
+        return stat is not None and stat[2] == self.start and stat[0] != "Z"
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, start time) of a process, None when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # comm (field 2) may hold spaces
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _all_procs() -> dict[int, tuple[str, int, int]]:
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _proc_stat(int(entry))
+            if stat is not None:
+                procs[int(entry)] = stat
+    return procs
+
+
+def children(pids: set[int]) -> dict[int, list[int]]:
+    """Live children of each pid, from the ppid field of /proc/*/stat."""
+    found: dict[int, list[int]] = {pid: [] for pid in pids}
+    for pid, (state, ppid, _) in sorted(_all_procs().items()):
+        if ppid in found and state != "Z":
+            found[ppid].append(pid)
+    return found
+
+
+def process_tree(root: int) -> set[Proc]:
+    """``root`` and all its live descendants."""
+    procs = _all_procs()
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs and procs[pid][0] != "Z":
+            tree.add(Proc(pid, procs[pid][2]))
+            todo += [p for p, (_, ppid, _) in procs.items() if ppid == pid]
+    return tree
+
+
+def stop_tree(root: int, sig: signal.Signals, timeout: float = STOP_TIMEOUT) -> set[Proc]:
+    """Send ``sig`` to ``root`` only, wait for its whole tree to go, SIGKILL what stays.
+
+    Descendants are collected on every poll, so a process respawned during shutdown is not missed.
+    Returns every process seen.
+    """
+    seen = process_tree(root)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(root, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen |= process_tree(root)
+        if not any(p.alive() for p in seen):
+            return seen
+        time.sleep(POLL_INTERVAL)
+    for proc in seen:
+        if proc.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+    return seen
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 200 * lines))
+            text = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return f"({path} does not exist)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The stack
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Stack:
+    """A running stack. Socket paths come from the rendered conf.d fragment."""
+
+    name: str
+    config: StackConfig
+    layout: Layout
+    substitutions: list[Substitution]
+    http_port: int
+    vassal_ids: list[str]
+    logs: dict[str, Path]
+    xprocess: Any
+    host: str = KEY
+    #: pid of each process xprocess started: ``emperor`` (the uWSGI master) and ``nginx``.
+    pids: dict[str, int] = dataclasses.field(default_factory=dict)
+    stopped: bool = False
+    _options: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    # --- where things are ---------------------------------------------------------------------
+
+    @property
+    def base_dir(self) -> Path:
+        return self.layout.base
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/"
+
+    @property
+    def emperor_path(self) -> Path:
+        return self.layout.vassals_dir
+
+    @property
+    def vassal_links(self) -> list[Path]:
+        return [self.emperor_path / vid for vid in self.vassal_ids]
+
+    def _option(self, name: str) -> str:
+        if not self._options:
+            text = self.layout.rendered(render.CONF_D).read_text()
+            self._options = render.conf_d_options(text)
+        return self._options[name]
+
+    @property
+    def emperor_stats(self) -> str:
+        return self._option("emperor-stats-server")
+
+    @property
+    def fastrouter_stats(self) -> str:
+        return self._option("fastrouter-stats-server")
+
+    @property
+    def subscription_server(self) -> str:
+        return self._option("fastrouter-subscription-server")
+
+    @property
+    def fastrouter_socket(self) -> str:
+        return self._option("fastrouter")
+
+    @property
+    def control_file(self) -> Path:
+        return self.layout.control_file
+
+    # --- probes -------------------------------------------------------------------------------
+
+    def emperor_vassals(self) -> dict[str, EmperorVassal]:
+        return parse_emperor_stats(read_stats(self.emperor_stats))
+
+    def live_node_vassals(self) -> list[str]:
+        """Vassal names (socket stems) of the live nodes for :attr:`host`."""
+        nodes = parse_fastrouter_stats(read_stats(self.fastrouter_stats))
+        return sorted(node_vassal_name(n.name) for n in nodes if n.key == self.host and n.live)
+
+    def live_nodes(self) -> int:
+        return len(self.live_node_vassals())
+
+    def vassal_pids(self) -> dict[str, int]:
+        """Vassal master pid by vassal id, as the emperor reports them."""
+        return {vid: v.pid for vid, v in self.emperor_vassals().items()}
+
+    def worker_pids(self) -> dict[str, list[int]]:
+        """Worker pids by vassal id: the children of each vassal master."""
+        masters = self.vassal_pids()
+        kids = children(set(masters.values()))
+        return {vid: kids[pid] for vid, pid in masters.items()}
+
+    def get(self, path: str = "/", timeout: float = 10.0) -> requests.Response:
+        """GET through nginx with the fastrouter key as Host."""
+        return requests.get(
+            self.url + path.lstrip("/"), headers={"Host": self.host}, timeout=timeout
+        )
+
+    def status(self, through_nginx: bool = True) -> tuple[bool, str]:
+        """(every vassal accepting and live in the router [and nginx answers 200], a summary)."""
+        try:
+            vassals = self.emperor_vassals()
+            accepting = sorted(vid for vid, v in vassals.items() if v.accepting)
+            live = self.live_node_vassals()
+        except StatsError as exc:
+            return False, str(exc)
+        stems = sorted(node_vassal_name(vid) for vid in self.vassal_ids)
+        summary = (
+            f"{len(accepting)}/{len(self.vassal_ids)} vassals accepting, "
+            f"{len(live)}/{len(self.vassal_ids)} live nodes for {self.host}"
+        )
+        if accepting != sorted(self.vassal_ids) or live != stems:
+            return False, summary
+        if not through_nginx:
+            return True, summary
+        try:
+            code: object = self.get(timeout=2.0).status_code
+        except requests.RequestException as exc:
+            code = type(exc).__name__
+        return code == 200, f"{summary}, nginx answered {code}"
+
+    def all_live(self) -> bool:
+        return self.status()[0]
+
+    def check_running(self) -> None:
+        """Raise ProcessExitedWithError if the emperor or nginx is gone."""
+        for name in self.pids:
+            if not self.xprocess.getinfo(self._xname(name)).isrunning():
+                raise ProcessExitedWithError(f"{name} of stack {self.name} exited\n{self.report()}")
+
+    def wait_for(self, check: Callable[[], bool], what: str, timeout: float) -> None:
+        """Poll ``check`` until true; raise StackTimeout naming ``what`` (with log tails)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_running()
+            if check():
+                return
+            if time.monotonic() > deadline:
+                raise StackTimeout(f"waited {timeout:g} s for {what}\n{self.report()}")
+            time.sleep(POLL_INTERVAL)
+
+    def wait_all_live(self, timeout: float = 30.0) -> None:
+        last = [""]
+
+        def check() -> bool:
+            ok, last[0] = self.status()
+            return ok
+
+        try:
+            self.wait_for(check, f"all {len(self.vassal_ids)} vassals live", timeout)
+        except StackTimeout as exc:
+            raise StackTimeout(f"{exc.args[0]}\nlast status: {last[0]}") from None
+
+    # --- acting on the stack ------------------------------------------------------------------
+
+    def deploy(
+        self,
+        version: str | None = None,
+        start_delay: float | None = None,
+        broken: bool | None = None,
+    ) -> dict[str, Any]:
+        """Rewrite the demo app's control file (atomically); vassals load it on their next start."""
+        control: dict[str, Any] = json.loads(self.control_file.read_text())
+        changes = {"version": version, "start_delay": start_delay, "broken": broken}
+        control.update({k: v for k, v in changes.items() if v is not None})
+        write_atomically(self.control_file, json.dumps(control))
+        return control
+
+    def touch(self, vassal_id: str) -> int:
+        """Make the emperor reload one vassal: move its link's own mtime past ``last_mod``.
+
+        The emperor compares whole seconds (``st_mtime > last_mod``) and, with --emperor-nofollow,
+        lstat()s the link: touching the shared target would reload every vassal.
+        """
+        last_mod = self.emperor_vassals()[vassal_id].last_mod
+        mtime = max(int(time.time()), last_mod + 1)
+        os.utime(self.emperor_path / vassal_id, (mtime, mtime), follow_symlinks=False)
+        return mtime
+
+    def reload_command(self, *extra: str) -> list[str]:
+        """uwsgi_reload.py for this stack, as examples/uwsgi_reload.sh runs it."""
+        return [
+            sys.executable,
+            str(render.RELOAD_TOOL),
+            "--emperor-path",
+            str(self.emperor_path),
+            "--fastrouter-stats-socket",
+            self.fastrouter_stats,
+            "--emperor-stats-socket",
+            self.emperor_stats,
+            *extra,
+        ]
+
+    # --- logs and teardown --------------------------------------------------------------------
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        return log_tail(self.logs[name], lines)
+
+    def report(self, lines: int = 15) -> str:
+        return "\n".join(
+            f"--- {name} ({path}) ---\n{log_tail(path, lines)}"
+            for name, path in self.logs.items()
+            if path.exists()
+        )
+
+    def processes(self) -> set[Proc]:
+        """Every live process of the stack: the emperor's tree and nginx's."""
+        return set().union(*(process_tree(pid) for pid in self.pids.values()))
+
+    def _xname(self, name: str) -> str:
+        return f"{self.name}-{name}"
+
+    def stop(self) -> set[Proc]:
+        """Stop nginx, then the emperor (SIGINT: it stops its vassals); remove the base dir.
+
+        Idempotent. Returns every process seen while stopping.
+        """
+        seen: set[Proc] = set()
+        if self.stopped:
+            return seen
+        self.stopped = True
+        # nginx: SIGQUIT is a graceful shutdown (workers finish their requests, then exit).
+        signals = {"nginx": signal.SIGQUIT, "emperor": signal.SIGINT}
+        for name in ("nginx", "emperor"):
+            if name in self.pids:
+                seen |= stop_tree(self.pids[name], signals[name])
+                self._reap(self.pids[name])
+        for name in ("nginx", "emperor"):
+            shutil.rmtree(self.xprocess.getinfo(self._xname(name)).controldir, ignore_errors=True)
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+        return seen
+
+    def _reap(self, pid: int) -> None:
+        # xprocess keeps the Popen; wait on it so it neither stays a zombie nor warns when
+        # collected (ResourceWarning: "subprocess is still running" is an error here).
+        for resource in self.xprocess.resources:
+            popen = getattr(resource, "popen", None)
+            if popen is not None and popen.pid == pid:
+                popen.wait(STOP_TIMEOUT)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting
+# ---------------------------------------------------------------------------------------------
+
+
+def vassal_ids(n: int) -> list[str]:
+    return [f"uwsgi_vassal_{i:02d}.ini" for i in range(1, n + 1)]
+
+
+def prepare(config: StackConfig, uwsgi: str) -> Stack:
+    """Render the examples into a new base dir: every file of the stack, no process yet."""
+    config.check()
+    layout = Layout(Path(tempfile.mkdtemp(prefix="ur-", dir="/tmp")))
+    for directory in (layout.run_dir, layout.vassals_dir, layout.nginx_dir):
+        directory.mkdir()
+    port = render.free_port()
+    subs = render.substitutions(
+        layout,
+        http_port=port,
+        app_dir=config.app_dir.resolve(),
+        wsgi_file=config.wsgi_file,
+        python_built_in=render.python_built_in(uwsgi),
+    )
+    files = render.render_examples(layout, subs)
+    ids = vassal_ids(config.vassals)
+    for vid in ids:
+        # As the original README: ln -s .../uwsgi_vassal.ini /etc/uwsgi.d/uwsgi_vassal_NN.ini
+        (layout.vassals_dir / vid).symlink_to(files[render.VASSAL_INI])
+    layout.nginx_conf.write_text(
+        render.nginx_config(
+            files[render.NGINX_FRAGMENT].read_text(), layout, run_as_root=os.geteuid() == 0
+        )
+    )
+    write_atomically(
+        layout.control_file,
+        json.dumps({"version": "v1", "start_delay": config.start_delay, "broken": False}),
+    )
+    conf = render.shell_assignments(files[render.CONF_D].read_text())
+    logs = {
+        "emperor": Path(conf["UWSGI_LOG_FILE"]),
+        "nginx": layout.nginx_dir / "error.log",
+        **{node_vassal_name(vid): layout.run_dir / f"{node_vassal_name(vid)}.log" for vid in ids},
+    }
+    return Stack(
+        name=f"uwsgi-reload-{layout.base.name}",
+        config=config,
+        layout=layout,
+        substitutions=subs,
+        http_port=port,
+        vassal_ids=ids,
+        logs=logs,
+        xprocess=None,
+    )
+
+
+def _starter(
+    cmd: list[str], env: dict[str, str], check: Callable[[], bool], wait: float
+) -> type[Any]:
+    class Starter(ProcessStarter):  # type: ignore[misc]  # xprocess is untyped
+        args = cmd
+        timeout = wait
+
+        def startup_check(self) -> bool:
+            return check()
+
+    Starter.env = env
+    return Starter
+
+
+def _start(
+    stack: Stack,
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    ready: Callable[[], bool],
+    what: str,
+) -> None:
+    xname = stack._xname(name)
+
+    def check() -> bool:
+        if not stack.xprocess.getinfo(xname).isrunning():
+            raise ProcessExitedWithError(
+                f"{name} of stack {stack.name} exited while starting ({' '.join(cmd)})\n"
+                f"{stack.report()}"
+            )
+        return ready()
+
+    timeout = stack.config.start_timeout + stack.config.start_delay
+    try:
+        pid, logfile = stack.xprocess.ensure(
+            xname, _starter(cmd, env, check, timeout), persist_logs=False
+        )
+    except TimeoutError:
+        raise StackTimeout(
+            f"{name} of stack {stack.name} not ready after {timeout:g} s: waited for {what}\n"
+            f"last status: {stack.status()[1]}\n{stack.report()}"
+        ) from None
+    stack.pids[name] = pid
+    stack.logs[f"{name}-stdout"] = Path(str(logfile))
+
+
+def start_stack(xprocess: Any, config: StackConfig) -> Stack:
+    """Render, start the emperor then nginx, return once every vassal is live through nginx."""
+    uwsgi, nginx = render.find_uwsgi(), render.find_nginx()
+    stack = prepare(config, uwsgi)
+    stack.xprocess = xprocess
+    try:
+        emperor_cmd = render.emperor_command(
+            uwsgi, stack.layout.rendered(render.CONF_D).read_text()
+        )
+        env = {**os.environ, CONTROL_ENV: str(stack.control_file)}
+        n = len(stack.vassal_ids)
+
+        def emperor_ready() -> bool:
+            return stack.status(through_nginx=False)[0]
+
+        _start(
+            stack,
+            "emperor",
+            emperor_cmd,
+            env,
+            emperor_ready,
+            f"{n} vassals accepting and {n} live nodes for {stack.host}",
+        )
+        nginx_cmd = [
+            nginx,
+            "-p",
+            str(stack.layout.nginx_dir),
+            "-e",
+            str(stack.logs["nginx"]),
+            "-c",
+            str(stack.layout.nginx_conf),
+        ]
+
+        def nginx_ready() -> bool:
+            try:
+                return stack.get(timeout=2.0).status_code == 200
+            except requests.RequestException:
+                return False
+
+        _start(stack, "nginx", nginx_cmd, dict(os.environ), nginx_ready, "HTTP 200 through nginx")
+        stack.wait_all_live(config.start_timeout)
+    except BaseException:
+        _stop_started(stack)
+        raise
+    return stack
+
+
+def _stop_started(stack: Stack) -> None:
+    """After a failed start: stop whatever xprocess started, even if ensure() did not return."""
+    for name in ("emperor", "nginx"):
+        info = stack.xprocess.getinfo(stack._xname(name))
+        if name not in stack.pids and info.pid:
+            stack.pids[name] = info.pid  # even if it exited: stop() reaps it
+    stack.stop()

@@ -1,0 +1,265 @@
+"""The harness: stacks come up from examples/, reload one vassal on a touch, leave nothing."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from harness import render
+from harness.render import Layout, Substitution
+from harness.stack import ProcessExitedWithError, Stack, StackConfig
+
+MakeStack = Callable[..., Stack]
+
+
+def unexplained_changes(example: str, rendered: str, subs: Sequence[Substitution]) -> list[str]:
+    """Lines of the diff example -> rendered that no substitution explains.
+
+    A dropped line must hold the ``old`` of a dropping substitution; a changed line must become
+    its rendered self by the substitutions whose ``old`` it holds; no line may be added.
+    """
+    a, b = example.splitlines(), rendered.splitlines()
+    drops = [s for s in subs if s.new is None]
+    problems = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if op == "equal":
+            continue
+        kept = [line for line in a[i1:i2] if not any(s.applies_to(line) for s in drops)]
+        added = b[j1:j2]
+        if len(kept) != len(added):
+            problems += [f"- {x}" for x in kept] + [f"+ {x}" for x in added]
+            continue
+        for old_line, new_line in zip(kept, added):
+            applicable = [s for s in subs if s.new is not None and s.applies_to(old_line)]
+            if not applicable or render.render_text(old_line, applicable) != new_line:
+                problems += [f"- {old_line}", f"+ {new_line}"]
+    return problems
+
+
+def diff(example: str, rendered: str, name: str) -> str:
+    return "".join(
+        difflib.unified_diff(
+            example.splitlines(keepends=True),
+            rendered.splitlines(keepends=True),
+            f"examples/{name}",
+            f"rendered/{name}",
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Without processes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_render_substitutes_placeholders_in_one_pass() -> None:
+    layout = Layout(Path("/tmp/ur-unit"))
+    subs = render.substitutions(
+        layout, http_port=8080, python_built_in=True, user_group=("alice", "staff")
+    )
+    rendered = {
+        name: render.render_text((render.EXAMPLES_DIR / name).read_text(), subs)
+        for name in render.RENDERED_FILES
+    }
+    for name, text in rendered.items():
+        example = (render.EXAMPLES_DIR / name).read_text()
+        print(diff(example, text, name))
+        assert unexplained_changes(example, text, subs) == [], name
+        for placeholder in ("some_user", "some_group", "/some/project/dir", "/etc/uwsgi.d"):
+            assert placeholder not in text, (name, placeholder)
+
+    vassal = rendered[render.VASSAL_INI].splitlines()
+    assert "_main_dir = /tmp/ur-unit/run" in vassal  # not /tmp/ur-unit/ur-unit/...: one pass
+    assert "subscribe2 = server=/tmp/ur-unit/uwsgi_ss.sock,key=domain.tld" in vassal
+    assert f"chdir = {render.EXAMPLES_DIR}" in vassal
+    assert "uid = alice" in vassal
+    assert not any(line.startswith("plugin") for line in vassal)
+
+    nginx = rendered[render.NGINX_FRAGMENT]
+    assert "listen 127.0.0.1:8080;" in nginx
+    assert "443" not in nginx
+    assert "server unix:///tmp/ur-unit/uwsgi.sock;" in nginx
+    assert "#uwsgi_param UWSGI_FASTROUTER_KEY domain.tld;" in nginx  # the key stays commented
+
+    cmd = render.emperor_command("uwsgi", rendered[render.CONF_D])
+    assert cmd[:4] == ["uwsgi", "--master", "--fastrouter", "/tmp/ur-unit/uwsgi.sock"]
+    assert cmd[-4:] == ["--emperor", "/tmp/ur-unit/vassals/", "--logto", "/tmp/ur-unit/emperor.log"]
+    assert "--daemonize" not in cmd
+    options = render.conf_d_options(rendered[render.CONF_D])
+    assert options["emperor-stats-server"] == "/tmp/ur-unit/uwsgi_stats.sock"
+    assert options["emperor-nofollow"] == ""
+
+    # Every substitution is used by some example: none documents a change that cannot happen.
+    examples = "".join((render.EXAMPLES_DIR / n).read_text() for n in render.RENDERED_FILES)
+    assert [s.old for s in subs if s.old not in examples] == []
+
+
+def test_render_keeps_plugin_line_for_distro_uwsgi_and_takes_other_apps() -> None:
+    layout = Layout(Path("/tmp/ur-unit"))
+    subs = render.substitutions(
+        layout,
+        http_port=8080,
+        app_dir=Path("/srv/shop"),
+        wsgi_file="shop/wsgi.py",
+        python_built_in=False,
+        user_group=("alice", "staff"),
+    )
+    vassal = render.render_text((render.EXAMPLES_DIR / render.VASSAL_INI).read_text(), subs)
+    assert "plugin = python3" in vassal.splitlines()
+    assert "chdir = /srv/shop" in vassal.splitlines()
+    assert "wsgi-file = shop/wsgi.py" in vassal.splitlines()
+
+
+def test_nginx_config_wraps_the_fragment() -> None:
+    layout = Layout(Path("/tmp/ur-unit"))
+    fragment = (render.EXAMPLES_DIR / render.NGINX_FRAGMENT).read_text()
+    conf = render.nginx_config(fragment, layout, run_as_root=True)
+    lines = [line.strip() for line in conf.splitlines()]
+    assert "daemon off;" in lines
+    assert "user root;" in lines
+    assert "pid /tmp/ur-unit/nginx/nginx.pid;" in lines
+    http = lines.index("http {")
+    assert "access_log off;" in lines[http:]
+    assert "user root;" not in render.nginx_config(fragment, layout, run_as_root=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"vassals": 0}, "vassals must be >= 1"),
+        ({"start_delay": -1.0}, "start delay must be >= 0"),
+        ({"app_dir": Path("/nonexistent")}, "is not a directory"),
+        ({"wsgi_file": "nope.py"}, "does not exist"),
+        ({"app_dir": render.REPO_DIR, "wsgi_file": "conftest.py", "start_delay": 1.0}, "demo"),
+    ],
+)
+def test_stack_config_rejects_bad_combinations(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        StackConfig(**overrides).check()  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real stacks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_stack_serves_demo_app_through_nginx(uwsgi_stack: Stack) -> None:
+    stack = uwsgi_stack
+    response = stack.get()
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["version"] == "v1"
+    workers = stack.worker_pids()
+    assert sorted(workers) == stack.vassal_ids
+    assert all(len(pids) == 1 for pids in workers.values()), workers  # processes = 1
+    assert body["pid"] in {pid for pids in workers.values() for pid in pids}
+    assert stack.live_nodes() == len(stack.vassal_ids) == stack.config.vassals
+    assert all(link.is_symlink() for link in stack.vassal_links)
+    assert stack.reload_command("--timeout", "5")[-2:] == ["--timeout", "5"]
+
+
+@pytest.mark.e2e
+def test_rendered_configs_differ_from_examples_only_by_substitutions(
+    make_uwsgi_stack: MakeStack,
+) -> None:
+    stack = make_uwsgi_stack(vassals=1)
+    for name in render.RENDERED_FILES:
+        example = (render.EXAMPLES_DIR / name).read_text()
+        rendered = stack.layout.rendered(name).read_text()
+        print(diff(example, rendered, name))
+        assert unexplained_changes(example, rendered, stack.substitutions) == [], name
+    assert stack.vassal_links[0].resolve() == stack.layout.rendered(render.VASSAL_INI)
+
+
+@pytest.mark.e2e
+def test_touch_reloads_only_that_vassal_with_the_new_deploy(make_uwsgi_stack: MakeStack) -> None:
+    stack = make_uwsgi_stack(vassals=3)
+    target, *others = stack.vassal_ids
+    masters = stack.vassal_pids()
+    workers = stack.worker_pids()
+    respawns = stack.emperor_vassals()[target].respawns
+
+    stack.deploy(version="v2")
+    stack.touch(target)
+    stack.wait_for(
+        lambda: stack.worker_pids()[target] not in ([], workers[target]) and stack.all_live(),
+        f"{target} reloaded with a new worker and every vassal live again",
+        timeout=30,
+    )
+
+    after = stack.worker_pids()
+    assert set(after[target]).isdisjoint(workers[target])
+    assert {v: after[v] for v in others} == {v: workers[v] for v in others}
+    assert stack.vassal_pids() == masters  # a reload re-execs the vassal master in place
+    assert stack.emperor_vassals()[target].respawns == respawns + 1
+
+    # Only the reloaded vassal runs the new deploy.
+    versions: dict[int, str] = {}
+    for _ in range(60):
+        body = stack.get().json()
+        versions[body["pid"]] = body["version"]
+        if len(versions) == len(stack.vassal_ids):
+            break
+    expected = {pid: "v2" if vid == target else "v1" for vid, pids in after.items() for pid in pids}
+    assert versions == expected
+
+
+@pytest.mark.e2e
+def test_stop_leaves_no_process_and_no_temp_dir(make_uwsgi_stack: MakeStack) -> None:
+    stack = make_uwsgi_stack(vassals=2)
+    running = stack.processes()
+    vassal_masters = set(stack.vassal_pids().values())
+    workers = {pid for pids in stack.worker_pids().values() for pid in pids}
+    # uWSGI master, emperor, fastrouter, 2 vassal masters, 2 workers, nginx master and worker
+    assert len(running) >= 9, running
+    assert vassal_masters | workers <= {p.pid for p in running}
+    base = stack.base_dir
+
+    seen = stack.stop()
+
+    assert running <= seen
+    assert [p for p in seen if p.alive()] == []
+    assert not base.exists()
+
+
+@pytest.mark.e2e
+def test_a_process_exiting_while_starting_fails_fast_and_leaves_nothing(
+    make_uwsgi_stack: MakeStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as taken:  # nginx cannot listen on a port already taken: it exits
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(render, "free_port", lambda: taken.getsockname()[1])
+        with pytest.raises(ProcessExitedWithError, match="nginx of stack") as failure:
+            make_uwsgi_stack(vassals=1)
+    message = str(failure.value)
+    assert "exited while starting" in message
+    assert "--- nginx (" in message, "the error shows nginx's log tail"
+    match = re.search(r"uwsgi-reload-(ur-\w+)", message)
+    assert match, message
+    base = f"/tmp/{match.group(1)}"
+    assert not os.path.exists(base)
+    assert [pid for pid in _pids_mentioning(base)] == []
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line holds ``text`` (a stack's base dir)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(int(entry))
+    return found
