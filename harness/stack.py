@@ -40,6 +40,8 @@ from uwsgi_reload import (
     parse_emperor_stats,
     parse_fastrouter_stats,
     read_stats,
+    touch,
+    touch_mtime,
 )
 
 CONTROL_ENV = "UWSGI_RELOAD_DEMO_CONTROL"
@@ -356,8 +358,8 @@ class Stack:
         lstat()s the link: touching the shared target would reload every vassal.
         """
         last_mod = self.emperor_vassals()[vassal_id].last_mod
-        mtime = max(int(time.time()), last_mod + 1)
-        os.utime(self.emperor_path / vassal_id, (mtime, mtime), follow_symlinks=False)
+        mtime = touch_mtime(time.time(), last_mod)
+        touch(str(self.emperor_path / vassal_id), mtime)
         return mtime
 
     def reload_command(self, *extra: str) -> list[str]:

@@ -67,18 +67,35 @@ RUN = _Run()
 
 def _add_arguments(parser: Any, **_: Any) -> None:
     group = parser.add_argument_group("uwsgi-reload load", "Reload under load and JSON report")
-    group.add_argument("--host-header", default="", help="Host header to send (the fastrouter "
-                       "routes by key, e.g. domain.tld); default: from --host")
+    group.add_argument(
+        "--host-header",
+        default="",
+        help="Host header to send (the fastrouter "
+        "routes by key, e.g. domain.tld); default: from --host",
+    )
     group.add_argument("--url-path", default="/", help="path to GET (default /)")
-    group.add_argument("--request-timeout", type=float, default=10.0,
-                       help="connect and network timeout per request, seconds (default 10)")
+    group.add_argument(
+        "--request-timeout",
+        type=float,
+        default=10.0,
+        help="connect and network timeout per request, seconds (default 10)",
+    )
     group.add_argument("--reload-command", default="", help="shell command to run under load")
-    group.add_argument("--reload-at", type=float, default=2.0,
-                       help="seconds after the test starts to run --reload-command (default 2)")
-    group.add_argument("--after-reload", type=float, default=2.0,
-                       help="seconds of load after --reload-command ends, then quit (default 2)")
-    group.add_argument("--report-json", default="",
-                       help="write the per-phase JSON report here when locust quits")
+    group.add_argument(
+        "--reload-at",
+        type=float,
+        default=2.0,
+        help="seconds after the test starts to run --reload-command (default 2)",
+    )
+    group.add_argument(
+        "--after-reload",
+        type=float,
+        default=2.0,
+        help="seconds of load after --reload-command ends, then quit (default 2)",
+    )
+    group.add_argument(
+        "--report-json", default="", help="write the per-phase JSON report here when locust quits"
+    )
 
 
 def _record_request(
@@ -112,8 +129,14 @@ def _reload_then_quit(environment: Environment, command: str) -> None:
     RUN.reload = ReloadInfo(command, started, None, None, "", "")
     # Its own session, so that stopping it early (at --run-time) stops its whole tree.
     proc = gevent.subprocess.Popen(
-        command, shell=True, stdin=gevent.subprocess.DEVNULL, stdout=gevent.subprocess.PIPE,
-        stderr=gevent.subprocess.PIPE, text=True, errors="replace", start_new_session=True,
+        command,
+        shell=True,
+        stdin=gevent.subprocess.DEVNULL,
+        stdout=gevent.subprocess.PIPE,
+        stderr=gevent.subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,
     )
     RUN.reload_proc = proc
     stdout, stderr = proc.communicate()
@@ -186,6 +209,8 @@ class GetRoot(FastHttpUser):
         timeout = _option(environment, "request_timeout")
         if timeout:
             self.network_timeout = self.connection_timeout = float(timeout)
+        # "http://127.0.0.1:8080/" + "/" would request "//"
+        self.host = str(self.host or environment.host or "").rstrip("/")
         super().__init__(environment)
         header = _option(environment, "host_header")
         self._headers = {"Host": str(header)} if header else {}

@@ -124,15 +124,20 @@ class LoadReport:
     series: list[SeriesBucket]
 
     def phase(self, name: str) -> PhaseStats:
-        return {"total": self.total, "before": self.before, "during": self.during,
-                "after": self.after}[name]
+        return {
+            "total": self.total,
+            "before": self.before,
+            "during": self.during,
+            "after": self.after,
+        }[name]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoadReport:
         try:
             if data.get("schema") != SCHEMA_VERSION:
-                raise ReportError(f"load report schema {data.get('schema')!r}, "
-                                  f"expected {SCHEMA_VERSION}")
+                raise ReportError(
+                    f"load report schema {data.get('schema')!r}, expected {SCHEMA_VERSION}"
+                )
             phases = data["phases"]
             reload = data["reload"]
             series = data["series"]
@@ -279,13 +284,15 @@ def time_series(
     buckets = []
     for index, values in enumerate(latencies):
         values.sort()
-        buckets.append({
-            "t": round(index * bucket_s, 3),
-            "requests": len(values),
-            "failures": failures[index],
-            "max_ms": round(values[-1], 3) if values else 0.0,
-            "p99_ms": round(percentile(values, 99), 3),
-        })
+        buckets.append(
+            {
+                "t": round(index * bucket_s, 3),
+                "requests": len(values),
+                "failures": failures[index],
+                "max_ms": round(values[-1], 3) if values else 0.0,
+                "p99_ms": round(percentile(values, 99), 3),
+            }
+        )
     return buckets
 
 

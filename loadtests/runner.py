@@ -77,25 +77,38 @@ def locust_command(
 ) -> list[str]:
     """The argv of one headless locust run (``--run-time`` takes whole seconds)."""
     argv = [
-        sys.executable, "-m", "locust",
-        "-f", os.fspath(locustfile),
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        os.fspath(locustfile),
         "--headless",
         "--only-summary",
-        "-u", str(users),
-        "-r", str(spawn_rate if spawn_rate is not None else users),
-        "--run-time", f"{max(1, math.ceil(max_run_time))}s",
-        "--host", url,
-        "--url-path", url_path,
-        "--request-timeout", str(request_timeout),
-        "--report-json", os.fspath(report_path),
+        "-u",
+        str(users),
+        "-r",
+        str(spawn_rate if spawn_rate is not None else users),
+        "--run-time",
+        f"{max(1, math.ceil(max_run_time))}s",
+        "--host",
+        url,
+        "--url-path",
+        url_path,
+        "--request-timeout",
+        str(request_timeout),
+        "--report-json",
+        os.fspath(report_path),
     ]
     if host_header:
         argv += ["--host-header", host_header]
     if reload_command:
         argv += [
-            "--reload-command", reload_command,
-            "--reload-at", str(reload_at),
-            "--after-reload", str(after_reload),
+            "--reload-command",
+            reload_command,
+            "--reload-at",
+            str(reload_at),
+            "--after-reload",
+            str(after_reload),
         ]
     return argv
 
@@ -116,6 +129,7 @@ def run_load(
     env: Mapping[str, str] | None = None,
     locustfile: StrPath = LOCUSTFILE,
     timeout: float | None = None,
+    nice: int = 0,
 ) -> LoadReport:
     """Run locust headless against ``url`` and return its report.
 
@@ -132,11 +146,23 @@ def run_load(
         path = Path(report_path) if report_path is not None else Path(tmp, "report.json")
         path.unlink(missing_ok=True)
         argv = locust_command(
-            url, report_path=path, host_header=host_header, users=users, spawn_rate=spawn_rate,
-            reload_command=reload_command, reload_at=reload_at, after_reload=after_reload,
-            max_run_time=max_run_time, request_timeout=request_timeout, url_path=url_path,
+            url,
+            report_path=path,
+            host_header=host_header,
+            users=users,
+            spawn_rate=spawn_rate,
+            reload_command=reload_command,
+            reload_at=reload_at,
+            after_reload=after_reload,
+            max_run_time=max_run_time,
+            request_timeout=request_timeout,
+            url_path=url_path,
             locustfile=locustfile,
         )
+        if nice:
+            # a lower priority for the load generator keeps the stack and an observer in the
+            # caller responsive on a small machine
+            argv = ["nice", "-n", str(nice), *argv]
         deadline = timeout if timeout is not None else max_run_time + GRACE_S
         stderr_path = Path(tmp, "locust.stderr")
         with open(stderr_path, "w+b") as stderr:
@@ -149,10 +175,13 @@ def run_load(
         if returncode not in (0, 1):
             raise LoadRunError(f"locust exited {returncode}\n{_tail(stderr_path)}")
         try:
-            return load_report(path)
+            report = load_report(path)
         except ReportError as exc:
             message = f"{exc} (locust exited {returncode})\n{_tail(stderr_path)}"
             raise LoadRunError(message) from None
+        if report.total.requests == 0:
+            raise LoadRunError(f"locust made no request at all\n{_tail(stderr_path)}")
+        return report
 
 
 def _run(
@@ -161,8 +190,12 @@ def _run(
     """Run locust in its own process group; on timeout SIGTERM it (locust then still writes its
     report and kills the reload command), then SIGKILL the group. ``None`` if it timed out."""
     proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-        env=dict(env), start_new_session=True,
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        env=dict(env),
+        start_new_session=True,
     )
     try:
         return proc.wait(timeout=timeout)
@@ -199,21 +232,42 @@ def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
 
 def format_report(report: LoadReport) -> str:
     """A table of the phases, for people benchmarking."""
-    head = ("phase", "requests", "failed", "rps", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
-            "max ms", "failures by kind")
+    head = (
+        "phase",
+        "requests",
+        "failed",
+        "rps",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "failures by kind",
+    )
     rows = [head]
     for name in ("total", *PHASES):
         phase = report.phase(name)
         kinds = ", ".join(f"{k}: {v}" for k, v in phase.failures_by_kind.items()) or "-"
-        rows.append((
-            name, str(phase.requests), str(phase.failures), f"{phase.rps:.0f}",
-            f"{phase.p50:.1f}", f"{phase.p90:.1f}", f"{phase.p99:.1f}", f"{phase.p999:.1f}",
-            f"{phase.max_ms:.1f}", kinds,
-        ))
+        rows.append(
+            (
+                name,
+                str(phase.requests),
+                str(phase.failures),
+                f"{phase.rps:.0f}",
+                f"{phase.p50:.1f}",
+                f"{phase.p90:.1f}",
+                f"{phase.p99:.1f}",
+                f"{phase.p999:.1f}",
+                f"{phase.max_ms:.1f}",
+                kinds,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [
-        "  ".join(cell.ljust(w) if i in (0, len(head) - 1) else cell.rjust(w)
-                  for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        "  ".join(
+            cell.ljust(w) if i in (0, len(head) - 1) else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths))
+        ).rstrip()
         for row in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -223,11 +277,14 @@ def format_report(report: LoadReport) -> str:
     reload = report.reload
     if reload is not None:
         if reload.duration is None:
-            out.append(f"reload command: {reload.command!r} still running when the load stopped "
-                       "(killed)")
+            out.append(
+                f"reload command: {reload.command!r} still running when the load stopped (killed)"
+            )
         else:
-            out.append(f"reload command: {reload.command!r} exited {reload.returncode} after "
-                       f"{reload.duration:.2f} s")
+            out.append(
+                f"reload command: {reload.command!r} exited {reload.returncode} after "
+                f"{reload.duration:.2f} s"
+            )
             if reload.returncode != 0 and reload.stderr.strip():
                 out.append("reload stderr (last lines):")
                 out.extend("  " + line for line in reload.stderr.strip().splitlines()[-10:])
@@ -274,18 +331,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("url", help="base URL, e.g. http://127.0.0.1:8080")
     parser.add_argument("--host-header", help="Host header to send (the fastrouter routes by key)")
     parser.add_argument("--url-path", default="/", help="path to GET (default /)")
-    parser.add_argument("-u", "--users", type=_positive_int, default=8,
-                        help="concurrent users, one keep-alive connection each (default 8)")
+    parser.add_argument(
+        "-u",
+        "--users",
+        type=_positive_int,
+        default=8,
+        help="concurrent users, one keep-alive connection each (default 8)",
+    )
     parser.add_argument("--reload-command", help="shell command to run under load")
-    parser.add_argument("--reload-at", type=_non_negative_float, default=2.0,
-                        help="seconds of load before the command (default 2)")
-    parser.add_argument("--after-reload", type=_non_negative_float, default=2.0,
-                        help="seconds of load after the command ends (default 2)")
-    parser.add_argument("--run-time", type=_positive_float, default=60.0,
-                        help="upper bound of the whole run, seconds; without --reload-command, "
-                        "the length of the run (default 60)")
-    parser.add_argument("--request-timeout", type=_positive_float, default=10.0,
-                        help="per-request timeout, seconds (default 10)")
+    parser.add_argument(
+        "--reload-at",
+        type=_non_negative_float,
+        default=2.0,
+        help="seconds of load before the command (default 2)",
+    )
+    parser.add_argument(
+        "--after-reload",
+        type=_non_negative_float,
+        default=2.0,
+        help="seconds of load after the command ends (default 2)",
+    )
+    parser.add_argument(
+        "--run-time",
+        type=_positive_float,
+        default=60.0,
+        help="upper bound of the whole run, seconds; without --reload-command, "
+        "the length of the run (default 60)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=10.0,
+        help="per-request timeout, seconds (default 10)",
+    )
     parser.add_argument("--report-json", help="keep the JSON report at this path")
     return parser
 
@@ -295,10 +373,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = run_load(
-            args.url, host_header=args.host_header, users=args.users,
-            reload_command=args.reload_command, reload_at=args.reload_at,
-            after_reload=args.after_reload, max_run_time=args.run_time,
-            request_timeout=args.request_timeout, url_path=args.url_path,
+            args.url,
+            host_header=args.host_header,
+            users=args.users,
+            reload_command=args.reload_command,
+            reload_at=args.reload_at,
+            after_reload=args.after_reload,
+            max_run_time=args.run_time,
+            request_timeout=args.request_timeout,
+            url_path=args.url_path,
             report_path=args.report_json,
         )
     except LoadRunError as exc:

@@ -129,15 +129,22 @@ def _synthetic_records() -> list[RequestRecord]:
 
 def test_report_round_trip_splits_phases_and_series(tmp_path: Path) -> None:
     data = build_report(
-        _synthetic_records(), started=100.0, ended=115.0, reload=RELOAD,
-        host="http://127.0.0.1:1", host_header="domain.tld", users=4,
+        _synthetic_records(),
+        started=100.0,
+        ended=115.0,
+        reload=RELOAD,
+        host="http://127.0.0.1:1",
+        host_header="domain.tld",
+        users=4,
     )
     path = tmp_path / "r.json"
     path.write_text(json.dumps(data))
     report = load_report(path)
 
     assert (report.before.requests, report.during.requests, report.after.requests) == (
-        1000, 200, 300,
+        1000,
+        200,
+        300,
     )
     assert report.total.requests == 1500
     assert report.during.failures_by_kind == {"HTTP 502": 100}
@@ -160,9 +167,17 @@ def test_report_round_trip_splits_phases_and_series(tmp_path: Path) -> None:
 
 def test_report_without_reload_puts_everything_before() -> None:
     records = [RequestRecord(100.0 + i * 0.1, 1.0, None) for i in range(10)]
-    report = LoadReport.from_dict(build_report(
-        records, started=100.0, ended=101.0, reload=None, host="h", host_header=None, users=1,
-    ))
+    report = LoadReport.from_dict(
+        build_report(
+            records,
+            started=100.0,
+            ended=101.0,
+            reload=None,
+            host="h",
+            host_header=None,
+            users=1,
+        )
+    )
     assert report.before.requests == report.total.requests == 10
     assert report.during.requests == report.after.requests == 0
     assert report.during.max_ms == 0.0
@@ -178,10 +193,17 @@ def test_malformed_report_is_a_report_error(tmp_path: Path) -> None:
 
 
 def test_format_report_has_one_row_per_phase() -> None:
-    report = LoadReport.from_dict(build_report(
-        _synthetic_records(), started=100.0, ended=115.0, reload=RELOAD,
-        host="http://127.0.0.1:1", host_header=None, users=4,
-    ))
+    report = LoadReport.from_dict(
+        build_report(
+            _synthetic_records(),
+            started=100.0,
+            ended=115.0,
+            reload=RELOAD,
+            host="http://127.0.0.1:1",
+            host_header=None,
+            users=4,
+        )
+    )
     lines = format_report(report).splitlines()
     rows = {line.split()[0]: line.split() for line in lines[3:7]}
     assert set(rows) == {"total", "before", "during", "after"}
@@ -191,8 +213,14 @@ def test_format_report_has_one_row_per_phase() -> None:
 
 def test_locust_command() -> None:
     argv = locust_command(
-        "http://127.0.0.1:9", report_path="/tmp/r.json", host_header="domain.tld", users=3,
-        reload_command="sleep 1", reload_at=1.5, after_reload=0.5, max_run_time=2.5,
+        "http://127.0.0.1:9",
+        report_path="/tmp/r.json",
+        host_header="domain.tld",
+        users=3,
+        reload_command="sleep 1",
+        reload_at=1.5,
+        after_reload=0.5,
+        max_run_time=2.5,
     )
     assert argv[1:3] == ["-m", "locust"]
     pairs = dict(zip(argv, argv[1:]))
@@ -265,8 +293,18 @@ class _Script:
 
 def test_observer_timeline_gaps_and_windows() -> None:
     two, one = _fastrouter_doc(("k", 0), ("k", 0)), _fastrouter_doc(("k", 0), ("k", 1))
-    script = _Script([(10.00, two), (10.01, two), (10.02, one), (10.03, None), (10.04, None),
-                      (10.05, one), (10.06, two), (10.07, two)])
+    script = _Script(
+        [
+            (10.00, two),
+            (10.01, two),
+            (10.02, one),
+            (10.03, None),
+            (10.04, None),
+            (10.05, one),
+            (10.06, two),
+            (10.07, two),
+        ]
+    )
     observer = RouterObserver("/nowhere", key="k", reader=script.read, clock=script.clock)
     observer._started = 10.0
     script.run(observer)
@@ -321,8 +359,11 @@ class Uwsgi:
         self.logfile = os.path.join(base, f"{name}.log")
         with open(self.logfile, "wb") as log:
             self.proc = subprocess.Popen(
-                ["uwsgi", "--master", "--need-app", *args], stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                ["uwsgi", "--master", "--need-app", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     @property
@@ -391,10 +432,19 @@ def http_app(base_dir: str) -> Iterator[HttpApp]:
     app = Path(base_dir, "app.py")
     app.write_text(APP)
     port = _free_port()
-    server = Uwsgi("http", base_dir, [
-        "--http-socket", f"127.0.0.1:{port}", "--wsgi-file", str(app), "--processes", "2",
-        "--disable-logging",
-    ])
+    server = Uwsgi(
+        "http",
+        base_dir,
+        [
+            "--http-socket",
+            f"127.0.0.1:{port}",
+            "--wsgi-file",
+            str(app),
+            "--processes",
+            "2",
+            "--disable-logging",
+        ],
+    )
     url = f"http://127.0.0.1:{port}"
 
     def answers() -> bool:
@@ -422,8 +472,14 @@ def http_app(base_dir: str) -> Iterator[HttpApp]:
 def test_load_runs_and_splits_around_the_reload_command(http_app: HttpApp, base_dir: str) -> None:
     report_path = Path(base_dir, "report.json")
     report = run_load(
-        http_app.url, host_header="domain.tld", users=4, reload_command="sleep 1; echo done",
-        reload_at=1.0, after_reload=1.0, max_run_time=20, report_path=report_path,
+        http_app.url,
+        host_header="domain.tld",
+        users=4,
+        reload_command="sleep 1; echo done",
+        reload_at=1.0,
+        after_reload=1.0,
+        max_run_time=20,
+        report_path=report_path,
     )
 
     assert report_path.exists(), "the report should be kept at report_path"
@@ -473,7 +529,11 @@ def test_failures_counted_by_kind_when_the_server_stops(http_app: HttpApp, base_
     wait_closed.write_text(WAIT_CLOSED)
     port = http_app.url.rsplit(":", 1)[1]
     report = run_load(
-        http_app.url, host_header="domain.tld", users=4, reload_at=1.0, after_reload=1.0,
+        http_app.url,
+        host_header="domain.tld",
+        users=4,
+        reload_at=1.0,
+        after_reload=1.0,
         reload_command=f"kill -INT {http_app.server.pid} && {sys.executable} {wait_closed} {port}",
         max_run_time=20,
     )
@@ -501,7 +561,10 @@ def test_run_time_bounds_a_hanging_reload_command(base_dir: str) -> None:
     pidfile = Path(base_dir, "cmd.pid")
     started = time.monotonic()
     report = run_load(
-        f"http://127.0.0.1:{_free_port()}", users=1, max_run_time=2, reload_at=0.5,
+        f"http://127.0.0.1:{_free_port()}",
+        users=1,
+        max_run_time=2,
+        reload_at=0.5,
         reload_command=f"echo $$ > {pidfile}; exec sleep 60",
     )
 
@@ -543,20 +606,38 @@ def test_observer_sees_the_vassal_leave_the_router(base_dir: str) -> None:
     app = Path(base_dir, "app.py")
     app.write_text(APP)
     subscription, stats = f"{base_dir}/ss.sock", f"{base_dir}/fr-stats.sock"
-    router = Uwsgi("fastrouter", base_dir, [
-        "--fastrouter", f"{base_dir}/fr.sock", "--fastrouter-subscription-server", subscription,
-        "--fastrouter-stats-server", stats,
-    ])
+    router = Uwsgi(
+        "fastrouter",
+        base_dir,
+        [
+            "--fastrouter",
+            f"{base_dir}/fr.sock",
+            "--fastrouter-subscription-server",
+            subscription,
+            "--fastrouter-stats-server",
+            stats,
+        ],
+    )
     vassal: Uwsgi | None = None
     try:
         router.wait_until(_stats_readable(stats), f"stats on {stats}")
-        with RouterObserver(stats, key="k") as observer, \
-                RouterObserver(stats, key="other") as other_key:
+        with (
+            RouterObserver(stats, key="k") as observer,
+            RouterObserver(stats, key="other") as other_key,
+        ):
             observer.wait_for(lambda live: live == 0, timeout=5, what="a first sample")
-            vassal = Uwsgi("vassal", base_dir, [
-                "--socket", f"{base_dir}/v1.sock", "--wsgi-file", str(app),
-                "--subscribe2", f"server={subscription},key=k",
-            ])
+            vassal = Uwsgi(
+                "vassal",
+                base_dir,
+                [
+                    "--socket",
+                    f"{base_dir}/v1.sock",
+                    "--wsgi-file",
+                    str(app),
+                    "--subscribe2",
+                    f"server={subscription},key=k",
+                ],
+            )
             vassal.wait_until(lambda: observer.live == 1, "one live node for key k")
             time.sleep(0.2)
             stopping = time.time()

@@ -1,0 +1,140 @@
+"""Reload under load on a real stack, and the one check every zero-downtime test applies.
+
+``check`` returns the list of broken promises; a good reload has none, and the control tests show
+the same function finding them in a bad one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from harness.stack import Stack
+from loadtests.observer import RouterObserver
+from loadtests.runner import LoadReport, run_load
+
+USERS = 8
+#: Requests that must be served while the reload runs for the run to count as "under load".
+MIN_REQUESTS_DURING = 200
+#: The observer must have looked at the router at least this often.
+MAX_OBSERVER_GAP = 0.025
+FAULTS = Path(__file__).with_name("faults.py")
+
+DEFAULT_TEMPLATE = (
+    "{python} {tool} --emperor-path {emperor_path} --fastrouter-stats-socket {fastrouter_stats} "
+    "--emperor-stats-socket {emperor_stats} --minimum-active-vassals {minimum} --timeout {timeout}"
+)
+
+
+def reload_command(stack: Stack, template: str, minimum: int, timeout: float = 60) -> list[str]:
+    """The reload command under test for this stack, from a ``--reload-command`` template."""
+    tool = stack.reload_command()[1]
+    fields = {
+        "python": sys.executable,
+        "tool": tool,
+        "emperor_path": str(stack.emperor_path),
+        "emperor_stats": stack.emperor_stats,
+        "fastrouter_stats": stack.fastrouter_stats,
+        "subscription_server": stack.subscription_server,
+        "minimum": str(minimum),
+        "timeout": f"{timeout:g}",
+    }
+    return [part.format(**fields) for part in shlex.split(template)]
+
+
+def with_fault(action: str, command: Sequence[str], *args: str) -> list[str]:
+    return [sys.executable, str(FAULTS), action, *args, "--", *command]
+
+
+@dataclasses.dataclass
+class ReloadRun:
+    load: LoadReport
+    observer: RouterObserver
+    workers_before: dict[str, list[int]]
+    workers_after: dict[str, list[int]]
+
+    @property
+    def reload_started(self) -> float:
+        assert self.load.reload is not None
+        return self.load.reload.started
+
+    @property
+    def reload_ended(self) -> float:
+        assert self.load.reload is not None and self.load.reload.ended is not None
+        return self.load.reload.ended
+
+    @property
+    def returncode(self) -> int | None:
+        assert self.load.reload is not None
+        return self.load.reload.returncode
+
+    @property
+    def output(self) -> str:
+        assert self.load.reload is not None
+        return self.load.reload.stdout + self.load.reload.stderr
+
+    def min_live_during(self) -> int:
+        return self.observer.min_live_between(self.reload_started, self.reload_ended)
+
+    def replaced(self) -> list[str]:
+        """Vassals none of whose workers from before the reload is still there."""
+        return [
+            vid
+            for vid, before in self.workers_before.items()
+            if not set(before) & set(self.workers_after.get(vid, []))
+        ]
+
+    def check(self, minimum: int, *, all_replaced: bool = True) -> list[str]:
+        """What broke the zero-downtime promise; empty when nothing did."""
+        problems = []
+        load = self.load
+        if load.reload is None or load.reload.ended is None:
+            return ["the reload command did not finish while the load ran"]
+        if load.total.failures:
+            problems.append(f"{load.total.failures} failed requests {load.total.failures_by_kind}")
+        if load.during.requests < MIN_REQUESTS_DURING:
+            problems.append(f"only {load.during.requests} requests during the reload")
+        if self.observer.max_gap > MAX_OBSERVER_GAP:
+            problems.append(f"observer gap {self.observer.max_gap * 1000:.0f} ms")
+        if self.observer.min_live < minimum:
+            problems.append(f"observer saw {self.observer.min_live} live nodes (minimum {minimum})")
+        not_replaced = sorted(set(self.workers_before) - set(self.replaced()))
+        if all_replaced and not_replaced:
+            problems.append(f"workers not replaced: {', '.join(not_replaced)}")
+        return problems
+
+    def row(self, name: str, minimum: int) -> dict[str, object]:
+        during = self.load.during
+        return {
+            "test": name,
+            "minimum": minimum,
+            "exit": self.returncode,
+            "reload s": round(self.reload_ended - self.reload_started, 2),
+            "requests during": during.requests,
+            "failed": self.load.total.failures,
+            "observer min": self.observer.min_live,
+            "max ms during": round(during.max_ms),
+            "p99 ms before": round(self.load.before.p99, 1),
+        }
+
+
+def reload_under_load(
+    stack: Stack, command: Sequence[str], *, reload_at: float = 1.5, after_reload: float = 1.5
+) -> ReloadRun:
+    """Load through nginx, run ``command`` in the middle, watch the router the whole time."""
+    workers_before = stack.worker_pids()
+    with RouterObserver(stack.fastrouter_stats, key=stack.host, interval=0.005) as observer:
+        load = run_load(
+            stack.url,
+            host_header=stack.host,
+            users=USERS,
+            reload_command=shlex.join(command),
+            reload_at=reload_at,
+            after_reload=after_reload,
+            max_run_time=90,
+            nice=5,
+        )
+    return ReloadRun(load, observer, workers_before, stack.worker_pids())
