@@ -297,6 +297,8 @@ class VassalReload:
     id: str
     name: str
     config: str
+    #: the emperor's view when the run first saw it; ``baseline`` when it started reloading
+    initial: EmperorVassal | None = None
     baseline: EmperorVassal | None = None
     triggered: float | None = None
     back: float | None = None
@@ -328,6 +330,7 @@ def _round(value: float | None) -> float | None:
 
 class EventKind(enum.Enum):
     TRIGGERED = "triggered"
+    RESTARTED = "restarted"
     BACK = "back"
     TIMED_OUT = "timed out"
     NOT_STARTED = "not started"
@@ -382,7 +385,7 @@ class Rollout:
 
         The caller touches the config of every vassal in a ``triggered`` event.
         """
-        events = []
+        events = self._adopt_restarted(snapshot, now)
         for v in self.in_flight():
             assert v.baseline is not None and v.triggered is not None
             current = snapshot.vassals.get(v.id)
@@ -424,6 +427,25 @@ class Rollout:
                     else f"reloading it would leave fewer than {self.minimum} live"
                 )
                 events.append(Event(now, v, EventKind.NOT_STARTED, f"not started: {v.detail}"))
+        return events
+
+    def _adopt_restarted(self, snapshot: Snapshot, now: float) -> list[Event]:
+        """A pending vassal with a new pid died and was started again by the emperor: it is
+        loading the current code already. Touching it would reload it in the middle of its start
+        and drop what queued on its socket; wait for it instead, like a reload in flight."""
+        events = []
+        for v in self.pending():
+            current = snapshot.vassals.get(v.id)
+            if current is None:
+                continue
+            if v.initial is None:
+                v.initial = current
+            elif current.pid != v.initial.pid:
+                v.baseline, v.triggered, v.stage = v.initial, now, Stage.REGISTERED
+                what = (
+                    f"restarted by the emperor (pid {v.initial.pid} -> {current.pid}): not touched"
+                )
+                events.append(Event(now, v, EventKind.RESTARTED, what))
         return events
 
     def abandon(self, reason: str) -> None:

@@ -9,6 +9,7 @@ also reports its largest gap between samples: a test asserts on ``max_gap`` befo
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import threading
 import time
@@ -51,19 +52,17 @@ def _raise_thread_priority(niceness: int = -10) -> None:
     On Linux, setpriority() with a thread id changes that thread only; others may not lower
     their niceness, and then the observer runs at normal priority and reports its gaps.
     """
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    except (OSError, AttributeError):
-        pass
 
 
 class RouterObserver:
     """Sample a fastrouter stats server every ``interval`` seconds from ``readers`` threads.
 
     The readers are staggered by ``interval / readers``, so one read kept waiting by a busy
-    router does not stop the others from sampling on time. Use as a context manager (or ``start()``/``stop()``). A failed read (socket briefly missing,
-    refused, or not JSON) is counted in ``errors`` and leaves a gap in the timeline; it never
-    stops the thread.
+    router does not stop the others from sampling on time. Use as a context manager (or
+    ``start()``/``stop()``). A failed read (socket briefly missing, refused, or not JSON) is
+    counted in ``errors`` and leaves a gap in the timeline; it never stops a thread.
     """
 
     def __init__(

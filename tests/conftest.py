@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from zero_downtime import DEFAULT_TEMPLATE
+
+from tests.zero_downtime import DEFAULT_TEMPLATE
 
 Rows = list[dict[str, object]]
 _ROWS = pytest.StashKey[Rows]()

@@ -59,6 +59,7 @@ def main(argv: Sequence[str]) -> int:
             continue
         injected = True
         result["injected_at"] = round(time.monotonic() - started, 3)
+        result["injected_wall"] = time.time()
         if action == "kill":
             os.kill(int(args[0]), signal.SIGKILL)
             result["killed"] = int(args[0])

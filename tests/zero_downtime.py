@@ -116,6 +116,7 @@ class ReloadRun:
             "requests during": during.requests,
             "failed": self.load.total.failures,
             "observer min": self.observer.min_live,
+            "observer gap ms": round(self.observer.max_gap * 1000),
             "max ms during": round(during.max_ms),
             "p99 ms before": round(self.load.before.p99, 1),
         }
