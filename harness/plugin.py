@@ -45,7 +45,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         else:
             group.addoption(f"--uwsgi-{name}", default=None, help=help_text)
         ini_name = f"uwsgi_{name.replace('-', '_')}"
-        parser.addini(ini_name, help_text, type="bool" if kind == "bool" else "string")
+        if kind == "bool":
+            parser.addini(ini_name, help_text, type="bool")
+        else:
+            parser.addini(ini_name, help_text, type="string")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import os
 import threading
 import time
@@ -154,9 +155,13 @@ class RouterObserver:
         self._stop_event.wait(max(0.0, next_at - time.monotonic()))
         while not self._stop_event.is_set():
             self.sample_once()
-            # Fixed schedule, but never catch up in a burst after a slow read.
-            next_at = max(next_at + self.interval, time.monotonic())
-            self._stop_event.wait(max(0.0, next_at - time.monotonic()))
+            # Each reader keeps its own grid (its offset from the others), skipping the points a
+            # slow read overran: readers that fell into step would all wait on the same slow read.
+            next_at += self.interval
+            now = time.monotonic()
+            if next_at < now:
+                next_at += math.ceil((now - next_at) / self.interval) * self.interval
+            self._stop_event.wait(max(0.0, next_at - now))
 
     # -- results --------------------------------------------------------------------------
 

@@ -127,7 +127,8 @@ def reload_under_load(
 ) -> ReloadRun:
     """Load through nginx, run ``command`` in the middle, watch the router the whole time."""
     workers_before = stack.worker_pids()
-    with RouterObserver(stack.fastrouter_stats, key=stack.host, interval=0.005) as observer:
+    observer = RouterObserver(stack.fastrouter_stats, key=stack.host, interval=0.006, readers=3)
+    with observer:
         load = run_load(
             stack.url,
             host_header=stack.host,
