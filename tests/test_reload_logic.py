@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import signal
@@ -230,6 +231,7 @@ def simulate(
     max_parallel: int | None = None,
     names: list[str] | None = None,
     setup: object = None,
+    as_json: bool = False,
     **stack_args: float,
 ) -> tuple[int, SimStack, str]:
     names = names or [f"vassal_{i:02d}.ini" for i in range(1, n + 1)]
@@ -245,6 +247,7 @@ def simulate(
         minimum_active_vassals=minimum,
         timeout=timeout,
         max_parallel=max_parallel,
+        json=as_json,
     )
     out = io.StringIO()
     code = ur.run(options, ur.Reporter(False, out, out), stack.io())
@@ -372,3 +375,22 @@ def test_not_live_at_start_goes_first(emperor_dir: Path) -> None:
     code, stack, _ = simulate(emperor_dir, n=4, minimum=3, setup=one_down)
     assert code == ur.EXIT_OK
     assert stack.touched[0] == (0.0, "vassal_04.ini")
+
+
+def test_json_report(emperor_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def stuck(stack: SimStack) -> None:
+        stack.never_back = {"vassal_02.ini"}
+
+    code, _, _ = simulate(emperor_dir, n=3, minimum=1, timeout=2.0, setup=stuck, as_json=True)
+    report = json.loads(capsys.readouterr().out)
+    assert code == report["exit_code"] == ur.EXIT_NOT_ALL_RELOADED
+    assert report["minimum_active_vassals"] == 1
+    assert report["lowest_live"] == {"k": 1}
+    by_name = {v["name"]: v for v in report["vassals"]}
+    assert by_name["vassal_01"]["outcome"] == "reloaded"
+    assert by_name["vassal_01"]["triggered"] == 0.0
+    assert by_name["vassal_01"]["duration"] == pytest.approx(1.1, abs=0.11)
+    assert by_name["vassal_02"]["outcome"] == "timed out"
+    assert by_name["vassal_02"]["back"] is None
+    assert "never accepting" in by_name["vassal_02"]["detail"]
+    assert by_name["vassal_03"]["outcome"] == "reloaded"
