@@ -1,5 +1,7 @@
 """One uWSGI stack under test: emperor + fastrouter + N vassals + nginx, from ``examples/``.
 
+Outside pytest, :func:`running_stack` does the same with a standalone ``XProcess``.
+
 :func:`start_stack` renders the examples into a short temp dir (:mod:`harness.render`), starts the
 emperor (which runs the fastrouter and its subscription server, as the conf.d fragment says) and
 nginx under pytest-xprocess, and returns a :class:`Stack` once real probes agree: the emperor
@@ -25,11 +27,14 @@ import signal
 import sys
 import tempfile
 import time
+import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+import py  # type: ignore[import-untyped]  # pytest's py.path shim, what XProcess wants
 import requests
-from xprocess import ProcessStarter
+from xprocess import ProcessStarter, XProcess
 
 from harness import render
 from harness.render import KEY, Layout, Substitution
@@ -586,3 +591,32 @@ def _stop_started(stack: Stack) -> None:
         if name not in stack.pids and info.pid:
             stack.pids[name] = info.pid  # even if it exited: stop() reaps it
     stack.stop()
+
+
+class _QuietLog:
+    """xprocess prints every start to stdout by default; a command-line tool has its own lines."""
+
+    def debug(self, msg: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def running_stack(config: StackConfig) -> Iterator[Stack]:
+    """A running stack outside pytest (a demo, a benchmark), stopped on the way out.
+
+    The same :func:`start_stack` and :meth:`Stack.stop` as the fixtures, with an ``XProcess``
+    built standalone: its root (the processes' control dirs and stdout logs) is a temp dir of
+    its own, removed with the stack's base dir however the block ends (an exception, Ctrl-C).
+    """
+    rootdir = Path(tempfile.mkdtemp(prefix="ur-x-", dir="/tmp"))
+    # XProcess wants a py.path root and a config whose __dict__ it may stash log handles in.
+    xprocess = XProcess(types.SimpleNamespace(), py.path.local(rootdir), log=_QuietLog())
+    try:
+        stack = start_stack(xprocess, config)
+        try:
+            yield stack
+        finally:
+            stack.stop()
+    finally:
+        xprocess._force_clean_up()  # closes the log handles ensure() keeps open
+        shutil.rmtree(rootdir, ignore_errors=True)

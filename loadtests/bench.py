@@ -1,0 +1,630 @@
+"""How long a full reload takes, under load, against a lower bound and two other schedules.
+
+    python -m loadtests.bench [--sizes 2,4,8,16] [--minimums 1,half] [--quick] [--results-dir DIR]
+
+For every size N one stack (N vassals) runs every schedule below, each under the same locust load
+through nginx, one after the other:
+
+* ``one at a time``: ``uwsgi_reload.py --minimum-active-vassals N-1``: never two vassals down.
+  Each vassal's trigger-to-back time in this run is a reload *alone*; their median is the
+  single-vassal reload time ``t1`` of this stack.
+* ``uwsgi_reload``: the tool with ``--minimum-active-vassals m`` (as many in flight as m allows,
+  the next one started as soon as one is back).
+* ``2014 plan``: the original script's schedule, reproduced for the benchmark (not an option of
+  the tool) by ``loadtests/original_plan.py`` from uwsgi_reload's public functions: touch the
+  first N-m together, wait until they are all back, then the last m one by one.
+* ``lower bound``: ``ceil(N / (N - m)) * t1``: at most N-m can be down at once and each needs t1.
+
+The makespan is first trigger to last back (back: the emperor registered the reload, the vassal
+is accepting and its node is live in the fastrouter again). Each run also records the failed
+requests, the max and p99 latency of requests during the reload, the fewest live nodes a
+``RouterObserver`` saw, and the CPU seconds the reload command used (its own, measured by a
+wrapper with ``getrusage(RUSAGE_CHILDREN)``: not locust's, not the stack's).
+
+Output, in the results dir (default ``reports/bench-<date>-<time>``): ``bench.md`` (the command,
+the machine, the versions, the tables), ``bench.png``, ``bench.json`` (every run, every vassal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+from harness import render
+from harness.stack import Stack, StackConfig, StackError, running_stack
+from loadtests.demo import (
+    ReloadUnderLoad,
+    reload_under_load,
+    sigterm_as_interrupt,
+    stop_and_check,
+    tool_command,
+)
+from loadtests.original_plan import ORIGINAL
+from loadtests.plot import (
+    bench_png,
+    command_line,
+    environment,
+    environment_lines,
+    markdown_table,
+    seconds,
+)
+from loadtests.runner import LoadRunError
+from uwsgi_reload import rounds_needed
+
+EXIT_OK, EXIT_SOME_RUN_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+TOOL, ONE_AT_A_TIME, LOWER_BOUND = "uwsgi_reload", "one at a time", "lower bound"
+DEFAULT_SIZES = (2, 4, 8, 16)
+QUICK_SIZES = (2, 4)
+#: m = N-1 gets its own row (and a 2014-plan run) up to this N; above it the one-at-a-time run
+#: stands for it, and the 2014 plan with m = N-1 is the same schedule.
+SMALL_N = 4
+
+
+def original_plan_command(stack: Stack, minimum: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "loadtests.original_plan",
+        "--emperor-path",
+        str(stack.emperor_path),
+        "--emperor-stats-socket",
+        stack.emperor_stats,
+        "--fastrouter-stats-socket",
+        stack.fastrouter_stats,
+        "--minimum-active-vassals",
+        str(minimum),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """One schedule run under load on one stack."""
+
+    n: int
+    minimum: int
+    schedule: str
+    measured: ReloadUnderLoad
+
+    @property
+    def ok(self) -> bool:
+        return self.measured.all_reloaded
+
+    def as_json(self) -> dict[str, Any]:
+        m = self.measured
+        during = m.load.during
+        return {
+            "n": self.n,
+            "minimum": self.minimum,
+            "schedule": self.schedule,
+            "command": m.command,
+            "returncode": m.returncode,
+            "command_seconds": m.command_seconds,
+            "makespan": m.makespan,
+            "durations": m.durations(),
+            "requests_during": during.requests,
+            "failures": m.load.total.failures,
+            "failures_by_kind": m.load.total.failures_by_kind,
+            "p99_ms_during": during.p99,
+            "max_ms_during": during.max_ms,
+            "min_live_during": m.min_live_during(),
+            "observer_gap_s": m.observer_gap,
+            "cpu_seconds": m.cpu_seconds,
+            "result": m.result,
+        }
+
+
+def parse_minimums(text: str) -> list[str]:
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    for token in tokens:
+        if token not in ("half", "n-1") and not token.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"{token!r}: a minimum is a whole number, 'half' (N/2) or 'n-1'"
+            )
+    if not tokens:
+        raise argparse.ArgumentTypeError("no minimum given")
+    return tokens
+
+
+def parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sizes are whole numbers: {text!r}") from None
+    if not sizes or any(n < 2 for n in sizes):
+        raise argparse.ArgumentTypeError(f"every size must be 2 or more: {text!r}")
+    return sizes
+
+
+def minimums_for(n: int, tokens: Sequence[str]) -> list[int]:
+    """The minimums to run for N vassals, each in 1..N-1."""
+    values = set()
+    for token in tokens:
+        value = {"half": n // 2, "n-1": n - 1}.get(token)
+        values.add(int(token) if value is None else value)
+    return sorted(m for m in values if 1 <= m < n)
+
+
+def plan_runs(n: int, minimums: Sequence[int]) -> list[tuple[str, int]]:
+    """(schedule, m) in the order they run on one stack; the one-at-a-time run comes first."""
+    runs = [(ONE_AT_A_TIME, n - 1)]
+    for m in minimums:
+        if m < n - 1:
+            runs.append((TOOL, m))
+        if m < n - 1 or n <= SMALL_N:
+            runs.append((ORIGINAL, m))
+    return runs
+
+
+def bench_one_size(
+    n: int,
+    minimums: Sequence[int],
+    args: argparse.Namespace,
+    work_dir: Path,
+    runs: list[Run],
+    stacks: list[dict[str, Any]],
+) -> None:
+    """Every run for N vassals on one stack, appended to ``runs`` as it ends (an interrupt
+    keeps what was measured); ``stacks`` gets the stack's dir and every process it had."""
+    print(f"N={n}: starting stack ({n} vassals)...", flush=True)
+    started = time.monotonic()
+    with running_stack(StackConfig(vassals=n, start_delay=args.start_delay)) as stack:
+        print(f"N={n}: stack up in {time.monotonic() - started:.1f} s", flush=True)
+        record: dict[str, Any] = {"n": n, "dir": str(stack.base_dir), "processes": set()}
+        stacks.append(record)
+        for schedule, m in plan_runs(n, minimums):
+            record["processes"] |= stack.processes()
+            stack.wait_all_live(60)
+            command = (
+                original_plan_command(stack, m)
+                if schedule == ORIGINAL
+                else tool_command(stack, m, "--timeout", "120")
+            )
+            print(
+                f"N={n} m={m} {schedule}: load running, reload at {args.reload_at:g} s...",
+                flush=True,
+            )
+            measured = reload_under_load(
+                stack,
+                command,
+                work_dir=work_dir,
+                users=args.users,
+                reload_at=args.reload_at,
+                after_reload=args.after_reload,
+                observer_interval=0.02,
+            )
+            run = Run(n, m, schedule, measured)
+            runs.append(run)
+            print(f"N={n} m={m} {schedule}: {run_line(run)}", flush=True)
+        seen, left = stop_and_check(stack)
+        record["processes"] |= seen
+        print(
+            f"N={n}: stack stopped ({len(record['processes'])} processes seen, {len(left)} left)",
+            flush=True,
+        )
+
+
+def run_line(run: Run) -> str:
+    m = run.measured
+    if not run.ok:
+        stderr = "" if m.load.reload is None else m.load.reload.stderr.strip()[-500:]
+        return f"FAILED (exit {m.returncode}): {stderr}"
+    cpu = "-" if m.cpu_seconds is None else f"{m.cpu_seconds:.2f} s"
+    return (
+        f"makespan {seconds(m.makespan)} s, failed {m.load.total.failures}, "
+        f"max {m.load.during.max_ms:.0f} ms, fewest live {m.min_live_during()}, CPU {cpu}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and the picture
+# ---------------------------------------------------------------------------------------------
+
+
+def single_reload_time(runs: Sequence[Run], n: int) -> float | None:
+    """Median trigger-to-back of the one-at-a-time run: each vassal reloaded alone."""
+    for run in runs:
+        if run.n == n and run.schedule == ONE_AT_A_TIME and run.measured.durations():
+            return statistics.median(run.measured.durations())
+    return None
+
+
+def find_run(runs: Sequence[Run], n: int, m: int, schedule: str) -> Run | None:
+    for run in runs:
+        if (
+            run.n == n
+            and run.schedule == schedule
+            and (schedule == ONE_AT_A_TIME or run.minimum == m)
+        ):
+            return run
+    return None
+
+
+def tool_run(runs: Sequence[Run], n: int, m: int) -> Run | None:
+    """With m = N-1 the tool's run is the one-at-a-time run."""
+    return find_run(runs, n, m, ONE_AT_A_TIME if m == n - 1 else TOOL)
+
+
+SUMMARY_HEADERS = (
+    "N",
+    "m",
+    "rounds",
+    "t1 s",
+    "lower bound s",
+    "uwsgi_reload s",
+    "vs bound",
+    "one at a time s",
+    "2014 plan s",
+    "failed (tool/1x1/2014)",
+    "max ms during (tool/1x1/2014)",
+    "tool CPU s",
+)
+
+
+def _triple(values: Sequence[str | None]) -> str:
+    return " / ".join("-" if v is None else v for v in values)
+
+
+def summary_rows(
+    runs: Sequence[Run], sizes: Sequence[int], minimums: dict[int, list[int]]
+) -> list[list[str]]:
+    rows = []
+    for n in sizes:
+        t1 = single_reload_time(runs, n)
+        for m in minimums[n]:
+            rounds = rounds_needed(n, m)
+            bound = None if t1 is None else rounds * t1
+            trio = [
+                tool_run(runs, n, m),
+                find_run(runs, n, m, ONE_AT_A_TIME),
+                find_run(runs, n, m, ORIGINAL),
+            ]
+            spans = [None if r is None else r.measured.makespan for r in trio]
+            tool = spans[0]
+            ratio = "-" if tool is None or not bound else f"{tool / bound:.2f}x"
+            tool_cpu = None if trio[0] is None else trio[0].measured.cpu_seconds
+            rows.append(
+                [
+                    str(n),
+                    str(m),
+                    str(rounds),
+                    seconds(t1),
+                    seconds(bound),
+                    seconds(tool),
+                    ratio,
+                    seconds(spans[1]),
+                    seconds(spans[2]),
+                    _triple(
+                        [None if r is None else str(r.measured.load.total.failures) for r in trio]
+                    ),
+                    _triple(
+                        [
+                            None if r is None else f"{r.measured.load.during.max_ms:.0f}"
+                            for r in trio
+                        ]
+                    ),
+                    seconds(tool_cpu),
+                ]
+            )
+    return rows
+
+
+DETAIL_HEADERS = (
+    "N",
+    "m",
+    "schedule",
+    "exit",
+    "makespan s",
+    "command s",
+    "one vassal s (median, min-max)",
+    "requests during",
+    "failed",
+    "p99 ms during",
+    "max ms during",
+    "fewest live",
+    "CPU s",
+)
+
+
+def detail_rows(runs: Sequence[Run]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        m = run.measured
+        durations = m.durations()
+        spread = (
+            f"{statistics.median(durations):.2f} ({min(durations):.2f}-{max(durations):.2f})"
+            if durations
+            else "-"
+        )
+        rows.append(
+            [
+                str(run.n),
+                str(run.minimum),
+                run.schedule,
+                str(m.returncode),
+                seconds(m.makespan),
+                seconds(m.command_seconds),
+                spread,
+                str(m.load.during.requests),
+                str(m.load.total.failures),
+                f"{m.load.during.p99:.0f}",
+                f"{m.load.during.max_ms:.0f}",
+                str(m.min_live_during()),
+                seconds(m.cpu_seconds),
+            ]
+        )
+    return rows
+
+
+STAGE_HEADERS = (
+    "N",
+    "lone reloads seen",
+    "touch -> emperor registered s",
+    "registered -> accepting s",
+    "accepting -> live in router s",
+    "touch -> back s",
+)
+
+
+def _median(stages: Sequence[dict[str, float]], part: Callable[[dict[str, float]], float]) -> str:
+    return f"{statistics.median(part(s) for s in stages):.2f}"
+
+
+def stage_rows(runs: Sequence[Run]) -> list[list[str]]:
+    """Where a lone reload's time goes, from the 2014 driver's one-by-one batches (it records
+    when it first saw each stage, at its 0.1 s polling resolution)."""
+    rows = []
+    for n in sorted({r.n for r in runs}):
+        lone: list[dict[str, float]] = []
+        for run in runs:
+            if run.n != n or run.schedule != ORIGINAL or run.measured.result is None:
+                continue
+            vassals = run.measured.result["vassals"]
+            triggers = [v["triggered"] for v in vassals]
+            lone += [
+                v["stages"]
+                for v in vassals
+                if triggers.count(v["triggered"]) == 1 and "back" in v["stages"]
+            ]
+        if not lone:
+            continue
+
+        rows.append(
+            [
+                str(n),
+                str(len(lone)),
+                _median(lone, lambda s: s["registered"]),
+                _median(lone, lambda s: s["accepting"] - s["registered"]),
+                _median(lone, lambda s: s["back"] - s["accepting"]),
+                _median(lone, lambda s: s["back"]),
+            ]
+        )
+    return rows
+
+
+def write_picture(
+    path: Path, runs: Sequence[Run], sizes: Sequence[int], minimums: dict[int, list[int]]
+) -> Path:
+    groups: list[str] = []
+    spans: dict[str, list[float | None]] = {
+        s: [] for s in (LOWER_BOUND, TOOL, ONE_AT_A_TIME, ORIGINAL)
+    }
+    latency: dict[str, list[float | None]] = {s: [] for s in (TOOL, ONE_AT_A_TIME, ORIGINAL)}
+    for n in sizes:
+        t1 = single_reload_time(runs, n)
+        for m in minimums[n]:
+            groups.append(f"N={n}\nm={m}")
+            spans[LOWER_BOUND].append(None if t1 is None else rounds_needed(n, m) * t1)
+            for schedule, run in (
+                (TOOL, tool_run(runs, n, m)),
+                (ONE_AT_A_TIME, find_run(runs, n, m, ONE_AT_A_TIME)),
+                (ORIGINAL, find_run(runs, n, m, ORIGINAL)),
+            ):
+                spans[schedule].append(None if run is None else run.measured.makespan)
+                latency[schedule].append(None if run is None else run.measured.load.during.max_ms)
+    return bench_png(
+        path,
+        groups,
+        spans,
+        latency,
+        "Full reload under load: makespan (first trigger to last back), max latency during it",
+    )
+
+
+def markdown(
+    runs: Sequence[Run],
+    sizes: Sequence[int],
+    minimums: dict[int, list[int]],
+    env_lines: Sequence[str],
+    args: argparse.Namespace,
+    picture: str,
+) -> str:
+    setup = (
+        f"Each run: locust, {args.users} users through nginx, the reload command "
+        f"{args.reload_at:g} s into the load, {args.after_reload:g} s more load after it; "
+        f"app start delay {args.start_delay:g} s; one stack per N, runs in the order listed "
+        "in the last table."
+    )
+    legend = (
+        "- **t1**: median trigger-to-back time of one vassal reloaded alone (the one-at-a-time "
+        "run of the same stack).\n"
+        "- **lower bound**: ceil(N / (N - m)) x t1.\n"
+        "- **uwsgi_reload**: `uwsgi_reload.py --minimum-active-vassals m` (for m = N-1 it is "
+        "the one-at-a-time run).\n"
+        "- **one at a time**: `uwsgi_reload.py --minimum-active-vassals N-1`.\n"
+        "- **2014 plan**: first N-m vassals together, then the last m one by one, each batch "
+        "waited for (`loadtests/original_plan.py`, a driver for the benchmark, not an option "
+        "of the tool).\n"
+        "- makespan: first trigger to last back (registered by the emperor, accepting, live in "
+        "the fastrouter). failed: failed requests of the whole load run. max ms during: "
+        "slowest request that overlapped the reload command. tool CPU: user+system seconds of "
+        "the `uwsgi_reload.py` process (getrusage of a wrapper)."
+    )
+    parts = [
+        "# Full reload under load: uwsgi_reload vs lower bound, one at a time, 2014 plan",
+        "\n".join(f"- {line}" for line in env_lines),
+        setup,
+        markdown_table(SUMMARY_HEADERS, summary_rows(runs, sizes, minimums)),
+        legend,
+        f"![benchmark]({picture})",
+    ]
+    stages = stage_rows(runs)
+    if stages:
+        parts += [
+            "## Where a lone reload's time goes",
+            "Medians over the vassals the 2014 driver reloaded alone (its one-by-one batches), "
+            "from the first poll (every 0.1 s) that saw each stage.",
+            markdown_table(STAGE_HEADERS, stages),
+        ]
+    parts += ["## Every run", markdown_table(DETAIL_HEADERS, detail_rows(runs))]
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 600:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 600: {text!r}")
+    return value
+
+
+def _users(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1: {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.bench",
+        description="Makespan of a full reload under load: uwsgi_reload.py against the lower "
+        "bound, one vassal at a time, and the 2014 plan.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=None,
+        help=f"numbers of vassals (default {','.join(map(str, DEFAULT_SIZES))}; "
+        f"--quick: {','.join(map(str, QUICK_SIZES))})",
+    )
+    parser.add_argument(
+        "--minimums",
+        type=parse_minimums,
+        default=None,
+        help="minimums per N: whole numbers, 'half' (N/2), 'n-1' (default 1,half,n-1; "
+        "--quick: 1,n-1); m = N-1 rows only for N <= 4",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, fewer minimums, shorter load"
+    )
+    parser.add_argument("--users", type=_users, default=8, help="locust users")
+    parser.add_argument(
+        "--reload-at", type=_seconds, default=None, help="seconds of load before (default 2)"
+    )
+    parser.add_argument(
+        "--after-reload", type=_seconds, default=None, help="seconds of load after (default 1.5)"
+    )
+    parser.add_argument(
+        "--start-delay", type=_seconds, default=0.0, help="seconds the app sleeps while loading"
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="where bench.md, bench.png and bench.json go (default reports/bench-<date>-<time>)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    sizes = args.sizes or list(QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    tokens = args.minimums or (["1", "n-1"] if args.quick else ["1", "half", "n-1"])
+    if args.reload_at is None:
+        args.reload_at = 1.0 if args.quick else 2.0
+    if args.after_reload is None:
+        args.after_reload = 1.0 if args.quick else 1.5
+    minimums = {n: [m for m in minimums_for(n, tokens) if m < n - 1 or n <= SMALL_N] for n in sizes}
+    results = args.results_dir or Path("reports", time.strftime("bench-%Y%m%d-%H%M%S"))
+    results.mkdir(parents=True, exist_ok=True)
+    env_lines = environment_lines(
+        command_line(["-m", "loadtests.bench", *argv]),
+        environment(render.find_uwsgi(), render.find_nginx()),
+    )
+    for line in env_lines:
+        print(line, flush=True)
+    runs: list[Run] = []
+    stacks: list[dict[str, Any]] = []
+    started = time.monotonic()
+    try:
+        with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="ur-bench-") as tmp:
+            for n in sizes:
+                bench_one_size(n, minimums[n], args, Path(tmp), runs, stacks)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: stacks stopped, temp dirs removed; partial results follow",
+            file=sys.stderr,
+        )
+        code = EXIT_INTERRUPTED
+    except (StackError, LoadRunError, render.MissingTool) as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        code = EXIT_ERROR
+    else:
+        code = EXIT_OK if all(r.ok for r in runs) else EXIT_SOME_RUN_FAILED
+    if not runs:
+        return code
+    done = [n for n in sizes if any(r.n == n for r in runs)]
+    picture = write_picture(results / "bench.png", runs, done, minimums)
+    text = markdown(runs, done, minimums, env_lines, args, picture.name)
+    (results / "bench.md").write_text(text)
+    (results / "bench.json").write_text(
+        json.dumps(
+            {
+                "environment": env_lines,
+                "runs": [r.as_json() for r in runs],
+                "stacks": [
+                    {
+                        "n": st["n"],
+                        "dir": st["dir"],
+                        "processes": sorted([p.pid, p.start] for p in st["processes"]),
+                    }
+                    for st in stacks
+                ],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    print()
+    print(text)
+    print(f"benchmark took {time.monotonic() - started:.0f} s")
+    print(f"table:   {results / 'bench.md'}")
+    print(f"picture: {picture}")
+    print(f"data:    {results / 'bench.json'}")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""The demo and the benchmark end to end: their files exist, the table has the rows asked for,
+and every process they started is gone (they run as subprocesses, as ``tox -e demo`` does)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.render import REPO_DIR
+from harness.stack import Proc
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def still_running(processes: list[list[int]]) -> list[Proc]:
+    return [proc for proc in (Proc(pid, start) for pid, start in processes) if proc.alive()]
+
+
+def markdown_rows(text: str, header_start: str) -> list[list[str]]:
+    """Cells of the table whose header line starts with ``header_start``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return rows
+
+
+def test_demo_writes_its_picture_and_report_and_leaves_nothing_running(tmp_path: Path) -> None:
+    results = tmp_path / "demo"
+    done = run_module(
+        "loadtests.demo",
+        "--vassals",
+        "2",
+        "--reload-at",
+        "1",
+        "--after-reload",
+        "1",
+        "--results-dir",
+        str(results),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("timeline.png", "report.md", "load.json", "reload.json", "live.csv"):
+        assert (results / name).is_file(), name
+    assert (results / "timeline.png").read_bytes()[:8] == PNG_MAGIC
+    assert str(results / "timeline.png") in done.stdout
+    assert str(results / "report.md") in done.stdout
+    summary = json.loads((results / "demo.json").read_text())
+    assert summary["returncode"] == 0
+    assert summary["failures"] == 0, summary
+    assert summary["makespan"] > 0
+    assert summary["min_live_during"] >= 1
+    rows = markdown_rows((results / "report.md").read_text(), "| vassal ")
+    assert [row[0] for row in rows] == ["uwsgi_vassal_01", "uwsgi_vassal_02"]
+    assert {row[-1] for row in rows} == {"reloaded"}
+    # the emperor, its vassals and workers, the fastrouter, nginx: all recorded, all gone
+    assert len(summary["stack_processes"]) >= 5, summary["stack_processes"]
+    assert still_running(summary["stack_processes"]) == []
+    assert summary["left_running"] == []
+    assert not Path(summary["stack_dir"]).exists()
+
+
+def test_tiny_bench_writes_the_table_and_the_picture_and_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    results = tmp_path / "bench"
+    done = run_module(
+        "loadtests.bench",
+        "--sizes",
+        "2",
+        "--minimums",
+        "1",
+        "--reload-at",
+        "1",
+        "--after-reload",
+        "1",
+        "--results-dir",
+        str(results),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = (results / "bench.md").read_text()
+    assert (results / "bench.png").read_bytes()[:8] == PNG_MAGIC
+    assert table.splitlines()[2].startswith("- command: ")
+    assert "versions: python " in table
+    summary = markdown_rows(table, "| N | m | rounds ")
+    assert [row[:3] for row in summary] == [["2", "1", "2"]]
+    lower_bound, tool = float(summary[0][4]), float(summary[0][5])
+    assert lower_bound > 0
+    assert tool > 0
+    data = json.loads((results / "bench.json").read_text())
+    schedules = [(run["n"], run["minimum"], run["schedule"]) for run in data["runs"]]
+    assert schedules == [(2, 1, "one at a time"), (2, 1, "2014 plan")]
+    for run in data["runs"]:
+        assert run["returncode"] == 0, run
+        assert run["failures"] == 0, run
+        assert run["cpu_seconds"] is not None
+    [stack] = data["stacks"]
+    assert len(stack["processes"]) >= 5
+    assert still_running(stack["processes"]) == []
+    assert not Path(stack["dir"]).exists()
