@@ -22,6 +22,8 @@ import math
 import os
 import signal
 import socket
+import stat
+import struct
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -120,6 +122,12 @@ class Node:
     name: str
     death_mark: bool
     ref: int
+    #: as the node subscribed; a fast-return subscribe repeats them (core/subscription.c)
+    modifier1: int = 0
+    modifier2: int = 0
+    cores: int = 0
+    load: int = 0
+    weight: int = 0
 
     @property
     def live(self) -> bool:
@@ -156,6 +164,11 @@ def parse_fastrouter_stats(data: Mapping[str, Any]) -> list[Node]:
             name=str(node.get("name", "")),
             death_mark=bool(node.get("death_mark", 0)),
             ref=int(node.get("ref", 0)),
+            modifier1=int(node.get("modifier1", 0)),
+            modifier2=int(node.get("modifier2", 0)),
+            cores=int(node.get("cores", 0)),
+            load=int(node.get("load", 0)),
+            weight=int(node.get("weight", 0)),
         )
         for sub in data["subscriptions"]
         for node in sub.get("nodes", [])
@@ -174,6 +187,189 @@ def node_vassal_name(node_name: str) -> str:
     base = node_name.rstrip("/").rsplit("/", 1)[-1]
     stem, dot, _ = base.rpartition(".")
     return stem if dot else base
+
+
+# ---------------------------------------------------------------------------------------------
+# The uwsgi protocol: subscription packets and the readiness probe
+# ---------------------------------------------------------------------------------------------
+
+#: modifier1 of a subscription packet; modifier2 is the command (core/subscription.c).
+SUBSCRIPTION_MODIFIER1 = 224
+_HEADER = struct.Struct("<BHB")
+_LENGTH = struct.Struct("<H")
+
+
+class Command(enum.IntEnum):
+    SUBSCRIBE = 0
+    UNSUBSCRIBE = 1
+
+
+class PacketError(ValueError):
+    """Bytes that are not a well-formed uwsgi packet."""
+
+
+def _is_host_port(address: str) -> bool:
+    _, sep, port = address.rpartition(":")
+    return "/" not in address and bool(sep) and port.isdigit()
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def encode_vars(pairs: Iterable[tuple[str, str]]) -> bytes:
+    """uwsgi vars: repeated [u16 LE length][key][u16 LE length][value]."""
+    out = bytearray()
+    for key, value in pairs:
+        for part in (key.encode(), value.encode()):
+            if len(part) > 0xFFFF:
+                raise PacketError(f"a uwsgi var is longer than 65535 bytes: {part[:40]!r}...")
+            out += _LENGTH.pack(len(part)) + part
+    return bytes(out)
+
+
+def decode_vars(body: bytes) -> list[tuple[str, str]]:
+    pairs, pos = [], 0
+    while pos < len(body):
+        parts = []
+        for _ in range(2):
+            if pos + 2 > len(body):
+                raise PacketError(f"uwsgi vars truncated at byte {pos}")
+            (size,) = _LENGTH.unpack_from(body, pos)
+            pos += 2
+            if pos + size > len(body):
+                raise PacketError(f"uwsgi var of {size} bytes truncated at byte {pos}")
+            parts.append(body[pos : pos + size].decode("utf-8", "replace"))
+            pos += size
+        pairs.append((parts[0], parts[1]))
+    return pairs
+
+
+def encode_packet(modifier1: int, modifier2: int, body: bytes) -> bytes:
+    """A uwsgi packet: [modifier1][u16 LE body size][modifier2] + body."""
+    if len(body) > 0xFFFF:
+        raise PacketError(f"a uwsgi packet body holds at most 65535 bytes, not {len(body)}")
+    return _HEADER.pack(modifier1, len(body), modifier2) + body
+
+
+def decode_packet(data: bytes) -> tuple[int, int, list[tuple[str, str]]]:
+    """(modifier1, modifier2, vars) of one whole packet."""
+    if len(data) < _HEADER.size:
+        raise PacketError(f"a uwsgi packet has a 4-byte header, got {len(data)} bytes")
+    modifier1, size, modifier2 = _HEADER.unpack_from(data)
+    if len(data) - _HEADER.size != size:
+        raise PacketError(f"header says {size} bytes of body, got {len(data) - _HEADER.size}")
+    return modifier1, modifier2, decode_vars(data[_HEADER.size :])
+
+
+@dataclasses.dataclass(frozen=True)
+class Subscription:
+    """One packet for the fastrouter's subscription server, about one node under one key."""
+
+    command: Command
+    node: Node
+
+    def vars(self) -> list[tuple[str, str]]:
+        pairs = [("key", self.node.key), ("address", self.node.name)]
+        if self.command is Command.SUBSCRIBE:
+            n = self.node
+            # A weight of 0 reads as 1 in the router; send what it showed (core/subscription.c).
+            pairs += [
+                ("modifier1", str(n.modifier1)),
+                ("modifier2", str(n.modifier2)),
+                ("cores", str(n.cores)),
+                ("load", str(n.load)),
+                ("weight", str(max(n.weight, 1))),
+            ]
+        return pairs
+
+    def packet(self) -> bytes:
+        return encode_packet(SUBSCRIPTION_MODIFIER1, self.command, encode_vars(self.vars()))
+
+    def describe(self) -> str:
+        return f"{self.command.name.lower()} {self.node.name} from {self.node.key}"
+
+
+def subscriptions(command: Command, nodes: Iterable[Node]) -> tuple[Subscription, ...]:
+    return tuple(Subscription(command, n) for n in nodes)
+
+
+def send_datagram(address: str, data: bytes) -> None:
+    """One datagram to a unix path, or over UDP to ``host:port``."""
+    if _is_host_port(address):
+        host, port = _split_host_port(address)
+        with socket.socket(
+            socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM
+        ) as s:
+            s.sendto(data, (host, port))
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(data, address)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+    status: int | None
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 400
+
+
+def probe_vars(path: str, key: str, node_name: str) -> list[tuple[str, str]]:
+    """The CGI vars of ``GET path`` as nginx would pass them for Host ``key``."""
+    path_info, _, query = path.partition("?")
+    port = str(_split_host_port(node_name)[1]) if _is_host_port(node_name) else "80"
+    return [
+        ("REQUEST_METHOD", "GET"),
+        ("REQUEST_URI", path),
+        ("PATH_INFO", path_info),
+        ("QUERY_STRING", query),
+        ("SERVER_PROTOCOL", "HTTP/1.1"),
+        ("SERVER_NAME", key),
+        ("SERVER_PORT", port),
+        ("HTTP_HOST", key),
+        ("REMOTE_ADDR", "127.0.0.1"),
+        ("HTTP_USER_AGENT", f"uwsgi-reload/{__version__} probe"),
+    ]
+
+
+def probe_request(path: str, key: str, node_name: str) -> bytes:
+    return encode_packet(0, 0, encode_vars(probe_vars(path, key, node_name)))
+
+
+def parse_status_line(head: bytes) -> int:
+    """The status code of an HTTP response's first line (``HTTP/1.1 200 OK``)."""
+    line = head.split(b"\r\n", 1)[0].split(b"\n", 1)[0].decode("latin-1")
+    parts = line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        shown = line[:60] or "nothing"
+        raise PacketError(f"not an HTTP status line: {shown!r}")
+    return int(parts[1])
+
+
+def probe_node(node_name: str, key: str, path: str, timeout: float) -> ProbeResult:
+    """Send ``GET path`` over the uwsgi protocol straight to a vassal's socket; read the status."""
+    head = b""
+    try:
+        with _connect(node_name, timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(probe_request(path, key, node_name))
+            while b"\n" not in head and len(head) < 8192:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return ProbeResult(None, f"GET {path} to {node_name}: {reason}")
+    try:
+        status = parse_status_line(head)
+    except PacketError as exc:
+        return ProbeResult(None, f"GET {path} to {node_name}: {exc}")
+    return ProbeResult(status, f"GET {path} to {node_name} answered {status}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +414,7 @@ def reload_registered(baseline: EmperorVassal, current: EmperorVassal | None) ->
 class Stage(str, enum.Enum):
     """How far a triggered vassal got; what a timeout reports."""
 
+    DRAINING = "draining: taken out of the fastrouter, not touched yet"
     TOUCHED = "the emperor never registered the touch"
     REGISTERED = "reloading, but never accepting again (did the app fail to load? see its log)"
     ACCEPTING = "accepting, but its node never became live in the fastrouter"
@@ -305,6 +502,14 @@ class VassalReload:
     stage: Stage | None = None
     outcome: Outcome | None = None
     detail: str = ""
+    #: draining: when it was taken out of the router, how long until its ``ref`` reached 0
+    drain_started: float | None = None
+    drained: float | None = None
+    drain_detail: str = ""
+    #: its fastrouter nodes when it was picked: what the fast-return subscribe announces
+    nodes: tuple[Node, ...] = ()
+    probed: bool = False
+    subscribed: bool = False
 
     @property
     def duration(self) -> float | None:
@@ -320,6 +525,8 @@ class VassalReload:
             "triggered": _round(self.triggered),
             "back": _round(self.back),
             "duration": _round(self.duration),
+            "drain": _round(self.drained),
+            "drain_timed_out": bool(self.drain_detail),
             "detail": self.detail,
         }
 
@@ -329,6 +536,11 @@ def _round(value: float | None) -> float | None:
 
 
 class EventKind(enum.Enum):
+    DRAINING = "draining"
+    UNSUBSCRIBED = "unsubscribed"
+    SUBSCRIBED = "subscribed"
+    PROBE = "probe"
+    FAILED = "failed"
     TRIGGERED = "triggered"
     RESTARTED = "restarted"
     BACK = "back"
@@ -342,10 +554,35 @@ class Event:
     vassal: VassalReload
     kind: EventKind
     what: str
+    #: packets the caller sends to the subscription server
+    send: tuple[Subscription, ...] = ()
+    #: the node the caller probes (``PROBE``), then hands the result to ``Rollout.probed``
+    probe: Node | None = None
+
+
+def nodes_of(name: str, nodes: Iterable[Node]) -> list[Node]:
+    """The fastrouter nodes of one vassal, live or not, under any key."""
+    return [n for n in nodes if node_vassal_name(n.name) == name]
+
+
+def drain_done(name: str, nodes: Iterable[Node]) -> tuple[bool, int]:
+    """(drained, requests in flight): drained when no node of the vassal is live and none has a
+    request in flight through the router. An unsubscribed node with ``ref`` 0 is removed at once,
+    one with requests in flight only death-marked (plugins/corerouter/cr_common.c)."""
+    mine = nodes_of(name, nodes)
+    in_flight = sum(n.ref for n in mine)
+    return not any(n.live for n in mine) and in_flight == 0, in_flight
 
 
 class Rollout:
-    """The whole run's state; ``step`` decides from one snapshot, with no I/O of its own."""
+    """The whole run's state; ``step`` decides from one snapshot, with no I/O of its own.
+
+    With ``subscriptions`` the caller can send packets to the fastrouter's subscription server:
+    a live vassal is then drained (unsubscribed, and touched once the router has no request in
+    flight to it, or after ``drain_timeout``) and subscribed again as soon as it accepts (the fast
+    return). With ``probe`` a vassal counts as back only after the caller's probe of its socket
+    passed; a failed probe stops the rollout.
+    """
 
     def __init__(
         self,
@@ -353,56 +590,73 @@ class Rollout:
         minimum: int,
         timeout: float,
         max_parallel: int | None = None,
+        *,
+        subscriptions: bool = False,
+        drain_timeout: float = 5.0,
+        probe: bool = False,
     ) -> None:
         self.vassals = {v.id: v for v in vassals}
         self.minimum = minimum
         self.timeout = timeout
         self.max_parallel = max_parallel
+        self.subscriptions = subscriptions
+        self.drain_timeout = drain_timeout
+        self.probe = probe
         self.lowest_live: dict[str, int] = {}
+        #: why nothing more may start (a failed probe); None while the rollout goes on
+        self.stopped: str | None = None
 
     def pending(self) -> list[VassalReload]:
-        return [v for v in self.vassals.values() if v.triggered is None and v.outcome is None]
+        return [
+            v
+            for v in self.vassals.values()
+            if v.triggered is None and v.drain_started is None and v.outcome is None
+        ]
 
     def in_flight(self) -> list[VassalReload]:
-        return [v for v in self.vassals.values() if v.triggered is not None and v.outcome is None]
+        """Draining or reloading: started, not finished."""
+        return [
+            v
+            for v in self.vassals.values()
+            if (v.triggered is not None or v.drain_started is not None) and v.outcome is None
+        ]
+
+    def draining(self) -> list[VassalReload]:
+        return [v for v in self.in_flight() if v.triggered is None]
 
     @property
     def finished(self) -> bool:
         return not self.pending() and not self.in_flight()
 
+    def _counts_live(self, v: VassalReload) -> bool:
+        if v.outcome in (Outcome.RELOADED, Outcome.NOT_STARTED):
+            return True
+        return v.triggered is None and v.drain_started is None
+
     def _live(self, snapshot: Snapshot) -> dict[str, frozenset[str]]:
-        """Vassals counted as live: in flight and failed ones never are, whatever stats say."""
+        """Vassals counted as live: draining, in flight and failed ones never are."""
         live = {}
         for v in self.vassals.values():
-            if v.triggered is None or v.outcome is Outcome.RELOADED:
+            if self._counts_live(v):
                 keys = live_keys(snapshot.vassals.get(v.id), v.name, snapshot.nodes)
                 if keys:
                     live[v.id] = keys
         return live
 
     def step(self, snapshot: Snapshot, now: float) -> list[Event]:
-        """Record who is back or timed out, then mark the vassals that may start now.
+        """Record who is back or timed out, drain, then mark the vassals that may start now.
 
-        The caller touches the config of every vassal in a ``triggered`` event.
+        The caller touches the config of every vassal in a ``triggered`` event, sends every
+        event's ``send`` packets, and probes the node of every ``probe`` event. While a probe is
+        asked for, nothing else is decided: its outcome may stop the rollout.
         """
         events = self._adopt_restarted(snapshot, now)
-        for v in self.in_flight():
-            assert v.baseline is not None and v.triggered is not None
-            current = snapshot.vassals.get(v.id)
-            v.stage = reload_stage(v.baseline, current, live_keys(current, v.name, snapshot.nodes))
-            if v.stage is Stage.BACK:
-                v.back, v.outcome = now, Outcome.RELOADED
-                events.append(Event(now, v, EventKind.BACK, f"back after {now - v.triggered:.2f}s"))
-            elif now - v.triggered >= self.timeout:
-                v.outcome, v.detail = Outcome.TIMED_OUT, v.stage.value
-                events.append(
-                    Event(
-                        now,
-                        v,
-                        EventKind.TIMED_OUT,
-                        f"timed out after {self.timeout:g}s: {v.detail}",
-                    )
-                )
+        probes = self._reloads(snapshot, now, events)
+        if probes:
+            return events + probes
+        events += self._keep_out(snapshot, now)
+        for v in self.draining():
+            events += self._drain(v, snapshot, now)
         live = self._live(snapshot)
         counts: dict[str, int] = dict.fromkeys(self.lowest_live, 0)
         for keys in live.values():
@@ -410,11 +664,30 @@ class Rollout:
                 counts[key] = counts.get(key, 0) + 1
         for key, count in counts.items():
             self.lowest_live[key] = min(self.lowest_live.get(key, count), count)
+        if self.stopped is not None:
+            events += self._stop(now)
+            return events
         free = None if self.max_parallel is None else self.max_parallel - len(self.in_flight())
         candidates = [v.id for v in self.pending() if v.id in snapshot.vassals]
         for vassal_id in pick_reloads(candidates, live, self.minimum, free):
             v = self.vassals[vassal_id]
-            v.baseline, v.triggered, v.stage = snapshot.vassals[vassal_id], now, Stage.TOUCHED
+            v.baseline = snapshot.vassals[vassal_id]
+            v.nodes = tuple(nodes_of(v.name, snapshot.nodes))
+            live_nodes = tuple(n for n in v.nodes if n.live)
+            if self.subscriptions and vassal_id in live and live_nodes:
+                v.drain_started, v.stage = now, Stage.DRAINING
+                served = ", ".join(sorted({n.key for n in live_nodes}))
+                events.append(
+                    Event(
+                        now,
+                        v,
+                        EventKind.DRAINING,
+                        f"draining: unsubscribed from {served}",
+                        send=subscriptions(Command.UNSUBSCRIBE, live_nodes),
+                    )
+                )
+                continue
+            v.triggered, v.stage = now, Stage.TOUCHED
             what = "triggered" if vassal_id in live else "triggered (was not live)"
             events.append(Event(now, v, EventKind.TRIGGERED, what))
         if not self.in_flight():
@@ -427,6 +700,160 @@ class Rollout:
                     else f"reloading it would leave fewer than {self.minimum} live"
                 )
                 events.append(Event(now, v, EventKind.NOT_STARTED, f"not started: {v.detail}"))
+        return events
+
+    def _reloads(self, snapshot: Snapshot, now: float, events: list[Event]) -> list[Event]:
+        """Advance every touched vassal; return the probes to run before deciding anything else."""
+        probes = []
+        for v in self.in_flight():
+            if v.triggered is None:
+                continue
+            assert v.baseline is not None
+            current = snapshot.vassals.get(v.id)
+            v.stage = reload_stage(v.baseline, current, live_keys(current, v.name, snapshot.nodes))
+            if v.stage is Stage.TOUCHED and self.subscriptions and v.drain_started is not None:
+                # The old instance re-announced itself before the emperor acted on the touch.
+                events += self._unsubscribe_again(v, snapshot, now, "before its reload")
+            if self.probe and not v.probed and v.stage in (Stage.ACCEPTING, Stage.BACK):
+                target = self._probe_target(v, snapshot)
+                if target is not None:
+                    probes.append(
+                        Event(now, v, EventKind.PROBE, f"probing {target.name}", probe=target)
+                    )
+                    continue
+            if v.stage is Stage.ACCEPTING:
+                events += self._fast_return(v, now, "accepting")
+            if v.stage is Stage.BACK and (v.probed or not self.probe):
+                events.append(self._back(v, now))
+            elif now - v.triggered >= self.timeout:
+                v.outcome, v.detail = Outcome.TIMED_OUT, v.stage.value
+                events.append(
+                    Event(
+                        now,
+                        v,
+                        EventKind.TIMED_OUT,
+                        f"timed out after {self.timeout:g}s: {v.detail}",
+                    )
+                )
+        return probes
+
+    def _back(self, v: VassalReload, now: float) -> Event:
+        assert v.triggered is not None
+        v.back, v.outcome, v.stage = now, Outcome.RELOADED, Stage.BACK
+        return Event(now, v, EventKind.BACK, f"back after {now - v.triggered:.2f}s")
+
+    def _probe_target(self, v: VassalReload, snapshot: Snapshot) -> Node | None:
+        """The node to probe: as it is in the router now, or as it was when the vassal was picked
+        (the socket path is the same across a reload)."""
+        known = sorted(nodes_of(v.name, snapshot.nodes) or v.nodes, key=lambda n: (n.key, n.name))
+        return known[0] if known else None
+
+    def _fast_return(self, v: VassalReload, now: float, why: str) -> list[Event]:
+        """Subscribe the reloaded vassal's nodes at once, not on its master's next announce."""
+        if not self.subscriptions or v.subscribed or not v.nodes:
+            return []
+        v.subscribed = True
+        return [
+            Event(
+                now,
+                v,
+                EventKind.SUBSCRIBED,
+                f"{why}: subscribed to {', '.join(sorted({n.key for n in v.nodes}))}",
+                send=subscriptions(Command.SUBSCRIBE, v.nodes),
+            )
+        ]
+
+    def probed(self, v: VassalReload, result: ProbeResult, now: float) -> list[Event]:
+        """The outcome of the probe a ``probe`` event asked for."""
+        if result.ok:
+            v.probed = True
+            if v.stage is Stage.BACK:
+                return [self._back(v, now)]
+            return self._fast_return(v, now, f"probe passed ({result.detail})")
+        v.outcome, v.detail = Outcome.FAILED, f"probe failed: {result.detail}"
+        self.stopped = f"the probe of {v.name} failed"
+        out = tuple(n for n in v.nodes if n.live) if self.subscriptions else ()
+        what = f"failed: {v.detail}; nothing more starts"
+        if out:
+            what += "; unsubscribed to keep it out of rotation"
+        return [Event(now, v, EventKind.FAILED, what, send=subscriptions(Command.UNSUBSCRIBE, out))]
+
+    def _unsubscribe_again(
+        self, v: VassalReload, snapshot: Snapshot, now: float, when: str
+    ) -> list[Event]:
+        """Its master re-announces every subscribe-freq cycles (core/master.c), undoing our
+        unsubscribe: send it again whenever its node shows up live."""
+        again = [n for n in nodes_of(v.name, snapshot.nodes) if n.live]
+        if not again:
+            return []
+        return [
+            Event(
+                now,
+                v,
+                EventKind.UNSUBSCRIBED,
+                f"re-announced {when}: unsubscribed again",
+                send=subscriptions(Command.UNSUBSCRIBE, again),
+            )
+        ]
+
+    def _keep_out(self, snapshot: Snapshot, now: float) -> list[Event]:
+        """A vassal whose probe failed stays out of rotation for as long as the run lasts."""
+        events = []
+        if self.subscriptions:
+            for v in self.vassals.values():
+                if v.outcome is Outcome.FAILED and v.detail.startswith("probe failed"):
+                    events += self._unsubscribe_again(v, snapshot, now, "after its failed probe")
+        return events
+
+    def _drain(self, v: VassalReload, snapshot: Snapshot, now: float) -> list[Event]:
+        """Touch once the router has no request in flight to the vassal, or at the deadline."""
+        assert v.drain_started is not None and v.baseline is not None
+        current = snapshot.vassals.get(v.id)
+        if current is not None and current.pid != v.baseline.pid:
+            # It died and the emperor is starting it with the current code: touching it would
+            # reload it in the middle of its start. Wait for it like a reload in flight.
+            v.drained, v.triggered, v.stage = now - v.drain_started, now, Stage.REGISTERED
+            what = (
+                f"restarted by the emperor while draining (pid {v.baseline.pid} -> "
+                f"{current.pid}): not touched"
+            )
+            return [Event(now, v, EventKind.RESTARTED, what)]
+        drained, in_flight = drain_done(v.name, snapshot.nodes)
+        events = [] if drained else self._unsubscribe_again(v, snapshot, now, "while draining")
+        took = now - v.drain_started
+        if drained:
+            what = f"triggered after draining {took:.2f}s"
+        elif took >= self.drain_timeout:
+            v.drain_detail = (
+                f"drain timed out after {self.drain_timeout:g}s with {in_flight} requests in flight"
+            )
+            what = f"triggered anyway: {v.drain_detail}"
+        else:
+            return events
+        v.drained = took
+        v.baseline = snapshot.vassals.get(v.id, v.baseline)
+        v.triggered, v.stage = now, Stage.TOUCHED
+        events.append(Event(now, v, EventKind.TRIGGERED, what))
+        return events
+
+    def _stop(self, now: float) -> list[Event]:
+        """Nothing more starts: pending vassals are not started, drained ones go back untouched."""
+        events = []
+        for v in self.draining():
+            v.outcome, v.detail = Outcome.NOT_STARTED, f"{self.stopped} (was draining, not touched)"
+            back = tuple(n for n in v.nodes if n.live)
+            events.append(
+                Event(
+                    now,
+                    v,
+                    EventKind.NOT_STARTED,
+                    f"not started: {v.detail}; subscribed again",
+                    send=subscriptions(Command.SUBSCRIBE, back),
+                )
+            )
+        for v in self.pending():
+            v.outcome, v.detail = Outcome.NOT_STARTED, str(self.stopped)
+            events.append(Event(now, v, EventKind.NOT_STARTED, f"not started: {v.detail}"))
         return events
 
     def _adopt_restarted(self, snapshot: Snapshot, now: float) -> list[Event]:
@@ -448,12 +875,21 @@ class Rollout:
                 events.append(Event(now, v, EventKind.RESTARTED, what))
         return events
 
-    def abandon(self, reason: str) -> None:
-        """Stop: in-flight vassals stay in flight, pending ones are reported as not started."""
+    def abandon(self, reason: str) -> tuple[Subscription, ...]:
+        """Stop: in-flight vassals stay in flight, pending ones are reported as not started.
+
+        Returns the packets that put draining (untouched) vassals back into rotation.
+        """
+        back: list[Node] = []
         for v in self.in_flight():
-            v.outcome, v.detail = Outcome.IN_FLIGHT, (v.stage or Stage.TOUCHED).value
+            if v.triggered is None:
+                v.outcome, v.detail = Outcome.NOT_STARTED, f"{reason} (was draining, not touched)"
+                back += [n for n in v.nodes if n.live]
+            else:
+                v.outcome, v.detail = Outcome.IN_FLIGHT, (v.stage or Stage.TOUCHED).value
         for v in self.pending():
             v.outcome, v.detail = Outcome.NOT_STARTED, reason
+        return subscriptions(Command.SUBSCRIBE, back)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,6 +1058,10 @@ class Options:
     dry_run: bool = False
     json: bool = False
     max_parallel: int | None = None
+    subscription_server: str | None = None
+    drain_timeout: float = 5.0
+    probe: str | None = None
+    probe_timeout: float = 5.0
 
 
 def take_snapshot(options: Options) -> Snapshot:
@@ -651,6 +1091,17 @@ def describe_plan(fleet: Sequence[VassalReload], snapshot: Snapshot, options: Op
             f"key {key!r}: {count} live, minimum {options.minimum_active_vassals}: up to "
             f"{at_once} reloading at once, about {math.ceil(count / at_once)} reload times"
         )
+    if options.subscription_server:
+        lines.append(
+            f"drain: each live vassal is unsubscribed via {options.subscription_server} and "
+            f"touched once the router has no request in flight to it (at most "
+            f"{options.drain_timeout:g}s), then subscribed again as soon as it accepts"
+        )
+    if options.probe:
+        lines.append(
+            f"probe: GET {options.probe} on each reloaded vassal's socket before counting it "
+            "back; a failure stops the rollout"
+        )
     return lines
 
 
@@ -671,6 +1122,9 @@ def report_json(
         "elapsed": round(elapsed, 3),
         "exit_code": exit_code,
         "lowest_live": dict(rollout.lowest_live) if rollout else {},
+        "subscription_server": options.subscription_server,
+        "drain_timeout": options.drain_timeout if options.subscription_server else None,
+        "probe": options.probe,
         "vassals": [v.as_json() for v in fleet],
     }
 
@@ -692,6 +1146,10 @@ class Io:
     sleep: Callable[[float], None] = time.sleep
     snapshot: Callable[[Options], Snapshot] = take_snapshot
     touch: Callable[[str, int], None] = touch
+    #: (subscription server address, packet)
+    send: Callable[[str, bytes], None] = send_datagram
+    #: (node name, key, path, timeout) -> result
+    probe: Callable[[str, str, str, float], ProbeResult] = probe_node
 
 
 def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
@@ -710,7 +1168,15 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
 
     interrupted = _Interrupted()
     previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
-    rollout = Rollout(fleet, options.minimum_active_vassals, options.timeout, options.max_parallel)
+    rollout = Rollout(
+        fleet,
+        options.minimum_active_vassals,
+        options.timeout,
+        options.max_parallel,
+        subscriptions=options.subscription_server is not None,
+        drain_timeout=options.drain_timeout,
+        probe=options.probe is not None,
+    )
     try:
         with emperor_lock(options.emperor_path):
             exit_code = _drive(rollout, options, reporter, first, started, interrupted, io)
@@ -743,13 +1209,21 @@ def _drive(
             except StatsError as exc:
                 unreadable_since = now if unreadable_since is None else unreadable_since
                 if now - unreadable_since >= options.timeout:
-                    rollout.abandon(f"stats unreadable for {options.timeout:g}s: {exc}")
+                    reason = f"stats unreadable for {options.timeout:g}s: {exc}"
+                    _send(rollout.abandon(reason), options, reporter, io)
                     return EXIT_NOT_ALL_RELOADED
         if interrupted.signal is not None:
-            rollout.abandon(f"interrupted by {signal.Signals(interrupted.signal).name}")
+            reason = f"interrupted by {signal.Signals(interrupted.signal).name}"
+            _send(rollout.abandon(reason), options, reporter, io)
             return EXIT_INTERRUPTED
-        for event in rollout.step(current, now) if current is not None else []:
+        events = rollout.step(current, now) if current is not None else []
+        while events:
+            event = events.pop(0)
             vassal = event.vassal
+            if event.send:
+                problem = _send(event.send, options, reporter, io)
+                if problem:
+                    event.what += f" ({problem})"
             if event.kind is EventKind.TRIGGERED:
                 assert vassal.baseline is not None
                 try:
@@ -758,11 +1232,32 @@ def _drive(
                     vassal.outcome, vassal.detail = Outcome.FAILED, f"cannot touch: {exc}"
                     event.what = f"failed: {vassal.detail}"
             reporter.event(event)
+            if event.kind is EventKind.PROBE and event.probe is not None:
+                assert options.probe is not None
+                node = event.probe
+                result = io.probe(node.name, node.key, options.probe, options.probe_timeout)
+                events[:0] = rollout.probed(vassal, result, io.clock() - started)
         if rollout.finished:
             everything = all(v.outcome is Outcome.RELOADED for v in rollout.vassals.values())
             return EXIT_OK if everything else EXIT_NOT_ALL_RELOADED
         current = None
         io.sleep(options.check_interval)
+
+
+def _send(packets: Sequence[Subscription], options: Options, reporter: Reporter, io: Io) -> str:
+    """Send packets to the subscription server; what went wrong, or ``""``."""
+    if not packets or options.subscription_server is None:
+        return ""
+    problems = []
+    for packet in packets:
+        try:
+            io.send(options.subscription_server, packet.packet())
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            problems.append(f"cannot {packet.describe()}: {reason}")
+    for problem in problems:
+        reporter.error(f"subscription server {options.subscription_server}: {problem}")
+    return "; ".join(problems)
 
 
 def _summarise(rollout: Rollout, reporter: Reporter, elapsed: float, exit_code: int) -> None:
@@ -773,6 +1268,9 @@ def _summarise(rollout: Rollout, reporter: Reporter, elapsed: float, exit_code: 
                 " (the configs are symlinks: the emperor sees a touch of the link only with "
                 "--emperor-nofollow)"
             )
+    for v in vassals:
+        if v.drain_detail:
+            reporter.line(f"{v.name}: {v.drain_detail}: triggered anyway")
     done = sum(1 for v in vassals if v.outcome is Outcome.RELOADED)
     lowest = ", ".join(f"{k}: {n}" for k, n in sorted(rollout.lowest_live.items())) or "none"
     summary = (
@@ -823,6 +1321,40 @@ def _positive_int(text: str) -> int:
     if value == 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
     return value
+
+
+def _subscription_server(text: str) -> str:
+    """A unix datagram socket that exists and is bound, or ``host:port`` (UDP: unverifiable)."""
+    if _is_host_port(text):
+        port = _split_host_port(text)[1]
+        if not 0 < port < 65536:
+            raise argparse.ArgumentTypeError(f"{text!r}: port {port} is not 1-65535")
+        return text
+    try:
+        mode = os.stat(text).st_mode
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"{text} does not exist") from None
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise argparse.ArgumentTypeError(f"{text} is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(text)
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(
+                f"{text} does not take datagrams (is it the fastrouter's subscription "
+                f"server?): {exc.strerror or exc}"
+            ) from None
+    return text
+
+
+def _probe_path(text: str) -> str:
+    if not text.startswith("/") or any(c.isspace() or not c.isprintable() for c in text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a request path (it starts with / and has no spaces)"
+        )
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -889,6 +1421,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="<int>",
         help="at most this many vassals reloading at once (default: as many as the minimum allows)",
+    )
+    add(
+        "--subscription-server",
+        type=_subscription_server,
+        default=argparse.SUPPRESS,  # Options: None, off
+        metavar="<socket>",
+        help="the fastrouter's subscription server (unix datagram path or host:port UDP): "
+        "drain each vassal before its reload (unsubscribe, wait until the router has no request "
+        "in flight to it) and subscribe it again as soon as it accepts (default: off)",
+    )
+    add(
+        "--drain-timeout",
+        type=_positive_float,
+        default=5.0,
+        metavar="<seconds>",
+        help="with --subscription-server: reload a vassal anyway when requests are still in "
+        "flight to it after this long",
+    )
+    add(
+        "--probe",
+        type=_probe_path,
+        default=argparse.SUPPRESS,  # Options: None, off
+        metavar="<path>",
+        help="before counting a reloaded vassal back, GET this path straight from its socket "
+        "(uwsgi protocol, Host: the fastrouter key); anything but 2xx/3xx stops the rollout "
+        "(default: off)",
+    )
+    add(
+        "--probe-timeout",
+        type=_positive_float,
+        default=5.0,
+        metavar="<seconds>",
+        help="how long the probe waits for the status line",
     )
     add("--dry-run", action="store_true", help="print the plan and touch nothing")
     add(

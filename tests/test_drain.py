@@ -1,0 +1,105 @@
+"""Rotation control on the real stack: draining before the reload, fast return, readiness probe.
+
+Load runs through nginx during every reload (``reload_under_load``) and every run passes the same
+``ReloadRun.check`` as the zero-downtime suite. The latency numbers are printed and recorded in
+the "reloads under load" table; the assertions use wide margins (another process may be
+benchmarking on the same machine): the figures themselves belong to a benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from harness.stack import Stack
+from tests.zero_downtime import ReloadRun, reload_under_load
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+Record = Callable[[dict[str, object]], None]
+MakeStack = Callable[..., Stack]
+
+#: The demo app's start time: a reload without drain holds queued requests this long.
+START_DELAY = 1.0
+#: With drain, the max latency during the reload stays within this multiple of the p99 before it
+#: (or within FLOOR_MS, for a p99 of a few ms that one scheduler hiccup would exceed tenfold).
+LATENCY_MULTIPLE = 10
+FLOOR_MS = 250.0
+
+
+def command(stack: Stack, minimum: int, *, drain: bool, timeout: float = 60) -> list[str]:
+    extra = ["--minimum-active-vassals", str(minimum), "--timeout", f"{timeout:g}"]
+    if drain:
+        extra += ["--subscription-server", stack.subscription_server, "--probe", "/"]
+    return stack.reload_command(*extra)
+
+
+def summary(run: ReloadRun) -> str:
+    return (
+        f"max {run.load.during.max_ms:.0f} ms during, p99 {run.load.before.p99:.1f} ms before, "
+        f"{run.load.total.failures} failed"
+    )
+
+
+def test_drain_keeps_reload_latency_near_steady_state(
+    make_uwsgi_stack: MakeStack, record_reload: Record
+) -> None:
+    stack = make_uwsgi_stack(start_delay=START_DELAY)
+    plain = reload_under_load(stack, command(stack, 1, drain=False))
+    record_reload(plain.row("drain off, app start 1 s", 1))
+    assert plain.returncode == 0, plain.output
+    stack.wait_all_live(timeout=30)
+    drained = reload_under_load(stack, command(stack, 1, drain=True))
+    record_reload(drained.row("drain on, app start 1 s", 1))
+    print(f"drain off: {summary(plain)}\ndrain on:  {summary(drained)}")
+
+    assert drained.returncode == 0, drained.output
+    assert drained.check(1) == []
+    assert plain.check(1) == []
+    assert "triggered after draining" in drained.output
+    assert "probe passed" in drained.output
+    steady = drained.load.before.p99
+    bound = max(LATENCY_MULTIPLE * steady, FLOOR_MS)
+    assert drained.load.during.max_ms <= bound, (summary(drained), drained.output)
+    # Without drain, requests queued on a reloading vassal's socket wait out the app's start.
+    assert plain.load.during.max_ms >= 0.5 * START_DELAY * 1000, summary(plain)
+    assert drained.load.during.max_ms * 3 < plain.load.during.max_ms, (
+        summary(plain),
+        summary(drained),
+    )
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3])
+def test_broken_deploy_with_drain_loses_nothing(
+    make_uwsgi_stack: MakeStack, record_reload: Record, attempt: int
+) -> None:
+    stack = make_uwsgi_stack(start_delay=START_DELAY)
+    stack.deploy(version="v2", broken=True)
+    run = reload_under_load(stack, command(stack, 2, drain=True, timeout=5))
+    record_reload(run.row(f"broken deploy, drain on #{attempt}", 2))
+    print(f"broken deploy, drain on #{attempt}: {summary(run)}")
+    assert run.returncode == 1, run.output
+    assert "timed out after 5s" in run.output
+    assert len(run.replaced()) == 2
+    # Drained first, the broken vassals had no request queued when they went down.
+    assert run.check(2, all_replaced=False) == [], run.output
+    assert run.load.total.failures == 0
+
+
+def test_failing_probe_stops_the_rollout(
+    make_uwsgi_stack: MakeStack, record_reload: Record
+) -> None:
+    stack = make_uwsgi_stack(start_delay=START_DELAY)
+    extra = ["--subscription-server", stack.subscription_server, "--probe", "/no-such-page"]
+    run = reload_under_load(
+        stack, stack.reload_command("--minimum-active-vassals", "2", "--timeout", "30", *extra)
+    )
+    record_reload(run.row("probe answers 404", 2))
+    print(f"failing probe: {summary(run)}")
+    assert run.returncode == 1, run.output
+    assert "answered 404" in run.output
+    assert "not started: the probe of" in run.output
+    # the first two went; their probes failed; the other two were never touched
+    assert len(run.replaced()) == 2, run.output
+    assert run.check(2, all_replaced=False) == [], run.output

@@ -1,0 +1,639 @@
+"""Rotation control: subscription packets, the readiness probe, and draining / fast return / probe
+decisions in whole runs against a simulated emperor and fastrouter (no sleeping)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import signal
+import socket
+import struct
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import uwsgi_reload as ur
+from tests.test_reload_logic import SimStack, SimVassal, vassal
+
+KEY = "domain.tld"
+
+
+def node(name: str = "/run/a.sock", key: str = KEY, **fields: int) -> ur.Node:
+    return ur.Node(key=key, name=name, death_mark=bool(fields.pop("dead", 0)), ref=0, **fields)
+
+
+def var(key: str, value: str) -> bytes:
+    """One uwsgi var spelled out from the documented format, independently of the encoder."""
+    k, v = key.encode(), value.encode()
+    return struct.pack("<H", len(k)) + k + struct.pack("<H", len(v)) + v
+
+
+# ---------------------------------------------------------------------------------------------
+# Packets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unsubscribe_packet_is_the_documented_bytes() -> None:
+    packet = ur.Subscription(ur.Command.UNSUBSCRIBE, node("/run/a.sock")).packet()
+    body = var("key", KEY) + var("address", "/run/a.sock")
+    assert packet == bytes([224]) + struct.pack("<H", len(body)) + bytes([1]) + body
+
+
+def test_subscribe_packet_repeats_what_the_node_had() -> None:
+    n = node("127.0.0.1:3031", modifier1=5, cores=4, load=2, weight=3)
+    modifier1, modifier2, pairs = ur.decode_packet(
+        ur.Subscription(ur.Command.SUBSCRIBE, n).packet()
+    )
+    assert (modifier1, modifier2) == (224, 0)
+    assert dict(pairs) == {
+        "key": KEY,
+        "address": "127.0.0.1:3031",
+        "modifier1": "5",
+        "modifier2": "0",
+        "cores": "4",
+        "load": "2",
+        "weight": "3",
+    }
+
+
+def test_subscribe_weight_is_at_least_one() -> None:
+    # the router stores weight 0 as 1 (core/subscription.c); stats from elsewhere may say 0
+    pairs = dict(ur.Subscription(ur.Command.SUBSCRIBE, node(weight=0)).vars())
+    assert pairs["weight"] == "1"
+
+
+@pytest.mark.parametrize("pairs", [[], [("a", "")], [("key", "dömain"), ("x" * 300, "y" * 35000)]])
+def test_vars_round_trip(pairs: list[tuple[str, str]]) -> None:
+    assert ur.decode_vars(ur.encode_vars(pairs)) == pairs
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xe0\x05\x00",  # short header
+        b"\xe0\x05\x00\x00\x03\x00ke",  # body shorter than the header says
+        b"\xe0\x04\x00\x00\x03\x00ke",  # a var runs past the body
+        b"\xe0\x01\x00\x00\x03",  # a length cut in half
+    ],
+)
+def test_decode_refuses_malformed_packets(data: bytes) -> None:
+    with pytest.raises(ur.PacketError):
+        ur.decode_packet(data)
+
+
+def test_packet_body_over_64k_is_refused() -> None:
+    with pytest.raises(ur.PacketError):
+        ur.encode_packet(0, 0, b"x" * 65536)
+
+
+def test_send_datagram_over_a_unix_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "ss.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        sent = ur.Subscription(ur.Command.UNSUBSCRIBE, node()).packet()
+        ur.send_datagram(path, sent)
+        assert server.recv(4096) == sent
+
+
+def test_send_datagram_over_udp() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        ur.send_datagram(f"127.0.0.1:{port}", b"\xe0\x00\x00\x01")
+        assert server.recv(4096) == b"\xe0\x00\x00\x01"
+
+
+# ---------------------------------------------------------------------------------------------
+# The probe
+# ---------------------------------------------------------------------------------------------
+
+
+def test_probe_request_is_a_uwsgi_get_for_the_key() -> None:
+    modifier1, modifier2, pairs = ur.decode_packet(
+        ur.probe_request("/health?full=1", KEY, "/run/a.sock")
+    )
+    assert (modifier1, modifier2) == (0, 0)
+    env = dict(pairs)
+    assert env["REQUEST_METHOD"] == "GET"
+    assert env["PATH_INFO"] == "/health"
+    assert env["QUERY_STRING"] == "full=1"
+    assert env["REQUEST_URI"] == "/health?full=1"
+    assert env["SERVER_PROTOCOL"] == "HTTP/1.1"
+    assert env["SERVER_NAME"] == env["HTTP_HOST"] == KEY
+    assert env["SERVER_PORT"] == "80"
+    assert env["REMOTE_ADDR"] == "127.0.0.1"
+
+
+def test_probe_of_a_tcp_node_names_its_port() -> None:
+    env = dict(ur.probe_vars("/", KEY, "127.0.0.1:3031"))
+    assert env["SERVER_PORT"] == "3031"
+    assert env["QUERY_STRING"] == ""
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n", 200),
+        (b"HTTP/1.0 302 Found\r\n", 302),
+        (b"HTTP/1.1 503\r\n", 503),
+        (b"HTTP/1.1 404 Not Found\n", 404),
+    ],
+)
+def test_parse_status_line(head: bytes, status: int) -> None:
+    assert ur.parse_status_line(head) == status
+
+
+@pytest.mark.parametrize("head", [b"", b"garbage\r\n", b"HTTP/1.1 OK\r\n", b"Status: 200\r\n"])
+def test_parse_status_line_refuses_what_is_not_one(head: bytes) -> None:
+    with pytest.raises(ur.PacketError):
+        ur.parse_status_line(head)
+
+
+@pytest.mark.parametrize(
+    ("status", "ok"), [(200, True), (204, True), (302, True), (404, False), (500, False)]
+)
+def test_probe_passes_on_2xx_and_3xx_only(status: int, ok: bool) -> None:
+    assert ur.ProbeResult(status, "").ok is ok
+    assert ur.ProbeResult(None, "no answer").ok is False
+
+
+class UwsgiAppSocket:
+    """A vassal socket that reads one uwsgi request and answers ``reply`` (or nothing)."""
+
+    def __init__(self, path: str, reply: bytes | None) -> None:
+        self.reply = reply
+        self.requests: list[dict[str, str]] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(4)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            header = conn.recv(4, socket.MSG_WAITALL)
+            size = struct.unpack("<H", header[1:3])[0]
+            body = conn.recv(size, socket.MSG_WAITALL)
+            self.requests.append(dict(ur.decode_vars(body)))
+            if self.reply is not None:
+                conn.sendall(self.reply)
+            else:
+                self.done.wait(5)
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="ur-t-", dir="/tmp") as d:
+        yield Path(d)
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "ok"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, True),
+        (b"HTTP/1.1 500 Internal Server Error\r\n\r\n", 500, False),
+        (b"", None, False),  # closed without a word
+    ],
+)
+def test_probe_node_reads_the_status(
+    short_dir: Path, reply: bytes, status: int | None, ok: bool
+) -> None:
+    path = str(short_dir / "v.sock")
+    app = UwsgiAppSocket(path, reply)
+    try:
+        result = ur.probe_node(path, KEY, "/ready", timeout=2.0)
+    finally:
+        app.close()
+    assert (result.status, result.ok) == (status, ok), result.detail
+    assert app.requests[0]["PATH_INFO"] == "/ready"
+    assert app.requests[0]["HTTP_HOST"] == KEY
+
+
+def test_probe_node_without_an_answer_times_out(short_dir: Path) -> None:
+    path = str(short_dir / "v.sock")
+    app = UwsgiAppSocket(path, None)
+    try:
+        result = ur.probe_node(path, KEY, "/", timeout=0.2)
+    finally:
+        app.close()
+    assert not result.ok
+    assert "timed out" in result.detail
+
+
+def test_probe_node_nobody_there(short_dir: Path) -> None:
+    result = ur.probe_node(str(short_dir / "gone.sock"), KEY, "/", timeout=0.2)
+    assert not result.ok
+    assert "No such file" in result.detail
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs: an emperor and a fastrouter with a subscription server, simulated
+# ---------------------------------------------------------------------------------------------
+
+
+class RouterSim(SimStack):
+    """SimStack plus a fastrouter: nodes leave on unsubscribe and come back on subscribe, requests
+    in flight keep a death-marked node (``ref``), and each vassal's master announces itself
+    ``announce_delay`` after it accepts and then every ``reannounce`` seconds."""
+
+    def __init__(self, names: list[str], **kwargs: float) -> None:
+        self.announce_delay = kwargs.pop("announce_delay", 1.0)
+        self.reannounce = kwargs.pop("reannounce", math.inf)
+        super().__init__(names, **kwargs)
+        self.in_router = dict.fromkeys(self.vassals, True)
+        self.next_announce = dict.fromkeys(self.vassals, self.reannounce)
+        #: in-flight requests per vassal: the times they finish
+        self.requests: dict[str, list[float]] = {vid: [] for vid in self.vassals}
+        self.packets: list[tuple[float, int, dict[str, str]]] = []
+        self.probes: list[tuple[str, str, str]] = []
+        self.probe_status: dict[str, int | None] = {}
+        self.touched_in_flight: list[tuple[str, int]] = []
+        self.fewest_in_router = len(names)
+
+    def _vid(self, address: str) -> str:
+        return f"{ur.node_vassal_name(address)}.ini"
+
+    def _advance(self) -> None:
+        was = {vid: v.down_until for vid, v in self.vassals.items()}
+        super()._advance()
+        for vid, v in self.vassals.items():
+            if v.down_until is not None and v.down_until != was[vid]:  # a reload registered
+                self.in_router[vid] = False  # unsubscribe-on-graceful-reload
+                self.next_announce[vid] = v.down_until + self.announce_delay
+            if self.live(v) and self.t >= self.next_announce[vid]:
+                self.in_router[vid] = True
+                self.next_announce[vid] = self.t + self.reannounce
+        routed = sum(self.in_router[vid] and self.live(v) for vid, v in self.vassals.items())
+        self.fewest_in_router = min(self.fewest_in_router, routed)
+
+    def ref(self, vid: str) -> int:
+        return sum(1 for end in self.requests[vid] if end > self.t)
+
+    def touch(self, path: str, mtime: int) -> None:
+        vid = os.path.basename(path)
+        self.touched_in_flight.append((vid, self.ref(vid)))
+        super().touch(path, mtime)
+
+    def snapshot(self, options: ur.Options) -> ur.Snapshot:
+        self._advance()
+        vassals = {
+            v.vid: vassal(v.vid, v.pid, v.respawns, v.last_mod, accepting=self.live(v))
+            for v in self.vassals.values()
+        }
+        nodes = [
+            ur.Node(
+                key=KEY,
+                name=self.address(v),
+                death_mark=not self.in_router[v.vid],
+                ref=self.ref(v.vid),
+                cores=1,
+                weight=1,
+            )
+            for v in self.vassals.values()
+            if (self.in_router[v.vid] and self.live(v)) or self.ref(v.vid)
+        ]
+        return ur.Snapshot(vassals, nodes)
+
+    def address(self, v: SimVassal) -> str:
+        return f"/run/{ur.strip_suffix(v.vid, '.ini')}.sock"
+
+    def send(self, address: str, data: bytes) -> None:
+        assert address == "ss.sock"
+        modifier1, command, pairs = ur.decode_packet(data)
+        assert modifier1 == 224
+        fields = dict(pairs)
+        assert fields["key"] == KEY
+        self.packets.append((self.t, command, fields))
+        self.in_router[self._vid(fields["address"])] = command == ur.Command.SUBSCRIBE
+
+    def probe(self, name: str, key: str, path: str, timeout: float) -> ur.ProbeResult:
+        self.probes.append((name, key, path))
+        status = self.probe_status.get(self._vid(name), 200)
+        return ur.ProbeResult(status, f"GET {path} to {name} answered {status}")
+
+    def sent(self, vid: str, command: ur.Command) -> list[float]:
+        return [t for t, c, f in self.packets if c == command and self._vid(f["address"]) == vid]
+
+    def io(self) -> ur.Io:
+        return dataclasses.replace(super().io(), send=self.send, probe=self.probe)
+
+
+def run_sim(
+    emperor_dir: Path,
+    n: int = 4,
+    minimum: int = 1,
+    *,
+    drain: bool = True,
+    probe: str | None = None,
+    drain_timeout: float = 5.0,
+    timeout: float = 10.0,
+    setup: object = None,
+    **stack_args: float,
+) -> tuple[int, RouterSim, str]:
+    names = [f"vassal_{i:02d}.ini" for i in range(1, n + 1)]
+    for name in names:
+        (emperor_dir / name).write_text("[uwsgi]\n")
+    stack = RouterSim(names, **stack_args)
+    if setup is not None:
+        setup(stack)  # type: ignore[operator]
+    options = ur.Options(
+        emperor_path=str(emperor_dir),
+        fastrouter_stats_socket="unused",
+        emperor_stats_socket="unused",
+        minimum_active_vassals=minimum,
+        timeout=timeout,
+        subscription_server="ss.sock" if drain else None,
+        drain_timeout=drain_timeout,
+        probe=probe,
+    )
+    out = io.StringIO()
+    code = ur.run(options, ur.Reporter(False, out, out), stack.io())
+    return code, stack, out.getvalue()
+
+
+@pytest.mark.parametrize(("n", "minimum"), [(2, 1), (4, 1), (4, 3), (5, 2)])
+def test_drain_keeps_the_minimum_in_the_router(tmp_path: Path, n: int, minimum: int) -> None:
+    code, stack, out = run_sim(tmp_path, n=n, minimum=minimum)
+    assert code == ur.EXIT_OK, out
+    # draining counts as not live: the router itself never has fewer than the minimum
+    assert stack.fewest_in_router >= minimum, out
+    assert all(v.respawns == 1 for v in stack.vassals.values())
+    for vid in stack.vassals:
+        # unsubscribed first, touched after, subscribed again on return
+        [unsubscribed] = stack.sent(vid, ur.Command.UNSUBSCRIBE)
+        touched = next(t for t, v in stack.touched if v == vid)
+        assert unsubscribed < touched
+        assert len(stack.sent(vid, ur.Command.SUBSCRIBE)) == 1
+
+
+def test_touch_waits_until_no_request_is_in_flight(tmp_path: Path) -> None:
+    def busy(stack: RouterSim) -> None:
+        stack.requests["vassal_01.ini"] = [0.45, 0.7]
+        stack.requests["vassal_02.ini"] = [0.25]
+
+    code, stack, out = run_sim(tmp_path, n=3, minimum=1, setup=busy)
+    assert code == ur.EXIT_OK, out
+    touched = {vid: t for t, vid in stack.touched}
+    assert touched["vassal_01.ini"] >= 0.7
+    assert 0.25 <= touched["vassal_02.ini"] < 0.7
+    assert all(ref == 0 for _, ref in stack.touched_in_flight), stack.touched_in_flight
+    assert "vassal_01: triggered after draining 0.70s" in out
+
+
+def test_drain_timeout_touches_anyway_and_says_so(tmp_path: Path) -> None:
+    def stuck(stack: RouterSim) -> None:
+        stack.requests["vassal_01.ini"] = [math.inf]
+
+    code, stack, out = run_sim(tmp_path, n=2, minimum=1, drain_timeout=2.0, setup=stuck)
+    assert code == ur.EXIT_OK, out
+    touched = {vid: t for t, vid in stack.touched}
+    assert 2.0 <= touched["vassal_01.ini"] < 2.2
+    assert ("vassal_01.ini", 1) in stack.touched_in_flight
+    assert "triggered anyway: drain timed out after 2s with 1 requests in flight" in out
+    # the summary repeats it
+    assert out.count("drain timed out after 2s") == 2
+
+
+def test_reannounce_while_draining_is_unsubscribed_again(tmp_path: Path) -> None:
+    def reannounces(stack: RouterSim) -> None:
+        stack.requests["vassal_01.ini"] = [0.6]
+        stack.next_announce["vassal_01.ini"] = 0.3  # the master announces mid-drain
+
+    code, stack, out = run_sim(tmp_path, n=2, minimum=1, setup=reannounces)
+    assert code == ur.EXIT_OK, out
+    unsubscribed = stack.sent("vassal_01.ini", ur.Command.UNSUBSCRIBE)
+    assert len(unsubscribed) == 2 and unsubscribed[1] >= 0.3, unsubscribed
+    assert "vassal_01: re-announced while draining: unsubscribed again" in out
+    assert all(ref == 0 for _, ref in stack.touched_in_flight)
+
+
+def test_fast_return_subscribes_as_soon_as_it_accepts(tmp_path: Path) -> None:
+    code, stack, out = run_sim(tmp_path, n=2, minimum=1, announce_delay=1.0)
+    assert code == ur.EXIT_OK, out
+    # reload takes lag 0.05 + 1 s; without the fast return the node would be live 1 s later
+    first_sub = stack.sent("vassal_01.ini", ur.Command.SUBSCRIBE)[0]
+    assert first_sub < 1.4
+    fields = next(f for _, c, f in stack.packets if c == ur.Command.SUBSCRIBE)
+    assert (fields["cores"], fields["weight"], fields["modifier1"]) == ("1", "1", "0")
+    assert stack.t < 2 * 1.4, out
+
+
+def test_without_a_subscription_server_nothing_is_sent(tmp_path: Path) -> None:
+    code, stack, out = run_sim(tmp_path, n=3, minimum=1, drain=False)
+    assert code == ur.EXIT_OK, out
+    assert stack.packets == []
+    assert "draining" not in out
+
+
+def test_not_live_vassal_is_not_drained(tmp_path: Path) -> None:
+    def one_down(stack: RouterSim) -> None:
+        stack.vassals["vassal_03.ini"].down_until = 0.5
+
+    code, stack, _ = run_sim(tmp_path, n=3, minimum=2, setup=one_down)
+    assert code == ur.EXIT_OK
+    assert stack.touched[0] == (0.0, "vassal_03.ini")
+    assert stack.sent("vassal_03.ini", ur.Command.UNSUBSCRIBE) == []
+
+
+def test_probe_passes_before_back_and_before_the_fast_return(tmp_path: Path) -> None:
+    code, stack, out = run_sim(tmp_path, n=2, minimum=1, probe="/ready")
+    assert code == ur.EXIT_OK, out
+    assert stack.probes == [
+        ("/run/vassal_01.sock", KEY, "/ready"),
+        ("/run/vassal_02.sock", KEY, "/ready"),
+    ]
+    assert "probe passed (GET /ready to /run/vassal_01.sock answered 200): subscribed" in out
+
+
+def test_probe_without_drain_still_gates_back(tmp_path: Path) -> None:
+    code, stack, out = run_sim(tmp_path, n=2, minimum=1, drain=False, probe="/")
+    assert code == ur.EXIT_OK, out
+    assert len(stack.probes) == 2
+    assert stack.packets == []
+
+
+@pytest.mark.parametrize("status", [500, 404, None])
+def test_failed_probe_stops_the_rollout_and_keeps_the_vassal_out(
+    tmp_path: Path, status: int | None
+) -> None:
+    def broken(stack: RouterSim) -> None:
+        stack.probe_status["vassal_01.ini"] = status
+
+    code, stack, out = run_sim(tmp_path, n=4, minimum=2, probe="/", setup=broken)
+    assert code == ur.EXIT_NOT_ALL_RELOADED, out
+    touched = [vid for _, vid in stack.touched]
+    # 01 and 02 went together; 01's probe failed: 03 and 04 never start
+    assert touched == ["vassal_01.ini", "vassal_02.ini"], out
+    assert "vassal_01: failed: probe failed" in out
+    assert "vassal_03: not started: the probe of vassal_01 failed" in out
+    assert stack.sent("vassal_01.ini", ur.Command.SUBSCRIBE) == []
+    assert not stack.in_router["vassal_01.ini"]
+    # the in-flight one completes normally
+    assert "vassal_02: back after" in out
+
+
+def test_failed_probe_unsubscribes_a_node_its_master_announced(tmp_path: Path) -> None:
+    def broken(stack: RouterSim) -> None:
+        stack.probe_status["vassal_01.ini"] = 500
+        stack.reload_times = {"vassal_02.ini": 3.0}
+
+    code, stack, out = run_sim(
+        tmp_path, n=3, minimum=1, probe="/", announce_delay=0.3, setup=broken
+    )
+    assert code == ur.EXIT_NOT_ALL_RELOADED, out
+    # 01's master announced it again 0.3 s after it accepted; the tool takes it out every time
+    # for as long as the run lasts (vassal_02 is still reloading)
+    assert len(stack.sent("vassal_01.ini", ur.Command.UNSUBSCRIBE)) >= 2, out
+    assert "re-announced after its failed probe: unsubscribed again" in out
+
+
+def test_failed_probe_puts_a_draining_vassal_back_untouched(tmp_path: Path) -> None:
+    def setup(stack: RouterSim) -> None:
+        stack.probe_status["vassal_01.ini"] = 500
+        stack.reload_times = {"vassal_02.ini": 0.3}  # 02 is back early: 03 starts draining
+        stack.requests["vassal_03.ini"] = [math.inf]  # and still drains when 01's probe fails
+
+    code, stack, out = run_sim(tmp_path, n=3, minimum=1, probe="/", setup=setup, drain_timeout=30)
+    assert code == ur.EXIT_NOT_ALL_RELOADED, out
+    assert "vassal_03.ini" not in [vid for _, vid in stack.touched]
+    assert stack.sent("vassal_03.ini", ur.Command.SUBSCRIBE), out
+    assert "vassal_03: not started: the probe of vassal_01 failed (was draining" in out
+
+
+def test_interrupt_while_draining_puts_the_vassal_back(tmp_path: Path) -> None:
+    def setup(stack: RouterSim) -> None:
+        stack.requests["vassal_01.ini"] = [math.inf]
+        stack.on_sleep.append((0.3, lambda: os.kill(os.getpid(), signal.SIGINT)))
+
+    code, stack, out = run_sim(tmp_path, n=3, minimum=2, setup=setup, drain_timeout=30)
+    assert code == ur.EXIT_INTERRUPTED, out
+    assert stack.touched == []
+    assert stack.sent("vassal_01.ini", ur.Command.SUBSCRIBE)
+    assert "was draining, not touched" in out
+
+
+def test_json_report_has_the_drain_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def busy(stack: RouterSim) -> None:
+        stack.requests["vassal_01.ini"] = [0.5]
+
+    names = [f"vassal_{i:02d}.ini" for i in (1, 2)]
+    for name in names:
+        (tmp_path / name).write_text("[uwsgi]\n")
+    stack = RouterSim(names)
+    busy(stack)
+    options = ur.Options(
+        emperor_path=str(tmp_path),
+        fastrouter_stats_socket="unused",
+        emperor_stats_socket="unused",
+        subscription_server="ss.sock",
+        json=True,
+    )
+    code = ur.run(options, ur.Reporter(True, io.StringIO(), io.StringIO()), stack.io())
+    report = json.loads(capsys.readouterr().out)
+    assert code == report["exit_code"] == 0
+    by_name = {v["name"]: v for v in report["vassals"]}
+    assert by_name["vassal_01"]["drain"] == pytest.approx(0.5, abs=0.11)
+    assert by_name["vassal_01"]["drain_timed_out"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: the new flags are validated before anything is read or touched
+# ---------------------------------------------------------------------------------------------
+
+
+def cli(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--emperor-path",
+        str(tmp_path),
+        "--fastrouter-stats-socket",
+        str(tmp_path / "fr.sock"),
+        "--emperor-stats-socket",
+        str(tmp_path / "em.sock"),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--subscription-server", "/nonexistent/ss.sock"], "/nonexistent/ss.sock does not exist"),
+        (["--subscription-server", "127.0.0.1:70000"], "is not 1-65535"),
+        (["--drain-timeout", "0"], "must be a number greater than 0"),
+        (["--probe", "health"], "is not a request path"),
+        (["--probe", "/a b"], "is not a request path"),
+        (["--probe-timeout", "x"], "is not a number"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    assert ur.main(cli(tmp_path, *extra)) == ur.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_subscription_server_must_be_a_bound_datagram_socket(
+    short_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = short_dir / "plain"
+    plain.write_text("")
+    stale = str(short_dir / "stale.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(stale)  # the file stays, nobody listens: a fastrouter that has gone
+    config = short_dir / "a.ini"
+    config.write_text("[uwsgi]\n")
+    before = config.stat().st_mtime_ns
+    assert ur.main(cli(short_dir, "--subscription-server", str(plain))) == ur.EXIT_USAGE
+    assert "is not a socket" in capsys.readouterr().err
+    assert ur.main(cli(short_dir, "--subscription-server", stale)) == ur.EXIT_USAGE
+    assert "does not take datagrams" in capsys.readouterr().err
+    assert config.stat().st_mtime_ns == before
+
+
+def test_vassal_dying_while_draining_is_waited_for_not_touched(tmp_path: Path) -> None:
+    def setup(stack: RouterSim) -> None:
+        stack.requests["vassal_01.ini"] = [1.0]
+        stack.on_sleep.append((0.3, lambda: stack.kill("vassal_01.ini", down_for=0.5)))
+
+    code, stack, out = run_sim(tmp_path, n=3, minimum=1, setup=setup)
+    assert code == ur.EXIT_OK, out
+    assert "vassal_01.ini" not in [vid for _, vid in stack.touched]
+    assert "vassal_01: restarted by the emperor while draining (pid 100 -> 1100)" in out
+    assert "vassal_01: back after" in out
+
+
+def test_dry_run_describes_drain_and_probe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = ["vassal_01.ini", "vassal_02.ini"]
+    for name in names:
+        (tmp_path / name).write_text("[uwsgi]\n")
+    stack = RouterSim(names)
+    options = ur.Options(
+        emperor_path=str(tmp_path),
+        fastrouter_stats_socket="unused",
+        emperor_stats_socket="unused",
+        subscription_server="ss.sock",
+        probe="/ready",
+        dry_run=True,
+    )
+    out = io.StringIO()
+    assert ur.run(options, ur.Reporter(False, out, out), stack.io()) == ur.EXIT_OK
+    assert "drain: each live vassal is unsubscribed via ss.sock" in out.getvalue()
+    assert "probe: GET /ready" in out.getvalue()
+    assert stack.packets == [] and stack.touched == [] and stack.probes == []
