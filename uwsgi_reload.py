@@ -1296,17 +1296,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or math.isinf(value):
+    if math.isnan(value) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type=``: a finite number greater than 0."""
+    value = _number(text)
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a number greater than 0")
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_float(text: str) -> float:
+    """argparse ``type=``: a finite number, 0 or more."""
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type=``: a whole number, 0 or more."""
     try:
         value = int(text)
     except ValueError:
@@ -1316,8 +1333,9 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
+def positive_int(text: str) -> int:
+    """argparse ``type=``: a whole number, 1 or more."""
+    value = non_negative_int(text)
     if value == 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
     return value
@@ -1395,7 +1413,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--minimum-active-vassals",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=1,
         metavar="<int>",
         help="the minimum number of vassals that should be active at any given time during "
@@ -1403,21 +1421,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=60.0,
         metavar="<seconds>",
         help="how long to wait for the reload of a vassal",
     )
     add(
         "--check-interval",
-        type=_positive_float,
+        type=positive_float,
         default=0.1,
         metavar="<float>",
         help="interval between vassal status checks (seconds)",
     )
     add(
         "--max-parallel",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="<int>",
         help="at most this many vassals reloading at once (default: as many as the minimum allows)",
@@ -1433,7 +1451,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--drain-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=5.0,
         metavar="<seconds>",
         help="with --subscription-server: reload a vassal anyway when requests are still in "
@@ -1450,7 +1468,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--probe-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=5.0,
         metavar="<seconds>",
         help="how long the probe waits for the status line",

@@ -47,6 +47,7 @@ from loadtests.plot import (
 )
 from loadtests.report import PHASES, LoadReport
 from loadtests.runner import LoadRunError, run_load
+from uwsgi_reload import non_negative_float, non_negative_int
 
 EXIT_OK, EXIT_RELOAD_PROBLEM, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -365,26 +366,6 @@ def markdown_report(
 # ---------------------------------------------------------------------------------------------
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < 3600:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 3600: {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.demo",
@@ -392,19 +373,30 @@ def build_parser() -> argparse.ArgumentParser:
         "vassal with uwsgi_reload.py in the middle, and report what the clients saw.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--vassals", type=_count, default=4, help="number of vassals")
+    parser.add_argument("--vassals", type=non_negative_int, default=4, help="number of vassals")
     parser.add_argument(
-        "--minimum", type=_count, default=1, help="--minimum-active-vassals for the tool"
+        "--minimum", type=non_negative_int, default=1, help="--minimum-active-vassals for the tool"
     )
     parser.add_argument(
-        "--start-delay", type=_seconds, default=0.0, help="seconds the app sleeps while loading"
+        "--start-delay",
+        type=non_negative_float,
+        default=0.0,
+        help="seconds the app sleeps while loading",
     )
-    parser.add_argument("--users", type=_count, default=8, help="locust users (connections)")
     parser.add_argument(
-        "--reload-at", type=_seconds, default=3.0, help="seconds of load before the reload"
+        "--users", type=non_negative_int, default=8, help="locust users (connections)"
     )
     parser.add_argument(
-        "--after-reload", type=_seconds, default=3.0, help="seconds of load after the reload"
+        "--reload-at",
+        type=non_negative_float,
+        default=3.0,
+        help="seconds of load before the reload",
+    )
+    parser.add_argument(
+        "--after-reload",
+        type=non_negative_float,
+        default=3.0,
+        help="seconds of load after the reload",
     )
     parser.add_argument(
         "--results-dir",

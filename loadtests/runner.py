@@ -33,6 +33,7 @@ from loadtests.report import (
     SeriesBucket,
     load_report,
 )
+from uwsgi_reload import non_negative_float, positive_float, positive_int
 
 __all__ = [
     "LOCUSTFILE",
@@ -291,36 +292,6 @@ def format_report(report: LoadReport) -> str:
     return "\n".join(out)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.runner",
@@ -334,33 +305,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-u",
         "--users",
-        type=_positive_int,
+        type=positive_int,
         default=8,
         help="concurrent users, one keep-alive connection each (default 8)",
     )
     parser.add_argument("--reload-command", help="shell command to run under load")
     parser.add_argument(
         "--reload-at",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=2.0,
         help="seconds of load before the command (default 2)",
     )
     parser.add_argument(
         "--after-reload",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=2.0,
         help="seconds of load after the command ends (default 2)",
     )
     parser.add_argument(
         "--run-time",
-        type=_positive_float,
+        type=positive_float,
         default=60.0,
         help="upper bound of the whole run, seconds; without --reload-command, "
         "the length of the run (default 60)",
     )
     parser.add_argument(
         "--request-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=10.0,
         help="per-request timeout, seconds (default 10)",
     )

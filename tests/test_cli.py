@@ -140,7 +140,7 @@ def refused(site: Site, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
         (["--minimum-active-vassals", "9"], "leaves nothing to reload"),
         (["--timeout", "0"], "greater than 0"),
         (["--timeout", "-5"], "greater than 0"),
-        (["--timeout", "nan"], "greater than 0"),
+        (["--timeout", "nan"], "is not a finite number"),
         (["--check-interval", "0"], "greater than 0"),
         (["--max-parallel", "0"], "must be 1 or more"),
         (["--vassal-config-file-suffix", ".yaml"], "no vassal config ending in '.yaml'"),
