@@ -1,0 +1,506 @@
+"""Rotation control under load: full reloads with drain off and on, and broken deploys with drain.
+
+    python -m loadtests.bench_drain [--sizes 4,8] [--minimums 1,2] [--start-delay 1]
+                                    [--broken-runs 20] [--results-dir DIR]
+
+A separate mode of the benchmark (``python -m loadtests.bench`` and its table are unchanged).
+
+Part 1, for every size N, on one stack of N vassals whose app takes ``--start-delay`` s to load:
+for every m, ``uwsgi_reload.py --minimum-active-vassals m`` under locust load through nginx, once
+without rotation control ("drain off") and once with ``--subscription-server --probe /`` ("drain
+on": unsubscribe and wait for no request in flight before the touch, subscribe again as soon as
+the probe passed). Each row: makespan (first trigger to last back), the max and p99.9 latency of
+requests during the reload, the p99 before it (steady state), failed requests, and the makespan
+against ``ceil(N / (N-m)) * t_v``, where ``t_v`` is the median per-vassal trigger-to-back time
+of that same run, read from the tool's ``--json`` per-vassal timeline.
+
+Part 2, on one stack of 4 vassals: ``--broken-runs`` times, deploy a broken version, run the tool
+with ``--subscription-server ... --probe / --minimum-active-vassals 2 --timeout 5`` under load and
+count the failed requests; then deploy a good version again and wait until every vassal is live
+in the router before the next run.
+
+Output, in the results dir (default ``reports/bench-drain-<date>-<time>``): ``drain.md`` (the
+command, the machine, the versions, the tables) and ``drain.json`` (every run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from harness import render
+from harness.stack import Stack, StackConfig, StackError, StackTimeout, running_stack
+from loadtests.bench import parse_sizes
+from loadtests.demo import (
+    ReloadUnderLoad,
+    reload_under_load,
+    sigterm_as_interrupt,
+    stop_and_check,
+    tool_command,
+)
+from loadtests.plot import command_line, environment, environment_lines, markdown_table, seconds
+from loadtests.runner import LoadRunError
+from uwsgi_reload import rounds_needed
+
+EXIT_OK, EXIT_SOME_RUN_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+DRAIN_OFF, DRAIN_ON = "off", "on (+ fast return, probe /)"
+BROKEN_N, BROKEN_M, BROKEN_TIMEOUT = 4, 2, 5
+
+
+def drain_args(stack: Stack) -> list[str]:
+    return ["--subscription-server", stack.subscription_server, "--probe", "/"]
+
+
+@dataclasses.dataclass
+class Run:
+    n: int
+    minimum: int
+    drain: str
+    measured: ReloadUnderLoad
+
+    @property
+    def ok(self) -> bool:
+        return self.measured.all_reloaded
+
+    def vassal_time(self) -> float | None:
+        durations = self.measured.durations()
+        return statistics.median(durations) if durations else None
+
+    def lone_time(self) -> float | None:
+        """Median trigger-to-back of the vassals triggered after the first one was back (the
+        last round: fewer apps loading at once on the machine)."""
+        result = self.measured.result
+        if result is None:
+            return None
+        vassals = result["vassals"]
+        backs = [v["back"] for v in vassals if v["back"] is not None]
+        if not backs:
+            return None
+        late = [
+            float(v["duration"])
+            for v in vassals
+            if v["duration"] is not None and v["triggered"] >= min(backs)
+        ]
+        return statistics.median(late) if late else None
+
+    def slowest_at(self) -> float | None:
+        """Seconds after the reload command started of the 100 ms bucket with the slowest
+        request."""
+        load = self.measured.load
+        if load.reload is None or not load.series:
+            return None
+        worst = max(load.series, key=lambda b: b.max_ms)
+        return load.started + worst.t - load.reload.started
+
+    def as_json(self) -> dict[str, Any]:
+        m = self.measured
+        return {
+            "slowest_request_bucket_s_after_command_start": self.slowest_at(),
+            "n": self.n,
+            "minimum": self.minimum,
+            "drain": self.drain,
+            "command": m.command,
+            "returncode": m.returncode,
+            "command_seconds": m.command_seconds,
+            "makespan": m.makespan,
+            "durations": m.durations(),
+            "requests_during": m.load.during.requests,
+            "failures": m.load.total.failures,
+            "failures_by_kind": m.load.total.failures_by_kind,
+            "p99_ms_before": m.load.before.p99,
+            "p999_ms_during": m.load.during.p999,
+            "max_ms_during": m.load.during.max_ms,
+            "min_live_during": m.min_live_during(),
+            "result": m.result,
+        }
+
+
+@dataclasses.dataclass
+class BrokenRun:
+    index: int
+    measured: ReloadUnderLoad
+    recovered_s: float | None
+
+    @property
+    def failures(self) -> int:
+        return self.measured.load.total.failures
+
+    def as_json(self) -> dict[str, Any]:
+        m = self.measured
+        return {
+            "index": self.index,
+            "returncode": m.returncode,
+            "command_seconds": m.command_seconds,
+            "requests": m.load.total.requests,
+            "failures": m.load.total.failures,
+            "failures_by_kind": m.load.total.failures_by_kind,
+            "max_ms_during": m.load.during.max_ms,
+            "min_live_during": m.min_live_during(),
+            "recovered_s": self.recovered_s,
+            "result": m.result,
+        }
+
+
+def measure(
+    stack: Stack, command: list[str], args: argparse.Namespace, work: Path
+) -> ReloadUnderLoad:
+    return reload_under_load(
+        stack,
+        command,
+        work_dir=work,
+        users=args.users,
+        reload_at=args.reload_at,
+        after_reload=args.after_reload,
+        observer_interval=0.02,
+    )
+
+
+def bench_size(
+    n: int, minimums: Sequence[int], args: argparse.Namespace, work: Path, runs: list[Run]
+) -> None:
+    print(f"N={n}: starting stack (app start {args.start_delay:g} s)...", flush=True)
+    with running_stack(StackConfig(vassals=n, start_delay=args.start_delay)) as stack:
+        for m in minimums:
+            for drain in (DRAIN_OFF, DRAIN_ON):
+                stack.wait_all_live(60)
+                extra = ["--timeout", "120"] + (drain_args(stack) if drain == DRAIN_ON else [])
+                run = Run(n, m, drain, measure(stack, tool_command(stack, m, *extra), args, work))
+                runs.append(run)
+                print(f"N={n} m={m} drain {drain}: {run_line(run)}", flush=True)
+        stop_and_check(stack)
+
+
+def run_line(run: Run) -> str:
+    m = run.measured
+    return (
+        f"exit {m.returncode}, makespan {seconds(m.makespan)} s, failed {m.load.total.failures}, "
+        f"max {m.load.during.max_ms:.0f} ms, p99.9 {m.load.during.p999:.0f} ms, "
+        f"p99 before {m.load.before.p99:.1f} ms"
+    )
+
+
+def recover(stack: Stack, version: str) -> float:
+    """Deploy a good version; wait until every vassal is live again (touch every vassal
+    if the emperor's respawns alone do not bring them back within 30 s)."""
+    started = time.monotonic()
+    stack.deploy(version=version, broken=False)
+    try:
+        stack.wait_all_live(30)
+    except StackTimeout:
+        for vassal_id in stack.vassal_ids:
+            stack.touch(vassal_id)
+        stack.wait_all_live(60)
+    return time.monotonic() - started
+
+
+def bench_broken(args: argparse.Namespace, work: Path, runs: list[BrokenRun]) -> None:
+    print(f"broken deploys: starting stack ({BROKEN_N} vassals)...", flush=True)
+    config = StackConfig(vassals=BROKEN_N, start_delay=args.start_delay, broken_deploy=True)
+    with running_stack(config) as stack:
+        for index in range(1, args.broken_runs + 1):
+            stack.wait_all_live(60)
+            stack.deploy(version=f"broken-{index}", broken=True)
+            command = stack.reload_command(
+                "--json",
+                "--minimum-active-vassals",
+                str(BROKEN_M),
+                "--timeout",
+                str(BROKEN_TIMEOUT),
+                *drain_args(stack),
+            )
+            measured = reload_under_load(
+                stack,
+                command,
+                work_dir=work,
+                users=args.users,
+                reload_at=args.broken_reload_at,
+                after_reload=args.broken_after_reload,
+                observer_interval=0.02,
+            )
+            recovered = recover(stack, f"good-{index}")
+            run = BrokenRun(index, measured, recovered)
+            runs.append(run)
+            print(
+                f"broken #{index}: exit {measured.returncode}, failed {run.failures} of "
+                f"{measured.load.total.requests}, max {measured.load.during.max_ms:.0f} ms, "
+                f"fewest live {measured.min_live_during()}, recovered in {recovered:.1f} s",
+                flush=True,
+            )
+        stop_and_check(stack)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+DRAIN_HEADERS = (
+    "N",
+    "m",
+    "drain",
+    "exit",
+    "makespan s",
+    "t_v s (median)",
+    "rounds",
+    "rounds x t_v s",
+    "vs rounds x t_v",
+    "last-round t_v s",
+    "rounds x last-round t_v s",
+    "command s",
+    "p99 before ms",
+    "p99.9 during ms",
+    "max during ms",
+    "slowest at s",
+    "requests during",
+    "failed",
+)
+
+
+def drain_rows(runs: Sequence[Run]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        m = run.measured
+        rounds = rounds_needed(run.n, run.minimum)
+        tv = run.vassal_time()
+        lone = run.lone_time()
+        bound = None if tv is None else rounds * tv
+        ratio = "-" if m.makespan is None or not bound else f"{m.makespan / bound:.2f}x"
+        rows.append(
+            [
+                str(run.n),
+                str(run.minimum),
+                run.drain,
+                str(m.returncode),
+                seconds(m.makespan),
+                seconds(tv),
+                str(rounds),
+                seconds(bound),
+                ratio,
+                seconds(lone),
+                seconds(None if lone is None else rounds * lone),
+                seconds(m.command_seconds),
+                f"{m.load.before.p99:.1f}",
+                f"{m.load.during.p999:.0f}",
+                f"{m.load.during.max_ms:.0f}",
+                seconds(run.slowest_at(), 1),
+                str(m.load.during.requests),
+                str(m.load.total.failures),
+            ]
+        )
+    return rows
+
+
+BROKEN_HEADERS = (
+    "run",
+    "exit",
+    "command s",
+    "requests",
+    "failed",
+    "max during ms",
+    "fewest live",
+    "recovery s",
+)
+
+
+def broken_rows(runs: Sequence[BrokenRun]) -> list[list[str]]:
+    return [
+        [
+            str(r.index),
+            str(r.measured.returncode),
+            seconds(r.measured.command_seconds),
+            str(r.measured.load.total.requests),
+            str(r.failures),
+            f"{r.measured.load.during.max_ms:.0f}",
+            str(r.measured.min_live_during()),
+            seconds(r.recovered_s, 1),
+        ]
+        for r in runs
+    ]
+
+
+def markdown(
+    runs: Sequence[Run],
+    broken: Sequence[BrokenRun],
+    env_lines: Sequence[str],
+    args: argparse.Namespace,
+) -> str:
+    lines = ["# Rotation control under load: drain off vs on, broken deploys", ""]
+    lines += [f"- {line}" for line in env_lines]
+    lines += [
+        f"- load: {args.users} locust users through nginx, reload {args.reload_at:g} s into the "
+        f"load, {args.after_reload:g} s of load after it; app start (demo app sleep while "
+        f"loading) {args.start_delay:g} s",
+        "",
+        "## Full reload, drain off vs on",
+        "",
+        "Drain on: `--subscription-server <stack's> --probe /` (unsubscribe, wait until the "
+        "router has no request in flight to the vassal, touch; subscribe again as soon as the "
+        "probe passed). Both with `--timeout 120`.",
+        "",
+        "- makespan: first trigger to last back, from the tool's `--json` per-vassal timeline "
+        "(a vassal's drain before its trigger is not in its own time; the drain of vassals "
+        "started after the first trigger is in the makespan).",
+        "- t_v: median trigger-to-back of the vassals in that same run, from the tool's `--json` "
+        "per-vassal timeline (`duration`); back = the emperor registered the reload, the vassal "
+        "accepts and is live in the fastrouter (drain on: its probe passed and it was "
+        "subscribed again). It is trigger-to-back, not strictly trigger-to-accepting: the JSON "
+        "has no separate accepting time; with drain on the two differ by one probe and one "
+        "subscribe packet, with drain off by the router noticing the node.",
+        "- last-round t_v: the same, for the vassals triggered after the first one was back "
+        "(fewer apps loading at once on 2 cores, so closer to a reload alone).",
+        "- slowest at: when the 100 ms bucket holding the slowest request started, seconds "
+        "after the reload command started.",
+        "- rounds = ceil(N / (N-m)); command s: the tool's wall time (includes the drains).",
+        "- p99 before: the load report's `before.p99` (steady state); p99.9 and max during: "
+        "`during.p999`, `during.max_ms`; failed: failed requests over the whole load run.",
+        "",
+    ]
+    if runs:
+        lines += [markdown_table(DRAIN_HEADERS, drain_rows(runs)), ""]
+    else:
+        lines += ["(no run)", ""]
+    lines += [
+        "## Broken deploy with drain on",
+        "",
+        f"One stack of {BROKEN_N} vassals. Each run: `stack.deploy(broken=True)`, then "
+        f"`uwsgi_reload.py --subscription-server <stack's> --probe / --minimum-active-vassals "
+        f"{BROKEN_M} --timeout {BROKEN_TIMEOUT}` under load (reload {args.broken_reload_at:g} s "
+        f"into the load, {args.broken_after_reload:g} s after); then a good deploy and "
+        "`stack.wait_all_live` before the next run (recovery s: deploy to all live again).",
+        "",
+    ]
+    if broken:
+        clean = sum(1 for r in broken if r.failures == 0)
+        expected = sum(1 for r in broken if r.measured.returncode == 1)
+        lines += [
+            f"**0 failed in {clean} of {len(broken)} runs** (asked for {args.broken_runs}); "
+            f"the tool exited 1 (timed out on the broken vassals) in {expected} of "
+            f"{len(broken)}.",
+            "",
+            markdown_table(BROKEN_HEADERS, broken_rows(broken)),
+            "",
+        ]
+    else:
+        lines += ["(no run)", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def parse_minimums(text: str) -> list[int]:
+    try:
+        values = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"minimums are whole numbers: {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"every minimum must be 1 or more: {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.bench_drain",
+        description="Full reloads under load with drain off and on, and broken deploys with "
+        "drain on.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--sizes", type=parse_sizes, default=[4, 8], help="numbers of vassals")
+    parser.add_argument("--minimums", type=parse_minimums, default=[1, 2], help="values of m")
+    parser.add_argument(
+        "--start-delay", type=_seconds, default=1.0, help="seconds the app sleeps while loading"
+    )
+    parser.add_argument("--broken-runs", type=_count, default=20, help="broken-deploy runs")
+    parser.add_argument("--users", type=_count, default=8, help="locust users")
+    parser.add_argument("--reload-at", type=_seconds, default=2.0, help="seconds of load before")
+    parser.add_argument("--after-reload", type=_seconds, default=1.5, help="seconds after")
+    parser.add_argument(
+        "--broken-reload-at", type=_seconds, default=1.0, help="broken runs: seconds before"
+    )
+    parser.add_argument(
+        "--broken-after-reload", type=_seconds, default=1.0, help="broken runs: seconds after"
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="where drain.md and drain.json go (default reports/bench-drain-<date>-<time>)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    results = args.results_dir or Path("reports", time.strftime("bench-drain-%Y%m%d-%H%M%S"))
+    results.mkdir(parents=True, exist_ok=True)
+    env_lines = environment_lines(
+        command_line(["-m", "loadtests.bench_drain", *argv]),
+        environment(render.find_uwsgi(), render.find_nginx()),
+    )
+    for line in env_lines:
+        print(line, flush=True)
+    runs: list[Run] = []
+    broken: list[BrokenRun] = []
+    started = time.monotonic()
+    try:
+        with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="ur-drain-") as tmp:
+            for n in args.sizes:
+                minimums = [m for m in args.minimums if m < n]
+                bench_size(n, minimums, args, Path(tmp), runs)
+            if args.broken_runs:
+                bench_broken(args, Path(tmp), broken)
+    except KeyboardInterrupt:
+        print("interrupted: stacks stopped; partial results follow", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except (StackError, LoadRunError, render.MissingTool) as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        code = EXIT_ERROR
+    else:
+        code = EXIT_OK if all(r.ok for r in runs) else EXIT_SOME_RUN_FAILED
+    text = markdown(runs, broken, env_lines, args)
+    (results / "drain.md").write_text(text)
+    (results / "drain.json").write_text(
+        json.dumps(
+            {
+                "environment": env_lines,
+                "runs": [r.as_json() for r in runs],
+                "broken_runs": [r.as_json() for r in broken],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    print()
+    print(text)
+    print(f"benchmark took {time.monotonic() - started:.0f} s")
+    print(f"table: {results / 'drain.md'}")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
