@@ -55,6 +55,7 @@ class ReloadRun:
     observer: RouterObserver
     workers_before: dict[str, list[int]]
     workers_after: dict[str, list[int]]
+    users: int = USERS
 
     @property
     def reload_started(self) -> float:
@@ -111,6 +112,7 @@ class ReloadRun:
         return {
             "test": name,
             "minimum": minimum,
+            "users": self.users,
             "exit": self.returncode,
             "reload s": round(self.reload_ended - self.reload_started, 2),
             "requests during": during.requests,
@@ -123,7 +125,12 @@ class ReloadRun:
 
 
 def reload_under_load(
-    stack: Stack, command: Sequence[str], *, reload_at: float = 1.5, after_reload: float = 1.5
+    stack: Stack,
+    command: Sequence[str],
+    *,
+    reload_at: float = 1.5,
+    after_reload: float = 1.5,
+    users: int = USERS,
 ) -> ReloadRun:
     """Load through nginx, run ``command`` in the middle, watch the router the whole time."""
     workers_before = stack.worker_pids()
@@ -132,11 +139,11 @@ def reload_under_load(
         load = run_load(
             stack.url,
             host_header=stack.host,
-            users=USERS,
+            users=users,
             reload_command=shlex.join(command),
             reload_at=reload_at,
             after_reload=after_reload,
             max_run_time=90,
             nice=5,
         )
-    return ReloadRun(load, observer, workers_before, stack.worker_pids())
+    return ReloadRun(load, observer, workers_before, stack.worker_pids(), users)
