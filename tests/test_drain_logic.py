@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import uwsgi_reload as ur
-from tests.test_reload_logic import SimStack, SimVassal, vassal
+from tests.test_reload_logic import SimStack, SimVassal, run_on, vassal
 
 KEY = "domain.tld"
 
@@ -344,25 +344,18 @@ def run_sim(
     setup: object = None,
     **stack_args: float,
 ) -> tuple[int, RouterSim, str]:
-    names = [f"vassal_{i:02d}.ini" for i in range(1, n + 1)]
-    for name in names:
-        (emperor_dir / name).write_text("[uwsgi]\n")
-    stack = RouterSim(names, **stack_args)
-    if setup is not None:
-        setup(stack)  # type: ignore[operator]
-    options = ur.Options(
-        emperor_path=str(emperor_dir),
-        fastrouter_stats_socket="unused",
-        emperor_stats_socket="unused",
+    stack = RouterSim([f"vassal_{i:02d}.ini" for i in range(1, n + 1)], **stack_args)
+    code, output = run_on(
+        stack,
+        emperor_dir,
+        setup,
         minimum_active_vassals=minimum,
         timeout=timeout,
         subscription_server="ss.sock" if drain else None,
         drain_timeout=drain_timeout,
         probe=probe,
     )
-    out = io.StringIO()
-    code = ur.run(options, ur.Reporter(False, out, out), stack.io())
-    return code, stack, out.getvalue()
+    return code, stack, output
 
 
 @pytest.mark.parametrize(("n", "minimum"), [(2, 1), (4, 1), (4, 3), (5, 2)])

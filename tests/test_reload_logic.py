@@ -223,6 +223,25 @@ def emperor_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
 
 
+def run_on(
+    stack: SimStack, emperor_dir: Path, setup: object = None, **options: object
+) -> tuple[int, str]:
+    """Run the tool on a simulated stack (a config file per vassal); return (exit code, output)."""
+    for name in stack.vassals:
+        (emperor_dir / name).write_text("[uwsgi]\n")
+    if setup is not None:
+        setup(stack)  # type: ignore[operator]
+    opts = ur.Options(
+        emperor_path=str(emperor_dir),
+        fastrouter_stats_socket="unused",
+        emperor_stats_socket="unused",
+        **options,  # type: ignore[arg-type]
+    )
+    out = io.StringIO()
+    code = ur.run(opts, ur.Reporter(False, out, out), stack.io())
+    return code, out.getvalue()
+
+
 def simulate(
     emperor_dir: Path,
     n: int = 4,
@@ -234,24 +253,17 @@ def simulate(
     as_json: bool = False,
     **stack_args: float,
 ) -> tuple[int, SimStack, str]:
-    names = names or [f"vassal_{i:02d}.ini" for i in range(1, n + 1)]
-    for name in names:
-        (emperor_dir / name).write_text("[uwsgi]\n")
-    stack = SimStack(names, **stack_args)
-    if setup is not None:
-        setup(stack)  # type: ignore[operator]
-    options = ur.Options(
-        emperor_path=str(emperor_dir),
-        fastrouter_stats_socket="unused",
-        emperor_stats_socket="unused",
+    stack = SimStack(names or [f"vassal_{i:02d}.ini" for i in range(1, n + 1)], **stack_args)
+    code, output = run_on(
+        stack,
+        emperor_dir,
+        setup,
         minimum_active_vassals=minimum,
         timeout=timeout,
         max_parallel=max_parallel,
         json=as_json,
     )
-    out = io.StringIO()
-    code = ur.run(options, ur.Reporter(False, out, out), stack.io())
-    return code, stack, out.getvalue()
+    return code, stack, output
 
 
 @pytest.mark.parametrize(("n", "minimum"), [(2, 1), (4, 1), (4, 2), (4, 3), (8, 4), (5, 2)])
@@ -390,7 +402,9 @@ def test_json_report(emperor_dir: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert by_name["vassal_01"]["outcome"] == "reloaded"
     assert by_name["vassal_01"]["triggered"] == 0.0
     assert by_name["vassal_01"]["duration"] == pytest.approx(1.1, abs=0.11)
+    assert 0.0 < by_name["vassal_01"]["accepting"] <= by_name["vassal_01"]["back"]
     assert by_name["vassal_02"]["outcome"] == "timed out"
     assert by_name["vassal_02"]["back"] is None
+    assert by_name["vassal_02"]["accepting"] is None
     assert "never accepting" in by_name["vassal_02"]["detail"]
     assert by_name["vassal_03"]["outcome"] == "reloaded"
