@@ -92,10 +92,16 @@ def stack_config(config: pytest.Config) -> StackConfig:
 
 
 @pytest.fixture
-def make_uwsgi_stack(
-    request: pytest.FixtureRequest, xprocess: Any
-) -> Iterator[Callable[..., Stack]]:
+def make_uwsgi_stack(request: pytest.FixtureRequest) -> Iterator[Callable[..., Stack]]:
     """A factory of running stacks: ``make_uwsgi_stack(**StackConfig overrides) -> Stack``."""
+    if not hasattr(request.config, "cache"):
+        # pytest-xprocess keeps its process records in the cache; its own error is an AttributeError
+        pytest.fail(
+            "uwsgi-reload harness: the stacks need pytest's cache (pytest-xprocess keeps its "
+            "process records there): drop -p no:cacheprovider",
+            pytrace=False,
+        )
+    xprocess = request.getfixturevalue("xprocess")
     defaults = stack_config(request.config)
     made: list[Stack] = []
     request.node.stash[STACKS] = made

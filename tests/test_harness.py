@@ -6,7 +6,11 @@ import difflib
 import os
 import re
 import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable
 
@@ -57,6 +61,26 @@ def diff(example: str, rendered: str, name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Without processes
 # ---------------------------------------------------------------------------------------------
+
+
+def test_a_stack_without_the_pytest_cache_fails_with_a_clear_message() -> None:
+    """pytest-xprocess needs the cache; without it the stack fixtures say so, not AttributeError."""
+    installed = any(ep.value == "harness.plugin" for ep in entry_points(group="pytest11"))
+    with tempfile.TemporaryDirectory(prefix="ur-t-") as tmp:
+        Path(tmp, "test_one.py").write_text("def test_one(uwsgi_stack):\n    pass\n")
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_one.py"]
+            + ([] if installed else ["-p", "harness.plugin"]),
+            cwd=tmp,
+            env={**os.environ, "PYTHONPATH": str(render.REPO_DIR)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "drop -p no:cacheprovider" in done.stdout
+    assert "AttributeError" not in done.stdout
 
 
 def test_render_substitutes_placeholders_in_one_pass() -> None:
