@@ -57,7 +57,7 @@ from loadtests.plot import (
     seconds,
 )
 from loadtests.runner import LoadRunError
-from uwsgi_reload import rounds_needed
+from uwsgi_reload import non_negative_float, positive_int, rounds_needed
 
 EXIT_OK, EXIT_SOME_RUN_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -498,22 +498,6 @@ def markdown(
 # ---------------------------------------------------------------------------------------------
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < 600:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 600: {text!r}")
-    return value
-
-
-def _users(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1: {text!r}")
-    return int(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.bench",
@@ -538,15 +522,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, fewer minimums, shorter load"
     )
-    parser.add_argument("--users", type=_users, default=8, help="locust users")
+    parser.add_argument("--users", type=positive_int, default=8, help="locust users")
     parser.add_argument(
-        "--reload-at", type=_seconds, default=None, help="seconds of load before (default 2)"
+        "--reload-at",
+        type=non_negative_float,
+        default=None,
+        help="seconds of load before (default 2)",
     )
     parser.add_argument(
-        "--after-reload", type=_seconds, default=None, help="seconds of load after (default 1.5)"
+        "--after-reload",
+        type=non_negative_float,
+        default=None,
+        help="seconds of load after (default 1.5)",
     )
     parser.add_argument(
-        "--start-delay", type=_seconds, default=0.0, help="seconds the app sleeps while loading"
+        "--start-delay",
+        type=non_negative_float,
+        default=0.0,
+        help="seconds the app sleeps while loading",
     )
     parser.add_argument(
         "--results-dir",
