@@ -32,6 +32,11 @@ _OPTIONS: list[tuple[str, str, str]] = [
         "seconds the demo app sleeps while loading (a slow start); default 0",
         "string",
     ),
+    (
+        "request-delay",
+        "seconds the demo app's view sleeps per request (a slow endpoint); default 0",
+        "string",
+    ),
     ("broken-deploy", "record that tests should deploy a broken version of the demo", "bool"),
     ("keep-stack", "do not stop stacks after the test: print their dir and pids", "bool"),
 ]
@@ -75,6 +80,8 @@ def stack_config(config: pytest.Config) -> StackConfig:
             kwargs["vassals"] = int(vassals)
         if (start_delay := _value(config, "start-delay")) is not None:
             kwargs["start_delay"] = float(start_delay)
+        if (request_delay := _value(config, "request-delay")) is not None:
+            kwargs["request_delay"] = float(request_delay)
     except ValueError as exc:
         raise pytest.UsageError(f"uwsgi-reload harness: {exc}") from None
     if (app_dir := _value(config, "app-dir")) is not None:

@@ -74,6 +74,8 @@ class StackConfig:
     app_dir: Path = render.EXAMPLES_DIR
     wsgi_file: str = render.DEFAULT_WSGI_FILE
     start_delay: float = 0.0
+    #: seconds the demo app's view sleeps per request (a slow endpoint: requests queue in sockets)
+    request_delay: float = 0.0
     #: Recorded for tests that want to deploy a broken version (``stack.deploy(broken=True)``).
     broken_deploy: bool = False
     keep: bool = False
@@ -89,14 +91,16 @@ class StackConfig:
             raise ValueError(f"vassals must be >= 1, not {self.vassals}")
         if self.start_delay < 0:
             raise ValueError(f"start delay must be >= 0, not {self.start_delay}")
+        if self.request_delay < 0:
+            raise ValueError(f"request delay must be >= 0, not {self.request_delay}")
         if not self.app_dir.is_dir():
             raise ValueError(f"app dir {self.app_dir} is not a directory")
         wsgi = self.app_dir / self.wsgi_file
         if not wsgi.is_file():
             raise ValueError(f"wsgi file {wsgi} does not exist")
-        if not self.demo_app and (self.start_delay or self.broken_deploy):
+        if not self.demo_app and (self.start_delay or self.request_delay or self.broken_deploy):
             raise ValueError(
-                "start delay and broken deploy drive the demo app in examples/: "
+                "start delay, request delay and broken deploy drive the demo app in examples/: "
                 f"{self.app_dir} does not read {CONTROL_ENV}"
             )
 
@@ -348,10 +352,16 @@ class Stack:
         version: str | None = None,
         start_delay: float | None = None,
         broken: bool | None = None,
+        request_delay: float | None = None,
     ) -> dict[str, Any]:
         """Rewrite the demo app's control file (atomically); vassals load it on their next start."""
         control: dict[str, Any] = json.loads(self.control_file.read_text())
-        changes = {"version": version, "start_delay": start_delay, "broken": broken}
+        changes = {
+            "version": version,
+            "start_delay": start_delay,
+            "broken": broken,
+            "request_delay": request_delay,
+        }
         control.update({k: v for k, v in changes.items() if v is not None})
         write_atomically(self.control_file, json.dumps(control))
         return control
@@ -471,7 +481,14 @@ def prepare(config: StackConfig, uwsgi: str) -> Stack:
     )
     write_atomically(
         layout.control_file,
-        json.dumps({"version": "v1", "start_delay": config.start_delay, "broken": False}),
+        json.dumps(
+            {
+                "version": "v1",
+                "start_delay": config.start_delay,
+                "broken": False,
+                "request_delay": config.request_delay,
+            }
+        ),
     )
     conf = render.shell_assignments(files[render.CONF_D].read_text())
     logs = {

@@ -159,6 +159,7 @@ def test_nginx_config_wraps_the_fragment() -> None:
     [
         ({"vassals": 0}, "vassals must be >= 1"),
         ({"start_delay": -1.0}, "start delay must be >= 0"),
+        ({"request_delay": -0.1}, "request delay must be >= 0"),
         ({"app_dir": Path("/nonexistent")}, "is not a directory"),
         ({"wsgi_file": "nope.py"}, "does not exist"),
         ({"app_dir": render.REPO_DIR, "wsgi_file": "conftest.py", "start_delay": 1.0}, "demo"),

@@ -6,6 +6,8 @@ The file stands in for new code: change it, reload a vassal, and the vassal runs
 - ``version`` (str, default ``"v1"``): reported by the view.
 - ``start_delay`` (float seconds, default 0): sleep at import, a slow application start.
 - ``broken`` (bool, default false): raise at import, a deploy whose application cannot load.
+- ``request_delay`` (float seconds, default 0): the view sleeps this long, a slow endpoint; with it
+  the vassals, not the load generator, set the pace, so requests queue in their sockets.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import time
 from typing import Any
 
 CONTROL_ENV = "UWSGI_RELOAD_DEMO_CONTROL"
-DEFAULTS: dict[str, Any] = {"version": "v1", "start_delay": 0.0, "broken": False}
+DEFAULTS: dict[str, Any] = {
+    "version": "v1",
+    "start_delay": 0.0,
+    "broken": False,
+    "request_delay": 0.0,
+}
 
 
 class BrokenDeploy(RuntimeError):
@@ -36,6 +43,7 @@ def read_control(path: str | None) -> dict[str, Any]:
 
 CONTROL = read_control(os.environ.get(CONTROL_ENV))
 VERSION = str(CONTROL["version"])
+REQUEST_DELAY = float(CONTROL["request_delay"])
 
 if float(CONTROL["start_delay"]) > 0:
     time.sleep(float(CONTROL["start_delay"]))
