@@ -38,6 +38,10 @@ EXIT_USAGE = 2
 EXIT_LOCKED = 3
 EXIT_INTERRUPTED = 130
 
+#: Seconds between polls while a drained vassal is out of the router and not yet reloading
+#: (see ``Rollout.watch_closely``); ``--check-interval`` otherwise.
+CLOSE_WATCH_INTERVAL = 0.01
+
 
 class ReloadError(Exception):
     """Bad input or an environment the tool cannot work with; nothing was touched."""
@@ -498,6 +502,8 @@ class VassalReload:
     initial: EmperorVassal | None = None
     baseline: EmperorVassal | None = None
     triggered: float | None = None
+    #: first seen accepting after the emperor registered its reload (before the router has it)
+    accepting: float | None = None
     back: float | None = None
     stage: Stage | None = None
     outcome: Outcome | None = None
@@ -523,6 +529,7 @@ class VassalReload:
             "config": self.config,
             "outcome": (self.outcome or Outcome.NOT_STARTED).value,
             "triggered": _round(self.triggered),
+            "accepting": _round(self.accepting),
             "back": _round(self.back),
             "duration": _round(self.duration),
             "drain": _round(self.drained),
@@ -624,6 +631,17 @@ class Rollout:
     def draining(self) -> list[VassalReload]:
         return [v for v in self.in_flight() if v.triggered is None]
 
+    def watch_closely(self) -> bool:
+        """A drained vassal is out of the router but its reload has not begun (draining, or
+        touched and not yet registered by the emperor). Its master may re-announce it now, and a
+        request the router sends it after the touch waits out the whole restart (or fails with a
+        broken deploy): poll often so that a re-announce is undone at once. Once the reload has
+        begun its master announces nothing until the new instance is up (core/master.c)."""
+        return any(
+            v.drain_started is not None and v.stage in (Stage.DRAINING, Stage.TOUCHED)
+            for v in self.in_flight()
+        )
+
     @property
     def finished(self) -> bool:
         return not self.pending() and not self.in_flight()
@@ -711,6 +729,8 @@ class Rollout:
             assert v.baseline is not None
             current = snapshot.vassals.get(v.id)
             v.stage = reload_stage(v.baseline, current, live_keys(current, v.name, snapshot.nodes))
+            if v.accepting is None and v.stage in (Stage.ACCEPTING, Stage.BACK):
+                v.accepting = now
             if v.stage is Stage.TOUCHED and self.subscriptions and v.drain_started is not None:
                 # The old instance re-announced itself before the emperor acted on the touch.
                 events += self._unsubscribe_again(v, snapshot, now, "before its reload")
@@ -1201,6 +1221,7 @@ def _drive(
 ) -> int:
     unreadable_since: float | None = None
     while True:
+        touched = False
         now = io.clock() - started
         if current is None:
             try:
@@ -1228,6 +1249,7 @@ def _drive(
                 assert vassal.baseline is not None
                 try:
                     io.touch(vassal.config, touch_mtime(io.wall_clock(), vassal.baseline.last_mod))
+                    touched = True
                 except OSError as exc:
                     vassal.outcome, vassal.detail = Outcome.FAILED, f"cannot touch: {exc}"
                     event.what = f"failed: {vassal.detail}"
@@ -1241,7 +1263,14 @@ def _drive(
             everything = all(v.outcome is Outcome.RELOADED for v in rollout.vassals.values())
             return EXIT_OK if everything else EXIT_NOT_ALL_RELOADED
         current = None
-        io.sleep(options.check_interval)
+        if touched:
+            # Read the stats at once: the emperor rescans on that connection and acts on the
+            # touch now rather than on the next poll.
+            continue
+        interval = options.check_interval
+        if rollout.watch_closely():
+            interval = min(interval, CLOSE_WATCH_INTERVAL)
+        io.sleep(interval)
 
 
 def _send(packets: Sequence[Subscription], options: Options, reporter: Reporter, io: Io) -> str:

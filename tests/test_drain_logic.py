@@ -263,6 +263,12 @@ class RouterSim(SimStack):
         self.probe_status: dict[str, int | None] = {}
         self.touched_in_flight: list[tuple[str, int]] = []
         self.fewest_in_router = len(names)
+        #: the tool's calls in order: ("snapshot" | "touch" | "sleep", sim time, seconds slept)
+        self.calls: list[tuple[str, float, float]] = []
+        #: (vassal, seconds) a touched vassal the emperor had not yet acted on was back in the
+        #: router after its master announced it: a request routed to it then waits out its restart
+        self.exposed: list[tuple[str, float]] = []
+        self._exposed_since: dict[str, float] = {}
 
     def _vid(self, address: str) -> str:
         return f"{ur.node_vassal_name(address)}.ini"
@@ -273,8 +279,11 @@ class RouterSim(SimStack):
         for vid, v in self.vassals.items():
             if v.down_until is not None and v.down_until != was[vid]:  # a reload registered
                 self.in_router[vid] = False  # unsubscribe-on-graceful-reload
+                self._close_exposure(vid)
                 self.next_announce[vid] = v.down_until + self.announce_delay
             if self.live(v) and self.t >= self.next_announce[vid]:
+                if v.registers_at is not None and not self.in_router[vid]:
+                    self._exposed_since[vid] = self.next_announce[vid]
                 self.in_router[vid] = True
                 self.next_announce[vid] = self.t + self.reannounce
         routed = sum(self.in_router[vid] and self.live(v) for vid, v in self.vassals.items())
@@ -286,9 +295,19 @@ class RouterSim(SimStack):
     def touch(self, path: str, mtime: int) -> None:
         vid = os.path.basename(path)
         self.touched_in_flight.append((vid, self.ref(vid)))
+        self.calls.append(("touch", self.t, 0.0))
         super().touch(path, mtime)
 
+    def _close_exposure(self, vid: str) -> None:
+        if vid in self._exposed_since:
+            self.exposed.append((vid, self.t - self._exposed_since.pop(vid)))
+
+    def sleep(self, seconds: float) -> None:
+        self.calls.append(("sleep", self.t, seconds))
+        super().sleep(seconds)
+
     def snapshot(self, options: ur.Options) -> ur.Snapshot:
+        self.calls.append(("snapshot", self.t, 0.0))
         self._advance()
         vassals = {
             v.vid: vassal(v.vid, v.pid, v.respawns, v.last_mod, accepting=self.live(v))
@@ -319,6 +338,8 @@ class RouterSim(SimStack):
         assert fields["key"] == KEY
         self.packets.append((self.t, command, fields))
         self.in_router[self._vid(fields["address"])] = command == ur.Command.SUBSCRIBE
+        if command == ur.Command.UNSUBSCRIBE:
+            self._close_exposure(self._vid(fields["address"]))
 
     def probe(self, name: str, key: str, path: str, timeout: float) -> ur.ProbeResult:
         self.probes.append((name, key, path))
@@ -412,6 +433,49 @@ def test_reannounce_while_draining_is_unsubscribed_again(tmp_path: Path) -> None
     assert len(unsubscribed) == 2 and unsubscribed[1] >= 0.3, unsubscribed
     assert "vassal_01: re-announced while draining: unsubscribed again" in out
     assert all(ref == 0 for _, ref in stack.touched_in_flight)
+
+
+def test_after_a_touch_the_stats_are_read_at_once(tmp_path: Path) -> None:
+    """The stats connection makes the emperor rescan: it acts on the touch now, not a poll later."""
+    code, stack, out = run_sim(tmp_path, n=4, minimum=1)
+    assert code == ur.EXIT_OK, out
+    kinds = [kind for kind, _, _ in stack.calls]
+    after_touches = [
+        next(k for k in kinds[i:] if k != "touch")
+        for i, kind in enumerate(kinds)
+        if kind == "touch"
+    ]
+    assert len(after_touches) == 4
+    assert set(after_touches) == {"snapshot"}
+
+
+def test_polls_closely_while_a_drained_vassal_is_not_yet_reloading(tmp_path: Path) -> None:
+    def busy(stack: RouterSim) -> None:
+        stack.requests["vassal_01.ini"] = [0.3]
+
+    code, stack, out = run_sim(tmp_path, n=2, minimum=1, lag=0.2, setup=busy)
+    assert code == ur.EXIT_OK, out
+    touched = next(t for t, vid in stack.touched if vid == "vassal_01.ini")
+    registered = touched + 0.2
+    sleeps = [(t, s) for kind, t, s in stack.calls if kind == "sleep"]
+    # draining (0 to 0.3 s) and touched but not yet registered (0.3 to 0.5 s): 10 ms polls
+    assert all(s == ur.CLOSE_WATCH_INTERVAL for t, s in sleeps if t < registered - 1e-9)
+    # reloading, nothing out of the router and not reloading: the check interval
+    assert any(s == 0.1 for t, s in sleeps if t > registered + 0.1)
+
+
+def test_reannounce_after_the_touch_is_undone_within_one_close_poll(tmp_path: Path) -> None:
+    """The old master announces itself after the touch, before the emperor acts on it."""
+
+    def announces_late(stack: RouterSim) -> None:
+        for vid in stack.vassals:
+            stack.next_announce[vid] = 0.05
+
+    code, stack, out = run_sim(tmp_path, n=2, minimum=1, lag=0.3, setup=announces_late)
+    assert code == ur.EXIT_OK, out
+    assert "re-announced before its reload: unsubscribed again" in out
+    assert stack.exposed, "the set-up did not put a touched vassal back in the router"
+    assert max(seconds for _, seconds in stack.exposed) <= ur.CLOSE_WATCH_INTERVAL + 1e-9
 
 
 def test_fast_return_subscribes_as_soon_as_it_accepts(tmp_path: Path) -> None:
