@@ -26,11 +26,12 @@ START_DELAY = 1.0
 #: (or within FLOOR_MS, for a p99 of a few ms that one scheduler hiccup would exceed tenfold).
 LATENCY_MULTIPLE = 10
 FLOOR_MS = 250.0
-#: Concurrent users. With ``unsubscribe-on-graceful-reload`` the router stops sending to a vassal as
-#: its reload begins, so without drain only requests already queued behind the one its worker is
-#: serving wait out the restart. At 8 users (2 per vassal) a whole rollout sometimes had none
-#: queued, and nothing showed; at 32 every measured run had some.
-USERS = 32
+#: Seconds the demo view takes per request. With ``unsubscribe-on-graceful-reload`` the router
+#: stops sending to a vassal as its reload begins, so without drain only the requests already
+#: queued behind the one its worker serves wait out the restart (or fail with a broken deploy).
+#: With a fast view the load generator sets the pace and a vassal's queue is often empty: one run
+#: in six without drain showed nothing. With 10 ms the vassals set the pace and always have a queue.
+REQUEST_DELAY = 0.01
 
 
 def command(stack: Stack, minimum: int, *, drain: bool, timeout: float = 60) -> list[str]:
@@ -50,12 +51,12 @@ def summary(run: ReloadRun) -> str:
 def test_drain_keeps_reload_latency_near_steady_state(
     make_uwsgi_stack: MakeStack, record_reload: Record
 ) -> None:
-    stack = make_uwsgi_stack(start_delay=START_DELAY)
-    plain = reload_under_load(stack, command(stack, 1, drain=False), users=USERS)
+    stack = make_uwsgi_stack(start_delay=START_DELAY, request_delay=REQUEST_DELAY)
+    plain = reload_under_load(stack, command(stack, 1, drain=False))
     record_reload(plain.row("drain off, app start 1 s", 1))
     assert plain.returncode == 0, plain.output
     stack.wait_all_live(timeout=30)
-    drained = reload_under_load(stack, command(stack, 1, drain=True), users=USERS)
+    drained = reload_under_load(stack, command(stack, 1, drain=True))
     record_reload(drained.row("drain on, app start 1 s", 1))
     print(f"drain off: {summary(plain)}\ndrain on:  {summary(drained)}")
 
@@ -75,13 +76,30 @@ def test_drain_keeps_reload_latency_near_steady_state(
     )
 
 
+def test_control_broken_deploy_without_drain_loses_the_queued_requests(
+    make_uwsgi_stack: MakeStack, record_reload: Record
+) -> None:
+    """The same check as the drain runs below, catching what drain prevents."""
+    stack = make_uwsgi_stack(start_delay=START_DELAY, request_delay=REQUEST_DELAY)
+    stack.deploy(version="v2", broken=True)
+    run = reload_under_load(stack, command(stack, 2, drain=False, timeout=5))
+    record_reload(run.row("control: broken deploy, drain off", 2))
+    print(f"broken deploy, drain off: {summary(run)}")
+    assert run.returncode == 1, run.output
+    assert len(run.replaced()) == 2
+    assert run.load.total.failures > 0, summary(run)
+    assert any("failed requests" in problem for problem in run.check(2, all_replaced=False))
+    # the untouched two kept the minimum in the router throughout
+    assert run.min_live_during() >= 2
+
+
 @pytest.mark.parametrize("attempt", [1, 2, 3])
 def test_broken_deploy_with_drain_loses_nothing(
     make_uwsgi_stack: MakeStack, record_reload: Record, attempt: int
 ) -> None:
-    stack = make_uwsgi_stack(start_delay=START_DELAY)
+    stack = make_uwsgi_stack(start_delay=START_DELAY, request_delay=REQUEST_DELAY)
     stack.deploy(version="v2", broken=True)
-    run = reload_under_load(stack, command(stack, 2, drain=True, timeout=5), users=USERS)
+    run = reload_under_load(stack, command(stack, 2, drain=True, timeout=5))
     record_reload(run.row(f"broken deploy, drain on #{attempt}", 2))
     print(f"broken deploy, drain on #{attempt}: {summary(run)}")
     assert run.returncode == 1, run.output
@@ -95,12 +113,11 @@ def test_broken_deploy_with_drain_loses_nothing(
 def test_failing_probe_stops_the_rollout(
     make_uwsgi_stack: MakeStack, record_reload: Record
 ) -> None:
-    stack = make_uwsgi_stack(start_delay=START_DELAY)
+    stack = make_uwsgi_stack(start_delay=START_DELAY, request_delay=REQUEST_DELAY)
     extra = ["--subscription-server", stack.subscription_server, "--probe", "/no-such-page"]
     run = reload_under_load(
         stack,
         stack.reload_command("--minimum-active-vassals", "2", "--timeout", "30", *extra),
-        users=USERS,
     )
     record_reload(run.row("probe answers 404", 2))
     print(f"failing probe: {summary(run)}")
