@@ -1,7 +1,7 @@
 """Rotation control under load: full reloads with drain off and on, and broken deploys with drain.
 
     python -m loadtests.bench_drain [--sizes 4,8] [--minimums 1,2] [--start-delay 1]
-                                    [--broken-runs 20] [--results-dir DIR]
+                                    [--request-delay 0.01] [--broken-runs 20] [--results-dir DIR]
 
 A separate mode of the benchmark (``python -m loadtests.bench`` and its table are unchanged).
 
@@ -48,7 +48,7 @@ from loadtests.demo import (
 )
 from loadtests.plot import command_line, environment, environment_lines, markdown_table, seconds
 from loadtests.runner import LoadRunError
-from uwsgi_reload import rounds_needed
+from uwsgi_reload import non_negative_float, non_negative_int, positive_int, rounds_needed
 
 EXIT_OK, EXIT_SOME_RUN_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -71,26 +71,23 @@ class Run:
     def ok(self) -> bool:
         return self.measured.all_reloaded
 
-    def vassal_time(self) -> float | None:
-        durations = self.measured.durations()
-        return statistics.median(durations) if durations else None
-
-    def lone_time(self) -> float | None:
-        """Median trigger-to-back of the vassals triggered after the first one was back (the
-        last round: fewer apps loading at once on the machine)."""
+    def vassal_time(self, until: str = "back", *, last_round: bool = False) -> float | None:
+        """Median seconds from trigger to ``until`` ("accepting" or "back") over the vassals of
+        this run, from the tool's ``--json`` timeline. ``last_round``: only the vassals triggered
+        after the first one was back (fewer apps loading at once, closer to a reload alone)."""
         result = self.measured.result
         if result is None:
             return None
         vassals = result["vassals"]
         backs = [v["back"] for v in vassals if v["back"] is not None]
-        if not backs:
-            return None
-        late = [
-            float(v["duration"])
+        times = [
+            float(v[until]) - float(v["triggered"])
             for v in vassals
-            if v["duration"] is not None and v["triggered"] >= min(backs)
+            if v[until] is not None
+            and v["triggered"] is not None
+            and (not last_round or (backs and v["triggered"] >= min(backs)))
         ]
-        return statistics.median(late) if late else None
+        return statistics.median(times) if times else None
 
     def slowest_at(self) -> float | None:
         """Seconds after the reload command started of the 100 ms bucket with the slowest
@@ -168,7 +165,8 @@ def bench_size(
     n: int, minimums: Sequence[int], args: argparse.Namespace, work: Path, runs: list[Run]
 ) -> None:
     print(f"N={n}: starting stack (app start {args.start_delay:g} s)...", flush=True)
-    with running_stack(StackConfig(vassals=n, start_delay=args.start_delay)) as stack:
+    config = StackConfig(vassals=n, start_delay=args.start_delay, request_delay=args.request_delay)
+    with running_stack(config) as stack:
         for m in minimums:
             for drain in (DRAIN_OFF, DRAIN_ON):
                 stack.wait_all_live(60)
@@ -204,7 +202,12 @@ def recover(stack: Stack, version: str) -> float:
 
 def bench_broken(args: argparse.Namespace, work: Path, runs: list[BrokenRun]) -> None:
     print(f"broken deploys: starting stack ({BROKEN_N} vassals)...", flush=True)
-    config = StackConfig(vassals=BROKEN_N, start_delay=args.start_delay, broken_deploy=True)
+    config = StackConfig(
+        vassals=BROKEN_N,
+        start_delay=args.start_delay,
+        request_delay=args.request_delay,
+        broken_deploy=True,
+    )
     with running_stack(config) as stack:
         for index in range(1, args.broken_runs + 1):
             stack.wait_all_live(60)
@@ -248,12 +251,13 @@ DRAIN_HEADERS = (
     "drain",
     "exit",
     "makespan s",
-    "t_v s (median)",
     "rounds",
-    "rounds x t_v s",
+    "t_a s",
+    "vs rounds x t_a",
+    "last-round t_a s",
+    "vs rounds x last-round t_a",
+    "t_v s",
     "vs rounds x t_v",
-    "last-round t_v s",
-    "rounds x last-round t_v s",
     "command s",
     "p99 before ms",
     "p99.9 during ms",
@@ -264,15 +268,20 @@ DRAIN_HEADERS = (
 )
 
 
+def _ratio(makespan: float | None, rounds: int, per_vassal: float | None) -> str:
+    if makespan is None or not per_vassal:
+        return "-"
+    return f"{makespan / (rounds * per_vassal):.2f}x"
+
+
 def drain_rows(runs: Sequence[Run]) -> list[list[str]]:
     rows = []
     for run in runs:
         m = run.measured
         rounds = rounds_needed(run.n, run.minimum)
-        tv = run.vassal_time()
-        lone = run.lone_time()
-        bound = None if tv is None else rounds * tv
-        ratio = "-" if m.makespan is None or not bound else f"{m.makespan / bound:.2f}x"
+        ta = run.vassal_time("accepting")
+        ta_last = run.vassal_time("accepting", last_round=True)
+        tv = run.vassal_time("back")
         rows.append(
             [
                 str(run.n),
@@ -280,12 +289,13 @@ def drain_rows(runs: Sequence[Run]) -> list[list[str]]:
                 run.drain,
                 str(m.returncode),
                 seconds(m.makespan),
-                seconds(tv),
                 str(rounds),
-                seconds(bound),
-                ratio,
-                seconds(lone),
-                seconds(None if lone is None else rounds * lone),
+                seconds(ta),
+                _ratio(m.makespan, rounds, ta),
+                seconds(ta_last),
+                _ratio(m.makespan, rounds, ta_last),
+                seconds(tv),
+                _ratio(m.makespan, rounds, tv),
                 seconds(m.command_seconds),
                 f"{m.load.before.p99:.1f}",
                 f"{m.load.during.p999:.0f}",
@@ -337,7 +347,8 @@ def markdown(
     lines += [
         f"- load: {args.users} locust users through nginx, reload {args.reload_at:g} s into the "
         f"load, {args.after_reload:g} s of load after it; app start (demo app sleep while "
-        f"loading) {args.start_delay:g} s",
+        f"loading) {args.start_delay:g} s; the view takes {args.request_delay * 1000:g} ms per "
+        "request",
         "",
         "## Full reload, drain off vs on",
         "",
@@ -348,14 +359,15 @@ def markdown(
         "- makespan: first trigger to last back, from the tool's `--json` per-vassal timeline "
         "(a vassal's drain before its trigger is not in its own time; the drain of vassals "
         "started after the first trigger is in the makespan).",
-        "- t_v: median trigger-to-back of the vassals in that same run, from the tool's `--json` "
-        "per-vassal timeline (`duration`); back = the emperor registered the reload, the vassal "
-        "accepts and is live in the fastrouter (drain on: its probe passed and it was "
-        "subscribed again). It is trigger-to-back, not strictly trigger-to-accepting: the JSON "
-        "has no separate accepting time; with drain on the two differ by one probe and one "
-        "subscribe packet, with drain off by the router noticing the node.",
-        "- last-round t_v: the same, for the vassals triggered after the first one was back "
+        "- t_a: median trigger-to-accepting of the vassals in that same run, from the tool's "
+        "`--json` per-vassal timeline (`accepting` - `triggered`: the emperor registered the "
+        "reload and reports the new instance accepting); `vs rounds x t_a` is the makespan "
+        "against ceil(N / (N-m)) x t_a, the issue's target (1.2x).",
+        "- last-round t_a: the same, for the vassals triggered after the first one was back "
         "(fewer apps loading at once on 2 cores, so closer to a reload alone).",
+        "- t_v: median trigger-to-back (`duration`): accepting, then live in the fastrouter "
+        "(drain on: its probe passed and it was subscribed again; drain off: its master's next "
+        "announce).",
         "- slowest at: when the 100 ms bucket holding the slowest request started, seconds "
         "after the reload command started.",
         "- rounds = ceil(N / (N-m)); command s: the tool's wall time (includes the drains).",
@@ -398,20 +410,6 @@ def markdown(
 # ---------------------------------------------------------------------------------------------
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return value
-
-
 def parse_minimums(text: str) -> list[int]:
     try:
         values = sorted({int(t) for t in text.split(",") if t.strip()})
@@ -432,17 +430,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=parse_sizes, default=[4, 8], help="numbers of vassals")
     parser.add_argument("--minimums", type=parse_minimums, default=[1, 2], help="values of m")
     parser.add_argument(
-        "--start-delay", type=_seconds, default=1.0, help="seconds the app sleeps while loading"
-    )
-    parser.add_argument("--broken-runs", type=_count, default=20, help="broken-deploy runs")
-    parser.add_argument("--users", type=_count, default=8, help="locust users")
-    parser.add_argument("--reload-at", type=_seconds, default=2.0, help="seconds of load before")
-    parser.add_argument("--after-reload", type=_seconds, default=1.5, help="seconds after")
-    parser.add_argument(
-        "--broken-reload-at", type=_seconds, default=1.0, help="broken runs: seconds before"
+        "--start-delay",
+        type=non_negative_float,
+        default=1.0,
+        help="seconds the app sleeps while loading",
     )
     parser.add_argument(
-        "--broken-after-reload", type=_seconds, default=1.0, help="broken runs: seconds after"
+        "--broken-runs", type=non_negative_int, default=20, help="broken-deploy runs"
+    )
+    parser.add_argument(
+        "--request-delay",
+        type=non_negative_float,
+        default=0.0,
+        help="seconds the demo view sleeps per request: with 0.01 the vassals, not locust, set "
+        "the pace, and every vassal has requests queued when its reload begins (what drain is for)",
+    )
+    parser.add_argument("--users", type=positive_int, default=8, help="locust users")
+    parser.add_argument(
+        "--reload-at", type=non_negative_float, default=2.0, help="seconds of load before"
+    )
+    parser.add_argument(
+        "--after-reload", type=non_negative_float, default=1.5, help="seconds after"
+    )
+    parser.add_argument(
+        "--broken-reload-at",
+        type=non_negative_float,
+        default=1.0,
+        help="broken runs: seconds before",
+    )
+    parser.add_argument(
+        "--broken-after-reload",
+        type=non_negative_float,
+        default=1.0,
+        help="broken runs: seconds after",
     )
     parser.add_argument(
         "--results-dir",

@@ -117,3 +117,39 @@ def test_tiny_bench_writes_the_table_and_the_picture_and_leaves_nothing_running(
     assert len(stack["processes"]) >= 5
     assert still_running(stack["processes"]) == []
     assert not Path(stack["dir"]).exists()
+
+
+def test_tiny_drain_bench_writes_both_tables_and_leaves_nothing_running(tmp_path: Path) -> None:
+    results = tmp_path / "drain"
+    done = run_module(
+        "loadtests.bench_drain",
+        "--sizes",
+        "2",
+        "--minimums",
+        "1",
+        "--start-delay",
+        "0.5",
+        "--broken-runs",
+        "1",
+        "--reload-at",
+        "1",
+        "--after-reload",
+        "1",
+        "--results-dir",
+        str(results),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = (results / "drain.md").read_text()
+    assert table.splitlines()[2].startswith("- command: ")
+    rows = markdown_rows(table, "| N | m | drain ")
+    assert [row[:4] for row in rows] == [["2", "1", "off", "0"], ["2", "1", rows[1][2], "0"]]
+    assert rows[1][2].startswith("on")
+    assert "**0 failed in 1 of 1 runs**" in table
+    data = json.loads((results / "drain.json").read_text())
+    for run in data["runs"]:
+        assert run["failures"] == 0, run
+        for vassal in run["result"]["vassals"]:
+            assert vassal["triggered"] <= vassal["accepting"] <= vassal["back"], vassal
+    [broken] = data["broken_runs"]
+    assert broken["returncode"] == 1, broken
+    assert broken["failures"] == 0, broken
