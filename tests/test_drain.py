@@ -32,6 +32,9 @@ FLOOR_MS = 250.0
 #: With a fast view the load generator sets the pace and a vassal's queue is often empty: one run
 #: in six without drain showed nothing. With 10 ms the vassals set the pace and always have a queue.
 REQUEST_DELAY = 0.01
+#: Users for the broken-deploy runs. At 8 (two per vassal) one control run in three had nothing
+#: queued in the two broken vassals and lost nothing; at 32 each vassal has a queue of several.
+BROKEN_USERS = 32
 
 
 def command(stack: Stack, minimum: int, *, drain: bool, timeout: float = 60) -> list[str]:
@@ -82,7 +85,7 @@ def test_control_broken_deploy_without_drain_loses_the_queued_requests(
     """The same check as the drain runs below, catching what drain prevents."""
     stack = make_uwsgi_stack(start_delay=START_DELAY, request_delay=REQUEST_DELAY)
     stack.deploy(version="v2", broken=True)
-    run = reload_under_load(stack, command(stack, 2, drain=False, timeout=5))
+    run = reload_under_load(stack, command(stack, 2, drain=False, timeout=5), users=BROKEN_USERS)
     record_reload(run.row("control: broken deploy, drain off", 2))
     print(f"broken deploy, drain off: {summary(run)}")
     assert run.returncode == 1, run.output
@@ -99,7 +102,7 @@ def test_broken_deploy_with_drain_loses_nothing(
 ) -> None:
     stack = make_uwsgi_stack(start_delay=START_DELAY, request_delay=REQUEST_DELAY)
     stack.deploy(version="v2", broken=True)
-    run = reload_under_load(stack, command(stack, 2, drain=True, timeout=5))
+    run = reload_under_load(stack, command(stack, 2, drain=True, timeout=5), users=BROKEN_USERS)
     record_reload(run.row(f"broken deploy, drain on #{attempt}", 2))
     print(f"broken deploy, drain on #{attempt}: {summary(run)}")
     assert run.returncode == 1, run.output
