@@ -148,15 +148,20 @@ class BrokenRun:
 
 
 def measure(
-    stack: Stack, command: list[str], args: argparse.Namespace, work: Path
+    stack: Stack,
+    command: list[str],
+    args: argparse.Namespace,
+    work: Path,
+    *,
+    broken: bool = False,
 ) -> ReloadUnderLoad:
     return reload_under_load(
         stack,
         command,
         work_dir=work,
         users=args.users,
-        reload_at=args.reload_at,
-        after_reload=args.after_reload,
+        reload_at=args.broken_reload_at if broken else args.reload_at,
+        after_reload=args.broken_after_reload if broken else args.after_reload,
         observer_interval=0.02,
     )
 
@@ -220,15 +225,7 @@ def bench_broken(args: argparse.Namespace, work: Path, runs: list[BrokenRun]) ->
                 str(BROKEN_TIMEOUT),
                 *drain_args(stack),
             )
-            measured = reload_under_load(
-                stack,
-                command,
-                work_dir=work,
-                users=args.users,
-                reload_at=args.broken_reload_at,
-                after_reload=args.broken_after_reload,
-                observer_interval=0.02,
-            )
+            measured = measure(stack, command, args, work, broken=True)
             recovered = recover(stack, f"good-{index}")
             run = BrokenRun(index, measured, recovered)
             runs.append(run)
