@@ -32,6 +32,10 @@ class Sample(NamedTuple):
     t: float
     """Wall clock (``time.time()``) when the read started, comparable with a load report's."""
     live: int
+    done: float = 0.0
+    """Wall clock when the read returned. The router rendered ``live`` at some moment between
+    ``t`` and ``done``: a read kept waiting (a busy router, or a reader thread waiting for the
+    GIL) can report a change that happened after ``t``."""
 
 
 def _read_with_timeout(timeout: float) -> StatsReader:
@@ -146,7 +150,7 @@ class RouterObserver:
         except Exception as exc:  # a half-written or odd document: a gap, not a dead thread
             self._failed(t, f"{type(exc).__name__}: {exc}")
             return None
-        sample = Sample(t, live)
+        sample = Sample(t, live, self._clock())
         with self._lock:
             self._samples.append(sample)
         return sample
