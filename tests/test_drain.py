@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from harness.stack import Stack
-from tests.zero_downtime import ReloadRun, reload_under_load
+from tests.zero_downtime import FreshStacks, ReloadRun, observed, reload_under_load
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -55,12 +55,17 @@ def test_drain_keeps_reload_latency_near_steady_state(
     make_uwsgi_stack: MakeStack, record_reload: Record
 ) -> None:
     stack = make_uwsgi_stack(start_delay=START_DELAY, request_delay=REQUEST_DELAY)
-    plain = reload_under_load(stack, command(stack, 1, drain=False))
-    record_reload(plain.row("drain off, app start 1 s", 1))
+
+    def attempt(drain: bool) -> Callable[[], ReloadRun]:
+        def run() -> ReloadRun:
+            stack.wait_all_live(timeout=30)
+            return reload_under_load(stack, command(stack, 1, drain=drain))
+
+        return run
+
+    plain = observed(attempt(False), "drain off, app start 1 s", 1, record_reload)
     assert plain.returncode == 0, plain.output
-    stack.wait_all_live(timeout=30)
-    drained = reload_under_load(stack, command(stack, 1, drain=True))
-    record_reload(drained.row("drain on, app start 1 s", 1))
+    drained = observed(attempt(True), "drain on, app start 1 s", 1, record_reload)
     print(f"drain off: {summary(plain)}\ndrain on:  {summary(drained)}")
 
     assert drained.returncode == 0, drained.output
@@ -100,10 +105,17 @@ def test_control_broken_deploy_without_drain_loses_the_queued_requests(
 def test_broken_deploy_with_drain_loses_nothing(
     make_uwsgi_stack: MakeStack, record_reload: Record, attempt: int
 ) -> None:
-    stack = make_uwsgi_stack(start_delay=START_DELAY, request_delay=REQUEST_DELAY)
-    stack.deploy(version="v2", broken=True)
-    run = reload_under_load(stack, command(stack, 2, drain=True, timeout=5), users=BROKEN_USERS)
-    record_reload(run.row(f"broken deploy, drain on #{attempt}", 2))
+    fresh = FreshStacks(make_uwsgi_stack, start_delay=START_DELAY, request_delay=REQUEST_DELAY)
+
+    def broken_deploy() -> ReloadRun:
+        stack = fresh()
+        stack.deploy(version="v2", broken=True)
+        return reload_under_load(
+            stack, command(stack, 2, drain=True, timeout=5), users=BROKEN_USERS
+        )
+
+    name = f"broken deploy, drain on #{attempt}"
+    run = observed(broken_deploy, name, 2, record_reload, all_replaced=False)
     print(f"broken deploy, drain on #{attempt}: {summary(run)}")
     assert run.returncode == 1, run.output
     assert "timed out after 5s" in run.output
@@ -116,13 +128,17 @@ def test_broken_deploy_with_drain_loses_nothing(
 def test_failing_probe_stops_the_rollout(
     make_uwsgi_stack: MakeStack, record_reload: Record
 ) -> None:
-    stack = make_uwsgi_stack(start_delay=START_DELAY, request_delay=REQUEST_DELAY)
-    extra = ["--subscription-server", stack.subscription_server, "--probe", "/no-such-page"]
-    run = reload_under_load(
-        stack,
-        stack.reload_command("--minimum-active-vassals", "2", "--timeout", "30", *extra),
-    )
-    record_reload(run.row("probe answers 404", 2))
+    fresh = FreshStacks(make_uwsgi_stack, start_delay=START_DELAY, request_delay=REQUEST_DELAY)
+
+    def failing_probe() -> ReloadRun:
+        stack = fresh()
+        extra = ["--subscription-server", stack.subscription_server, "--probe", "/no-such-page"]
+        return reload_under_load(
+            stack,
+            stack.reload_command("--minimum-active-vassals", "2", "--timeout", "30", *extra),
+        )
+
+    run = observed(failing_probe, "probe answers 404", 2, record_reload, all_replaced=False)
     print(f"failing probe: {summary(run)}")
     assert run.returncode == 1, run.output
     assert "answered 404" in run.output

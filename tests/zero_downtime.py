@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from harness.stack import Stack
@@ -21,6 +21,8 @@ USERS = 8
 MIN_REQUESTS_DURING = 200
 #: The observer must have looked at the router at least this often.
 MAX_OBSERVER_GAP = 0.025
+#: Runs of one measurement, at most, when the observer's gap was its only problem.
+ATTEMPTS = 3
 FAULTS = Path(__file__).with_name("faults.py")
 
 DEFAULT_TEMPLATE = (
@@ -88,6 +90,11 @@ class ReloadRun:
             if not set(before) & set(self.workers_after.get(vid, []))
         ]
 
+    @property
+    def blind(self) -> bool:
+        """The observer went longer than ``MAX_OBSERVER_GAP`` without a sample."""
+        return self.observer.max_gap > MAX_OBSERVER_GAP
+
     def check(self, minimum: int, *, all_replaced: bool = True) -> list[str]:
         """What broke the zero-downtime promise; empty when nothing did."""
         problems = []
@@ -98,7 +105,7 @@ class ReloadRun:
             problems.append(f"{load.total.failures} failed requests {load.total.failures_by_kind}")
         if load.during.requests < MIN_REQUESTS_DURING:
             problems.append(f"only {load.during.requests} requests during the reload")
-        if self.observer.max_gap > MAX_OBSERVER_GAP:
+        if self.blind:
             problems.append(f"observer gap {self.observer.max_gap * 1000:.0f} ms")
         if self.observer.min_live < minimum:
             problems.append(f"observer saw {self.observer.min_live} live nodes (minimum {minimum})")
@@ -147,3 +154,62 @@ def reload_under_load(
             nice=5,
         )
     return ReloadRun(load, observer, workers_before, stack.worker_pids(), users)
+
+
+class FreshStacks:
+    """A new stack for each attempt of a run that leaves its stack changed (a broken deploy).
+
+    Making one stops the one before, so two stacks never share the machine.
+    """
+
+    def __init__(self, make: Callable[..., Stack], **config: object) -> None:
+        self._make = make
+        self._config = config
+        self.current: Stack | None = None
+
+    def __call__(self) -> Stack:
+        if self.current is not None:
+            self.current.stop()
+        self.current = self._make(**self._config)
+        return self.current
+
+
+def observed(
+    attempt: Callable[[], ReloadRun],
+    name: str,
+    minimum: int,
+    record: Callable[[dict[str, object]], None],
+    *,
+    all_replaced: bool = True,
+    failures_allowed: bool = False,
+) -> ReloadRun:
+    """``attempt()`` again, up to ``ATTEMPTS`` runs, while the observer's gap is its only problem.
+
+    The machine can stall every process at once for 20-30 ms, the observer's threads included
+    (measured on a 2-core VM: a real-time process pinned to each core was late at the same
+    moments as the observer's largest gaps). A run the observer watched that coarsely proves
+    nothing either way, so it is measured again. Any other problem ends the retries: a run that
+    lost a request or was seen below the minimum is returned at once for the test to fail on, as
+    is the last attempt. ``failures_allowed``: failed requests during the reload are what the
+    test measures (it asserts on them), so they alone do not end the retries; failures before
+    or after the reload still do. Every attempt gets its row in the table.
+    """
+    number = 0
+    while True:
+        number += 1
+        run = attempt()
+        label = name if number == 1 else f"{name} (attempt {number})"
+        record(run.row(label, minimum))
+        others = [
+            problem
+            for problem in run.check(minimum, all_replaced=all_replaced)
+            if not problem.startswith("observer gap")
+            and not (failures_allowed and _only_during(run) and "failed requests" in problem)
+        ]
+        if not run.blind or others or number == ATTEMPTS:
+            return run
+        print(f"{label}: observer gap {run.observer.max_gap * 1000:.0f} ms, measuring again")
+
+
+def _only_during(run: ReloadRun) -> bool:
+    return run.load.before.failures == 0 and run.load.after.failures == 0
