@@ -1,7 +1,7 @@
 """Fault injection around a reload command, run by locust as its reload command.
 
     python tests/faults.py kill PID -- CMD...       SIGKILL PID once CMD triggered its first reload
-    python tests/faults.py interrupt -- CMD...     SIGINT CMD once it triggered its first reload
+    python tests/faults.py interrupt [N] -- CMD... SIGINT CMD once it triggered its Nth reload (1)
     python tests/faults.py second-run -- CMD...    start CMD again once the first triggered
     python tests/faults.py touch-all EMPEROR_STATS LINK...
         the naive reload: touch every config at once, then wait until every vassal is back
@@ -53,9 +53,13 @@ def main(argv: Sequence[str]) -> int:
     tool = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert tool.stdout is not None
     injected = False
+    nth = int(args[0]) if action == "interrupt" and args else 1
     for line in tool.stdout:
         sys.stdout.write(line)
         if injected or "triggered" not in line:
+            continue
+        nth -= 1
+        if nth:
             continue
         injected = True
         result["injected_at"] = round(time.monotonic() - started, 3)

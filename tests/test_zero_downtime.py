@@ -15,7 +15,15 @@ import pytest
 import requests
 
 from harness.stack import Stack
-from tests.zero_downtime import FAULTS, ReloadRun, reload_command, reload_under_load, with_fault
+from tests.zero_downtime import (
+    FAULTS,
+    FreshStacks,
+    ReloadRun,
+    observed,
+    reload_command,
+    reload_under_load,
+    with_fault,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -25,6 +33,16 @@ MakeStack = Callable[..., Stack]
 
 def versions_served(stack: Stack, n: int = 40) -> set[str]:
     return {stack.get().json()["version"] for _ in range(n)}
+
+
+def again(stack: Stack, command: list[str]) -> Callable[[], ReloadRun]:
+    """One reload under load of ``stack``, repeatable: each starts with every vassal live."""
+
+    def attempt() -> ReloadRun:
+        stack.wait_all_live(timeout=30)
+        return reload_under_load(stack, command)
+
+    return attempt
 
 
 def fault_result(run: ReloadRun) -> dict[str, object]:
@@ -39,8 +57,8 @@ def fault_result(run: ReloadRun) -> dict[str, object]:
 def test_reload_loses_no_request(
     uwsgi_stack: Stack, reload_template: str, record_reload: Record, minimum: int
 ) -> None:
-    run = reload_under_load(uwsgi_stack, reload_command(uwsgi_stack, reload_template, minimum))
-    record_reload(run.row(f"minimum {minimum}", minimum))
+    command = reload_command(uwsgi_stack, reload_template, minimum)
+    run = observed(again(uwsgi_stack, command), f"minimum {minimum}", minimum, record_reload)
     assert run.returncode == 0, run.output
     assert run.check(minimum) == []
     assert run.min_live_during() >= minimum
@@ -52,8 +70,8 @@ def test_tight_timeout_with_slow_app_exits_1_and_keeps_the_minimum(
 ) -> None:
     stack = make_uwsgi_stack(start_delay=3.0)
     command = reload_command(stack, reload_template, minimum=1, timeout=1)
-    run = reload_under_load(stack, command)
-    record_reload(run.row("timeout 1 s, app start 3 s", 1))
+    name = "timeout 1 s, app start 3 s"
+    run = observed(again(stack, command), name, 1, record_reload, all_replaced=False)
     assert run.returncode == 1, run.output
     assert "timed out after 1s" in run.output
     assert "not started" in run.output
@@ -91,13 +109,21 @@ def test_control_reload_ignoring_the_minimum_is_caught(
 
 @pytest.mark.slow
 def test_broken_deploy_stops_the_rollout(
-    uwsgi_stack: Stack, reload_template: str, record_reload: Record
+    make_uwsgi_stack: MakeStack, reload_template: str, record_reload: Record
 ) -> None:
-    stack = uwsgi_stack
-    assert versions_served(stack) == {"v1"}
-    stack.deploy(version="v2", broken=True)
-    run = reload_under_load(stack, reload_command(stack, reload_template, minimum=2, timeout=5))
-    record_reload(run.row("broken deploy", 2))
+    fresh = FreshStacks(make_uwsgi_stack)
+
+    def attempt() -> ReloadRun:
+        stack = fresh()
+        assert versions_served(stack) == {"v1"}
+        stack.deploy(version="v2", broken=True)
+        return reload_under_load(stack, reload_command(stack, reload_template, 2, timeout=5))
+
+    run = observed(
+        attempt, "broken deploy", 2, record_reload, all_replaced=False, failures_allowed=True
+    )
+    stack = fresh.current
+    assert stack is not None
     assert run.returncode == 1, run.output
     assert "timed out after 5s" in run.output
     # the two untouched vassals still serve the old code; the broken ones never came back
@@ -142,9 +168,8 @@ def test_vassal_killed_during_the_reload(
 def test_second_run_exits_at_once_and_the_first_completes(
     uwsgi_stack: Stack, reload_template: str, record_reload: Record
 ) -> None:
-    command = reload_command(uwsgi_stack, reload_template, minimum=1)
-    run = reload_under_load(uwsgi_stack, with_fault("second-run", command))
-    record_reload(run.row("second concurrent run", 1))
+    command = with_fault("second-run", reload_command(uwsgi_stack, reload_template, minimum=1))
+    run = observed(again(uwsgi_stack, command), "second concurrent run", 1, record_reload)
     result = fault_result(run)
     assert result["second_exit"] == 3, result
     assert "is reloading the emperor" in str(result["second_stderr"])
@@ -155,11 +180,16 @@ def test_second_run_exits_at_once_and_the_first_completes(
 def test_sigint_exits_130_and_the_stack_recovers(
     uwsgi_stack: Stack, reload_template: str, record_reload: Record
 ) -> None:
-    command = reload_command(uwsgi_stack, reload_template, minimum=3)
-    run = reload_under_load(uwsgi_stack, with_fault("interrupt", command))
-    record_reload(run.row("SIGINT", 3))
+    # Minimum 3 of 4: one vassal at a time, so at the second trigger one is back, one is in
+    # flight and two are not started, and the load has run through a whole vassal's reload.
+    command = with_fault("interrupt", reload_command(uwsgi_stack, reload_template, 3), "2")
+    run = observed(again(uwsgi_stack, command), "SIGINT", 3, record_reload, all_replaced=False)
     assert run.returncode == 130, run.output
     assert "in flight" in run.output
+    assert run.output.count("back after") == 1, run.output
+    assert run.output.count("not started") == 2, run.output
+    # the two not started keep their workers; the one in flight finishes by itself, or not yet
+    assert 1 <= len(run.replaced()) <= 2, run.output
     assert run.check(3, all_replaced=False) == []
     uwsgi_stack.wait_all_live(timeout=30)
     assert uwsgi_stack.get().status_code == requests.codes.ok
