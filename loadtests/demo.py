@@ -189,6 +189,7 @@ def reload_under_load(
     after_reload: float = 3.0,
     observer_interval: float = 0.01,
     show_progress: bool = False,
+    rate: float = 0.0,
 ) -> ReloadUnderLoad:
     """Locust through nginx; ``command`` (wrapped to measure its CPU) ``reload_at`` s in."""
     cpu_file = work_dir / "cpu.json"
@@ -206,6 +207,7 @@ def reload_under_load(
                 after_reload=after_reload,
                 max_run_time=reload_at + after_reload + 300,
                 report_path=work_dir / "load.json",
+                rate=rate,
                 nice=5,
             )
         except BaseException:

@@ -1,4 +1,5 @@
-"""GET / as fast as possible; optionally run a reload command under that load and report on it.
+"""GET / as fast as possible, or at ``--rate`` requests/s; optionally run a reload command under
+that load and report on it.
 
 Plain load against any deployment::
 
@@ -34,10 +35,11 @@ if not __package__:
 
 import gevent
 import gevent.subprocess
-from locust import FastHttpUser, constant, events, task
+from locust import FastHttpUser, events, task
 from locust.env import Environment
 from locust.runners import LocalRunner
 
+from loadtests.pacing import Pacer, user_interval
 from loadtests.report import (
     ReloadInfo,
     RequestRecord,
@@ -79,6 +81,13 @@ def _add_arguments(parser: Any, **_: Any) -> None:
         type=float,
         default=10.0,
         help="connect and network timeout per request, seconds (default 10)",
+    )
+    group.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="requests per second over all users, each user paced to its share; 0 (default): "
+        "as fast as the server answers",
     )
     group.add_argument("--reload-command", default="", help="shell command to run under load")
     group.add_argument(
@@ -200,9 +209,8 @@ _listen(events.quitting, _on_quitting)
 
 
 class GetRoot(FastHttpUser):
-    """One connection per user, keep-alive, no think time."""
+    """One connection per user, keep-alive; no think time, or paced to ``--rate``."""
 
-    wait_time = constant(0)
     max_retries = 0
 
     def __init__(self, environment: Environment) -> None:
@@ -215,7 +223,15 @@ class GetRoot(FastHttpUser):
         header = _option(environment, "host_header")
         self._headers = {"Host": str(header)} if header else {}
         self._path = str(_option(environment, "url_path") or "/")
+        rate = float(_option(environment, "rate") or 0)
+        users = int(_option(environment, "num_users") or 1)
+        self._pacer = Pacer(user_interval(rate, users)) if rate > 0 else None
+
+    def wait_time(self) -> float:
+        return 0.0 if self._pacer is None else self._pacer.wait(time.monotonic())
 
     @task
     def get_root(self) -> None:
+        if self._pacer is not None:
+            self._pacer.start(time.monotonic())
         self.client.get(self._path, headers=self._headers)

@@ -74,6 +74,7 @@ def locust_command(
     max_run_time: float = 60,
     request_timeout: float = 10.0,
     url_path: str = "/",
+    rate: float = 0.0,
     locustfile: StrPath = LOCUSTFILE,
 ) -> list[str]:
     """The argv of one headless locust run (``--run-time`` takes whole seconds)."""
@@ -102,6 +103,8 @@ def locust_command(
     ]
     if host_header:
         argv += ["--host-header", host_header]
+    if rate:
+        argv += ["--rate", str(rate)]
     if reload_command:
         argv += [
             "--reload-command",
@@ -126,6 +129,7 @@ def run_load(
     max_run_time: float = 60,
     request_timeout: float = 10.0,
     url_path: str = "/",
+    rate: float = 0.0,
     report_path: StrPath | None = None,
     env: Mapping[str, str] | None = None,
     locustfile: StrPath = LOCUSTFILE,
@@ -142,6 +146,8 @@ def run_load(
     file, removed). Locust gets ``timeout`` seconds (default ``max_run_time`` + 30) before it is
     killed; then, and when it exits 2 or more or writes no report, ``LoadRunError`` carries the
     tail of its stderr. Exit code 1 (locust's "some requests failed") is a normal result.
+    ``rate``: requests per second over all users (each paced to its share); 0, as fast as the
+    server answers.
     """
     with tempfile.TemporaryDirectory(prefix="ur-load-") as tmp:
         path = Path(report_path) if report_path is not None else Path(tmp, "report.json")
@@ -158,6 +164,7 @@ def run_load(
             max_run_time=max_run_time,
             request_timeout=request_timeout,
             url_path=url_path,
+            rate=rate,
             locustfile=locustfile,
         )
         if nice:
@@ -309,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="concurrent users, one keep-alive connection each (default 8)",
     )
+    parser.add_argument(
+        "--rate",
+        type=non_negative_float,
+        default=0.0,
+        help="requests per second over all users, each user paced to its share; 0: as fast as "
+        "the server answers (default 0)",
+    )
     parser.add_argument("--reload-command", help="shell command to run under load")
     parser.add_argument(
         "--reload-at",
@@ -353,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_run_time=args.run_time,
             request_timeout=args.request_timeout,
             url_path=args.url_path,
+            rate=args.rate,
             report_path=args.report_json,
         )
     except LoadRunError as exc:

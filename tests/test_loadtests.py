@@ -512,6 +512,16 @@ def test_load_runs_and_splits_around_the_reload_command(http_app: HttpApp, base_
 
 
 @pytest.mark.e2e
+def test_rate_paces_the_load(http_app: HttpApp) -> None:
+    report = run_load(http_app.url, host_header="domain.tld", users=4, rate=50, max_run_time=3)
+    offered = 50 * (report.ended - report.started)
+    assert report.total.failures == 0, report.total.failures_by_kind
+    # users start over the first second; unpaced, this app serves thousands in 3 s
+    served = report.total.requests
+    assert 0.6 * offered <= served <= 1.05 * offered, (served, offered)
+
+
+@pytest.mark.e2e
 def test_wrong_host_header_fails_as_http_404(http_app: HttpApp) -> None:
     report = run_load(http_app.url, host_header="other.tld", users=2, max_run_time=1)
     assert report.total.requests > 10
