@@ -1,7 +1,8 @@
 """Rotation control under load: full reloads with drain off and on, and broken deploys with drain.
 
     python -m loadtests.bench_drain [--sizes 4,8] [--minimums 1,2] [--start-delay 1]
-                                    [--request-delay 0.01] [--broken-runs 20] [--results-dir DIR]
+                                    [--request-delay 0.01] [--users 8] [--rate 0]
+                                    [--broken-runs 20] [--results-dir DIR]
 
 A separate mode of the benchmark (``python -m loadtests.bench`` and its table are unchanged).
 
@@ -163,6 +164,7 @@ def measure(
         reload_at=args.broken_reload_at if broken else args.reload_at,
         after_reload=args.broken_after_reload if broken else args.after_reload,
         observer_interval=0.02,
+        rate=args.rate,
     )
 
 
@@ -259,16 +261,18 @@ DRAIN_HEADERS = (
     "p99 before ms",
     "p99.9 during ms",
     "max during ms",
+    "max / p99 before",
     "slowest at s",
     "requests during",
     "failed",
 )
 
 
-def _ratio(makespan: float | None, rounds: int, per_vassal: float | None) -> str:
-    if makespan is None or not per_vassal:
+def _ratio(value: float | None, times: int, unit: float | None) -> str:
+    """``value`` against ``times`` x ``unit``, e.g. "1.07x"; "-" when either is unknown."""
+    if value is None or not unit:
         return "-"
-    return f"{makespan / (rounds * per_vassal):.2f}x"
+    return f"{value / (times * unit):.2f}x"
 
 
 def drain_rows(runs: Sequence[Run]) -> list[list[str]]:
@@ -297,6 +301,7 @@ def drain_rows(runs: Sequence[Run]) -> list[list[str]]:
                 f"{m.load.before.p99:.1f}",
                 f"{m.load.during.p999:.0f}",
                 f"{m.load.during.max_ms:.0f}",
+                _ratio(m.load.during.max_ms, 1, m.load.before.p99),
                 seconds(run.slowest_at(), 1),
                 str(m.load.during.requests),
                 str(m.load.total.failures),
@@ -341,9 +346,14 @@ def markdown(
 ) -> str:
     lines = ["# Rotation control under load: drain off vs on, broken deploys", ""]
     lines += [f"- {line}" for line in env_lines]
+    pace = (
+        f"paced to {args.rate:g} requests/s in all (`--rate`)"
+        if args.rate
+        else "each as fast as the stack answers (closed loop)"
+    )
     lines += [
-        f"- load: {args.users} locust users through nginx, reload {args.reload_at:g} s into the "
-        f"load, {args.after_reload:g} s of load after it; app start (demo app sleep while "
+        f"- load: {args.users} locust users through nginx, {pace}; reload {args.reload_at:g} s "
+        f"into the load, {args.after_reload:g} s of load after it; app start (demo app sleep while "
         f"loading) {args.start_delay:g} s; the view takes {args.request_delay * 1000:g} ms per "
         "request",
         "",
@@ -369,7 +379,8 @@ def markdown(
         "after the reload command started.",
         "- rounds = ceil(N / (N-m)); command s: the tool's wall time (includes the drains).",
         "- p99 before: the load report's `before.p99` (steady state); p99.9 and max during: "
-        "`during.p999`, `during.max_ms`; failed: failed requests over the whole load run.",
+        "`during.p999`, `during.max_ms`; max / p99 before: the issue's target is 3x at most "
+        "(and under 100 ms); failed: failed requests over the whole load run.",
         "",
     ]
     if runs:
@@ -443,6 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the pace, and every vassal has requests queued when its reload begins (what drain is for)",
     )
     parser.add_argument("--users", type=positive_int, default=8, help="locust users")
+    parser.add_argument(
+        "--rate",
+        type=non_negative_float,
+        default=0.0,
+        help="requests per second over all users (0: each user as fast as the stack answers). "
+        "Below what the m vassals left serving can answer, latency during a reload shows what "
+        "the reload does rather than the lost capacity",
+    )
     parser.add_argument(
         "--reload-at", type=non_negative_float, default=2.0, help="seconds of load before"
     )
