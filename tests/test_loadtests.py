@@ -29,6 +29,7 @@ import pytest
 
 from loadtests.observer import ObserverError, RouterObserver, count_live
 from loadtests.report import (
+    SCHEMA_VERSION,
     LoadReport,
     ReloadInfo,
     ReportError,
@@ -151,6 +152,9 @@ def test_report_round_trip_splits_phases_and_series(tmp_path: Path) -> None:
     assert report.total.failures == report.during.failures == 100
     assert report.before.failures == report.after.failures == 0
     assert report.before.rps == pytest.approx(100.0)
+    # steady: before, less the first second of the load
+    assert report.steady.requests == 900
+    assert report.steady.start == 101.0 and report.steady.end == RELOAD.started
     assert report.during.rps == pytest.approx(100.0)
     assert report.during.max_ms == 50.0
     assert report.during.p50 == 3.0  # nearest rank over 100 x 3 ms and 100 x 50 ms
@@ -182,14 +186,18 @@ def test_report_without_reload_puts_everything_before() -> None:
     assert report.during.requests == report.after.requests == 0
     assert report.during.max_ms == 0.0
     assert report.reload is None
+    assert report.steady.requests == 0  # a run of 1 s is all warm-up
 
 
 def test_malformed_report_is_a_report_error(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="no load report"):
         load_report(tmp_path / "missing.json")
-    (tmp_path / "bad.json").write_text('{"schema": 1}')
+    (tmp_path / "bad.json").write_text(json.dumps({"schema": SCHEMA_VERSION}))
     with pytest.raises(ReportError, match="malformed"):
         load_report(tmp_path / "bad.json")
+    (tmp_path / "old.json").write_text('{"schema": 1}')
+    with pytest.raises(ReportError, match="schema 1, expected"):
+        load_report(tmp_path / "old.json")
 
 
 def test_format_report_has_one_row_per_phase() -> None:
