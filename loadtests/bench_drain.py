@@ -1,14 +1,14 @@
 """Rotation control under load: full reloads with drain off and on, and broken deploys with drain.
 
     python -m loadtests.bench_drain [--sizes 4,8] [--minimums 1,2] [--start-delay 1]
-                                    [--request-delay 0.01] [--users 8] [--rate 0]
+                                    [--request-delay 0.01] [--users 8] [--rate 0] [--repeat 1]
                                     [--broken-runs 20] [--results-dir DIR]
 
 A separate mode of the benchmark (``python -m loadtests.bench`` and its table are unchanged).
 
 Part 1, for every size N, on one stack of N vassals whose app takes ``--start-delay`` s to load:
-for every m, ``uwsgi_reload.py --minimum-active-vassals m`` under locust load through nginx, once
-without rotation control ("drain off") and once with ``--subscription-server --probe /`` ("drain
+for every m, ``uwsgi_reload.py --minimum-active-vassals m`` under locust load through nginx,
+``--repeat`` times without rotation control ("drain off") and as often with ``--subscription-server --probe /`` ("drain
 on": unsubscribe and wait for no request in flight before the touch, subscribe again as soon as
 the probe passed). Each row: makespan (first trigger to last back), the max and p99.9 latency of
 requests during the reload, the p99 before it less the load's first second (steady state),
@@ -178,7 +178,7 @@ def bench_size(
     config = StackConfig(vassals=n, start_delay=args.start_delay, request_delay=args.request_delay)
     with running_stack(config) as stack:
         for m in minimums:
-            for drain in (DRAIN_OFF, DRAIN_ON):
+            for drain in (DRAIN_OFF, DRAIN_ON) * args.repeat:
                 stack.wait_all_live(60)
                 extra = ["--timeout", "120"] + (drain_args(stack) if drain == DRAIN_ON else [])
                 run = Run(n, m, drain, measure(stack, tool_command(stack, m, *extra), args, work))
@@ -456,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="seconds the demo view sleeps per request: with 0.01 the vassals, not locust, set "
         "the pace, and every vassal has requests queued when its reload begins (what drain is for)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=1,
+        help="runs of each N and m, drain off and on taking turns",
     )
     parser.add_argument("--users", type=positive_int, default=8, help="locust users")
     parser.add_argument(
