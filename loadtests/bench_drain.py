@@ -8,13 +8,14 @@ A separate mode of the benchmark (``python -m loadtests.bench`` and its table ar
 
 Part 1, for every size N, on one stack of N vassals whose app takes ``--start-delay`` s to load:
 for every m, ``uwsgi_reload.py --minimum-active-vassals m`` under locust load through nginx,
-``--repeat`` times without rotation control ("drain off") and as often with ``--subscription-server --probe /`` ("drain
-on": unsubscribe and wait for no request in flight before the touch, subscribe again as soon as
-the probe passed). Each row: makespan (first trigger to last back), the max and p99.9 latency of
-requests during the reload, the p99 before it less the load's first second (steady state),
-failed requests, and the makespan against ``ceil(N / (N-m))`` times the median per-vassal
-trigger-to-accepting and trigger-to-back times of that same run, read from the tool's ``--json``
-per-vassal timeline. ``--rate`` paces the load below what the vassals left serving can answer.
+``--repeat`` times without rotation control ("drain off") and as often with
+``--subscription-server --probe /`` ("drain on": unsubscribe and wait for no request in flight
+before the touch, subscribe again as soon as the probe passed). Each row: makespan (first trigger
+to last back), the max and p99.9 latency of requests during the reload, the p99 before it less
+the load's first second (steady state), failed requests, and the makespan against
+``ceil(N / (N-m))`` times the median per-vassal trigger-to-accepting and trigger-to-back times of
+that same run, read from the tool's ``--json`` per-vassal timeline. ``--rate`` paces the load
+below what the vassals left serving can answer.
 
 Part 2, on one stack of 4 vassals: ``--broken-runs`` times, deploy a broken version, run the tool
 with ``--subscription-server ... --probe / --minimum-active-vassals 2 --timeout 5`` under load and
