@@ -27,6 +27,7 @@ import struct
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, TextIO
 
@@ -1254,11 +1255,17 @@ def _drive(
                     vassal.outcome, vassal.detail = Outcome.FAILED, f"cannot touch: {exc}"
                     event.what = f"failed: {vassal.detail}"
             reporter.event(event)
-            if event.kind is EventKind.PROBE and event.probe is not None:
-                assert options.probe is not None
-                node = event.probe
-                result = io.probe(node.name, node.key, options.probe, options.probe_timeout)
-                events[:0] = rollout.probed(vassal, result, io.clock() - started)
+            if event.kind is EventKind.PROBE:
+                # A step's probes come last: run them together, so one slow vassal does not
+                # hold the others back.
+                batch = [event]
+                while events and events[0].kind is EventKind.PROBE:
+                    batch.append(events.pop(0))
+                    reporter.event(batch[-1])
+                results = _probe_all(batch, options, io)
+                after = io.clock() - started
+                for probe_event, result in zip(batch, results):
+                    events += rollout.probed(probe_event.vassal, result, after)
         if rollout.finished:
             everything = all(v.outcome is Outcome.RELOADED for v in rollout.vassals.values())
             return EXIT_OK if everything else EXIT_NOT_ALL_RELOADED
@@ -1271,6 +1278,21 @@ def _drive(
         if rollout.watch_closely():
             interval = min(interval, CLOSE_WATCH_INTERVAL)
         io.sleep(interval)
+
+
+def _probe_all(batch: Sequence[Event], options: Options, io: Io) -> list[ProbeResult]:
+    """Probe the node of every event at once, each in its own thread; results in batch order."""
+    assert options.probe is not None
+    path, timeout = options.probe, options.probe_timeout
+
+    def one(event: Event) -> ProbeResult:
+        assert event.probe is not None
+        return io.probe(event.probe.name, event.probe.key, path, timeout)
+
+    if len(batch) == 1:
+        return [one(batch[0])]
+    with ThreadPoolExecutor(max_workers=len(batch), thread_name_prefix="probe") as pool:
+        return list(pool.map(one, batch))
 
 
 def _send(packets: Sequence[Subscription], options: Options, reporter: Reporter, io: Io) -> str:

@@ -516,6 +516,30 @@ def test_probe_passes_before_back_and_before_the_fast_return(tmp_path: Path) -> 
     assert "probe passed (GET /ready to /run/vassal_01.sock answered 200): subscribed" in out
 
 
+def test_the_probes_of_one_step_run_together(tmp_path: Path) -> None:
+    """Two vassals accepting at once are probed at once: each probe waits for the other to start,
+    which one after the other would never happen (each would time out at the barrier)."""
+    both = threading.Barrier(2, timeout=5)
+
+    def together(stack: RouterSim) -> None:
+        answer = stack.probe
+
+        def probe(name: str, key: str, path: str, timeout: float) -> ur.ProbeResult:
+            if "vassal_03" not in name:  # the first round: 01 and 02 (03 goes alone, after)
+                try:
+                    both.wait()
+                except threading.BrokenBarrierError:
+                    return ur.ProbeResult(None, f"GET {path} to {name}: probed alone")
+            return answer(name, key, path, timeout)
+
+        stack.probe = probe  # type: ignore[method-assign]
+
+    code, stack, out = run_sim(tmp_path, n=3, minimum=1, probe="/", setup=together)
+    assert code == ur.EXIT_OK, out
+    assert len(stack.probes) == 3
+    assert "probed alone" not in out
+
+
 def test_probe_without_drain_still_gates_back(tmp_path: Path) -> None:
     code, stack, out = run_sim(tmp_path, n=2, minimum=1, drain=False, probe="/")
     assert code == ur.EXIT_OK, out
