@@ -27,7 +27,7 @@ import struct
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, TextIO
 
@@ -516,6 +516,8 @@ class VassalReload:
     #: its fastrouter nodes when it was picked: what the fast-return subscribe announces
     nodes: tuple[Node, ...] = ()
     probed: bool = False
+    #: a probe was asked for and its answer has not come back yet
+    probing: bool = False
     subscribed: bool = False
 
     @property
@@ -666,12 +668,13 @@ class Rollout:
         """Record who is back or timed out, drain, then mark the vassals that may start now.
 
         The caller touches the config of every vassal in a ``triggered`` event, sends every
-        event's ``send`` packets, and probes the node of every ``probe`` event. While a probe is
-        asked for, nothing else is decided: its outcome may stop the rollout.
+        event's ``send`` packets, and probes the node of every ``probe`` event, handing each
+        answer to ``probed``. While a probe is out, nothing else is decided (its outcome may stop
+        the rollout); the vassals in flight are still followed.
         """
         events = self._adopt_restarted(snapshot, now)
         probes = self._reloads(snapshot, now, events)
-        if probes:
+        if probes or any(v.probing for v in self.in_flight()):
             return events + probes
         events += self._keep_out(snapshot, now)
         for v in self.draining():
@@ -735,9 +738,12 @@ class Rollout:
             if v.stage is Stage.TOUCHED and self.subscriptions and v.drain_started is not None:
                 # The old instance re-announced itself before the emperor acted on the touch.
                 events += self._unsubscribe_again(v, snapshot, now, "before its reload")
+            if v.probing:
+                continue  # its answer decides; the probe's own timeout bounds the wait
             if self.probe and not v.probed and v.stage in (Stage.ACCEPTING, Stage.BACK):
                 target = self._probe_target(v, snapshot)
                 if target is not None:
+                    v.probing = True
                     probes.append(
                         Event(now, v, EventKind.PROBE, f"probing {target.name}", probe=target)
                     )
@@ -786,6 +792,9 @@ class Rollout:
 
     def probed(self, v: VassalReload, result: ProbeResult, now: float) -> list[Event]:
         """The outcome of the probe a ``probe`` event asked for."""
+        v.probing = False
+        if v.outcome is not None:
+            return []  # abandoned or timed out meanwhile
         if result.ok:
             v.probed = True
             if v.stage is Stage.BACK:
@@ -1171,6 +1180,8 @@ class Io:
     send: Callable[[str, bytes], None] = send_datagram
     #: (node name, key, path, timeout) -> result
     probe: Callable[[str, str, str, float], ProbeResult] = probe_node
+    #: where probes run, so that the run goes on polling while a vassal takes its time to answer
+    probe_pool: Callable[[], Executor] = lambda: ThreadPoolExecutor(thread_name_prefix="probe")
 
 
 def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
@@ -1199,8 +1210,9 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
         probe=options.probe is not None,
     )
     try:
-        with emperor_lock(options.emperor_path):
-            exit_code = _drive(rollout, options, reporter, first, started, interrupted, io)
+        with emperor_lock(options.emperor_path), io.probe_pool() as pool:
+            probes = _Probes(pool, options, io)
+            exit_code = _drive(rollout, options, reporter, first, started, interrupted, probes)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -1211,6 +1223,25 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
     return exit_code
 
 
+class _Probes:
+    """Probes out in the pool, answered to the rollout in the order they were asked for."""
+
+    def __init__(self, pool: Executor, options: Options, io: Io) -> None:
+        self.pool, self.options, self.io = pool, options, io
+        self.out: dict[Future[ProbeResult], VassalReload] = {}
+
+    def start(self, vassal: VassalReload, node: Node) -> None:
+        assert self.options.probe is not None
+        args = (node.name, node.key, self.options.probe, self.options.probe_timeout)
+        self.out[self.pool.submit(self.io.probe, *args)] = vassal
+
+    def answered(self, rollout: Rollout, now: float) -> list[Event]:
+        events = []
+        for future in [f for f in self.out if f.done()]:
+            events += rollout.probed(self.out.pop(future), future.result(), now)
+        return events
+
+
 def _drive(
     rollout: Rollout,
     options: Options,
@@ -1218,8 +1249,9 @@ def _drive(
     current: Snapshot | None,
     started: float,
     interrupted: _Interrupted,
-    io: Io,
+    probes: _Probes,
 ) -> int:
+    io = probes.io
     unreadable_since: float | None = None
     while True:
         touched = False
@@ -1239,6 +1271,7 @@ def _drive(
             _send(rollout.abandon(reason), options, reporter, io)
             return EXIT_INTERRUPTED
         events = rollout.step(current, now) if current is not None else []
+        events += probes.answered(rollout, now)
         while events:
             event = events.pop(0)
             vassal = event.vassal
@@ -1255,17 +1288,11 @@ def _drive(
                     vassal.outcome, vassal.detail = Outcome.FAILED, f"cannot touch: {exc}"
                     event.what = f"failed: {vassal.detail}"
             reporter.event(event)
-            if event.kind is EventKind.PROBE:
-                # A step's probes come last: run them together, so one slow vassal does not
-                # hold the others back.
-                batch = [event]
-                while events and events[0].kind is EventKind.PROBE:
-                    batch.append(events.pop(0))
-                    reporter.event(batch[-1])
-                results = _probe_all(batch, options, io)
-                after = io.clock() - started
-                for probe_event, result in zip(batch, results):
-                    events += rollout.probed(probe_event.vassal, result, after)
+            if event.kind is EventKind.PROBE and event.probe is not None:
+                probes.start(vassal, event.probe)
+            if not events:
+                # answers already in (a quick vassal, or a pool that runs probes at once)
+                events += probes.answered(rollout, io.clock() - started)
         if rollout.finished:
             everything = all(v.outcome is Outcome.RELOADED for v in rollout.vassals.values())
             return EXIT_OK if everything else EXIT_NOT_ALL_RELOADED
@@ -1275,24 +1302,9 @@ def _drive(
             # touch now rather than on the next poll.
             continue
         interval = options.check_interval
-        if rollout.watch_closely():
+        if rollout.watch_closely() or probes.out:
             interval = min(interval, CLOSE_WATCH_INTERVAL)
         io.sleep(interval)
-
-
-def _probe_all(batch: Sequence[Event], options: Options, io: Io) -> list[ProbeResult]:
-    """Probe the node of every event at once, each in its own thread; results in batch order."""
-    assert options.probe is not None
-    path, timeout = options.probe, options.probe_timeout
-
-    def one(event: Event) -> ProbeResult:
-        assert event.probe is not None
-        return io.probe(event.probe.name, event.probe.key, path, timeout)
-
-    if len(batch) == 1:
-        return [one(batch[0])]
-    with ThreadPoolExecutor(max_workers=len(batch), thread_name_prefix="probe") as pool:
-        return list(pool.map(one, batch))
 
 
 def _send(packets: Sequence[Subscription], options: Options, reporter: Reporter, io: Io) -> str:

@@ -13,8 +13,11 @@ import socket
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -261,6 +264,8 @@ class RouterSim(SimStack):
         self.packets: list[tuple[float, int, dict[str, str]]] = []
         self.probes: list[tuple[str, str, str]] = []
         self.probe_status: dict[str, int | None] = {}
+        #: where the tool runs its probes: at once, in the calling thread, so runs repeat exactly
+        self.pool: Callable[[], Executor] = Inline
         self.touched_in_flight: list[tuple[str, int]] = []
         self.fewest_in_router = len(names)
         #: the tool's calls in order: ("snapshot" | "touch" | "sleep", sim time, seconds slept)
@@ -350,7 +355,23 @@ class RouterSim(SimStack):
         return [t for t, c, f in self.packets if c == command and self._vid(f["address"]) == vid]
 
     def io(self) -> ur.Io:
-        return dataclasses.replace(super().io(), send=self.send, probe=self.probe)
+        return dataclasses.replace(
+            super().io(), send=self.send, probe=self.probe, probe_pool=self.pool
+        )
+
+
+VASSALS = ("vassal_01", "vassal_02", "vassal_03")
+
+
+class Inline(Executor):
+    """An executor that runs each call as it is submitted."""
+
+    def submit(  # type: ignore[override]
+        self, fn: Callable[..., ur.ProbeResult], /, *args: Any, **kwargs: Any
+    ) -> Future[ur.ProbeResult]:
+        future: Future[ur.ProbeResult] = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
 
 
 def run_sim(
@@ -533,11 +554,37 @@ def test_the_probes_of_one_step_run_together(tmp_path: Path) -> None:
             return answer(name, key, path, timeout)
 
         stack.probe = probe  # type: ignore[method-assign]
+        stack.pool = ThreadPoolExecutor
 
     code, stack, out = run_sim(tmp_path, n=3, minimum=1, probe="/", setup=together)
     assert code == ur.EXIT_OK, out
     assert len(stack.probes) == 3
     assert "probed alone" not in out
+
+
+def test_a_slow_probe_holds_no_other_vassal_back(tmp_path: Path) -> None:
+    """vassal_01 answers its probe only after 0.5 s more of the run (as a worker still in its
+    accepting hook does): meanwhile the tool goes on polling, and vassal_02 is back first."""
+
+    def slow_first(stack: RouterSim) -> None:
+        answer = stack.probe
+
+        def probe(name: str, key: str, path: str, timeout: float) -> ur.ProbeResult:
+            if "vassal_01" in name:
+                until, deadline = stack.t + 0.5, time.monotonic() + 5
+                while stack.t < until and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            return answer(name, key, path, timeout)
+
+        stack.probe = probe  # type: ignore[method-assign]
+        stack.pool = ThreadPoolExecutor
+
+    code, stack, out = run_sim(tmp_path, n=3, minimum=1, probe="/", setup=slow_first)
+    assert code == ur.EXIT_OK, out
+    lines = out.splitlines()
+    back = {v: next(i for i, line in enumerate(lines) if f"{v}: back" in line) for v in VASSALS}
+    assert back["vassal_02"] < back["vassal_01"] < back["vassal_03"], out
+    assert stack.fewest_in_router >= 1
 
 
 def test_probe_without_drain_still_gates_back(tmp_path: Path) -> None:
