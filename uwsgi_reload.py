@@ -1270,8 +1270,9 @@ def _drive(
             reason = f"interrupted by {signal.Signals(interrupted.signal).name}"
             _send(rollout.abandon(reason), options, reporter, io)
             return EXIT_INTERRUPTED
-        events = rollout.step(current, now) if current is not None else []
-        events += probes.answered(rollout, now)
+        # answers first: a vassal back (or a failed probe) counts in this step's decisions
+        events = probes.answered(rollout, now)
+        events += rollout.step(current, now) if current is not None else []
         while events:
             event = events.pop(0)
             vassal = event.vassal
