@@ -38,28 +38,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-from harness import render
-from harness.stack import Stack, StackConfig, StackError, running_stack
+from harness.stack import Stack, StackConfig, running_stack
+from loadtests.cli import EXIT_OK, EXIT_SOME_RUN_FAILED, guarded, print_environment, results_dir
 from loadtests.demo import (
     ReloadUnderLoad,
     reload_under_load,
-    sigterm_as_interrupt,
     stop_and_check,
     tool_command,
 )
 from loadtests.original_plan import ORIGINAL
-from loadtests.plot import (
-    bench_png,
-    command_line,
-    environment,
-    environment_lines,
-    markdown_table,
-    seconds,
-)
-from loadtests.runner import LoadRunError
+from loadtests.plot import bench_png, markdown_table, seconds
 from uwsgi_reload import non_negative_float, positive_int, rounds_needed
-
-EXIT_OK, EXIT_SOME_RUN_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 TOOL, ONE_AT_A_TIME, LOWER_BOUND = "uwsgi_reload", "one at a time", "lower bound"
 DEFAULT_SIZES = (2, 4, 8, 16)
@@ -560,31 +549,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.after_reload is None:
         args.after_reload = 1.0 if args.quick else 1.5
     minimums = {n: [m for m in minimums_for(n, tokens) if m < n - 1 or n <= SMALL_N] for n in sizes}
-    results = args.results_dir or Path("reports", time.strftime("bench-%Y%m%d-%H%M%S"))
-    results.mkdir(parents=True, exist_ok=True)
-    env_lines = environment_lines(
-        command_line(["-m", "loadtests.bench", *argv]),
-        environment(render.find_uwsgi(), render.find_nginx()),
-    )
-    for line in env_lines:
-        print(line, flush=True)
+    results = results_dir(args.results_dir, "bench")
+    env_lines = print_environment("loadtests.bench", argv)
     runs: list[Run] = []
     stacks: list[dict[str, Any]] = []
     started = time.monotonic()
-    try:
-        with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="ur-bench-") as tmp:
+
+    def every_size() -> None:
+        with tempfile.TemporaryDirectory(prefix="ur-bench-") as tmp:
             for n in sizes:
                 bench_one_size(n, minimums[n], args, Path(tmp), runs, stacks)
-    except KeyboardInterrupt:
-        print(
-            "interrupted: stacks stopped, temp dirs removed; partial results follow",
-            file=sys.stderr,
-        )
-        code = EXIT_INTERRUPTED
-    except (StackError, LoadRunError, render.MissingTool) as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        code = EXIT_ERROR
-    else:
+
+    code = guarded("bench", every_size, "stacks stopped, temp dirs removed; partial results follow")
+    if code is None:
         code = EXIT_OK if all(r.ok for r in runs) else EXIT_SOME_RUN_FAILED
     if not runs:
         return code

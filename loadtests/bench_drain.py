@@ -39,22 +39,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import render
-from harness.stack import Stack, StackConfig, StackError, StackTimeout, running_stack
+from harness.stack import Stack, StackConfig, StackTimeout, running_stack
 from loadtests.bench import parse_sizes
+from loadtests.cli import EXIT_OK, EXIT_SOME_RUN_FAILED, guarded, print_environment, results_dir
 from loadtests.demo import (
     ReloadUnderLoad,
     reload_under_load,
-    sigterm_as_interrupt,
     stop_and_check,
     tool_command,
 )
-from loadtests.plot import command_line, environment, environment_lines, markdown_table, seconds
+from loadtests.plot import markdown_table, seconds
 from loadtests.report import WARMUP_S
-from loadtests.runner import LoadRunError
 from uwsgi_reload import non_negative_float, non_negative_int, positive_int, rounds_needed
-
-EXIT_OK, EXIT_SOME_RUN_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 DRAIN_OFF, DRAIN_ON = "off", "on (+ fast return, probe /)"
 BROKEN_N, BROKEN_M, BROKEN_TIMEOUT = 4, 2, 5
@@ -503,31 +499,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    results = args.results_dir or Path("reports", time.strftime("bench-drain-%Y%m%d-%H%M%S"))
-    results.mkdir(parents=True, exist_ok=True)
-    env_lines = environment_lines(
-        command_line(["-m", "loadtests.bench_drain", *argv]),
-        environment(render.find_uwsgi(), render.find_nginx()),
-    )
-    for line in env_lines:
-        print(line, flush=True)
+    results = results_dir(args.results_dir, "bench-drain")
+    env_lines = print_environment("loadtests.bench_drain", argv)
     runs: list[Run] = []
     broken: list[BrokenRun] = []
     started = time.monotonic()
-    try:
-        with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="ur-drain-") as tmp:
+
+    def every_run() -> None:
+        with tempfile.TemporaryDirectory(prefix="ur-drain-") as tmp:
             for n in args.sizes:
                 minimums = [m for m in args.minimums if m < n]
                 bench_size(n, minimums, args, Path(tmp), runs)
             if args.broken_runs:
                 bench_broken(args, Path(tmp), broken)
-    except KeyboardInterrupt:
-        print("interrupted: stacks stopped; partial results follow", file=sys.stderr)
-        code = EXIT_INTERRUPTED
-    except (StackError, LoadRunError, render.MissingTool) as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        code = EXIT_ERROR
-    else:
+
+    code = guarded("bench", every_run, "stacks stopped; partial results follow")
+    if code is None:
         code = EXIT_OK if all(r.ok for r in runs) else EXIT_SOME_RUN_FAILED
     text = markdown(runs, broken, env_lines, args)
     (results / "drain.md").write_text(text)

@@ -32,24 +32,25 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import render
-from harness.stack import Proc, Stack, StackConfig, StackError, running_stack
+from harness.stack import Proc, Stack, StackConfig, running_stack
+from loadtests.cli import (
+    EXIT_OK,
+    EXIT_SOME_RUN_FAILED,
+    guarded,
+    print_environment,
+    results_dir,
+)
 from loadtests.observer import RouterObserver, Sample
 from loadtests.plot import (
     VassalSpan,
-    command_line,
-    environment,
-    environment_lines,
     markdown_table,
     seconds,
     text_table,
     timeline_png,
 )
 from loadtests.report import PHASES, LoadReport
-from loadtests.runner import LoadRunError, run_load
+from loadtests.runner import run_load
 from uwsgi_reload import non_negative_float, non_negative_int
-
-EXIT_OK, EXIT_RELOAD_PROBLEM, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 #: Runs a command and writes the CPU seconds its whole tree used (RUSAGE_CHILDREN of this small
 #: wrapper: the command only, not locust, which starts it, nor the wrapper's own start-up).
@@ -253,20 +254,6 @@ def stop_and_check(stack: Stack) -> tuple[set[Proc], set[Proc]]:
     return seen, {p for p in seen if p.alive()}
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the stack's ``finally`` blocks run."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 # ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
@@ -422,25 +409,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    results = args.results_dir or Path("reports", time.strftime("demo-%Y%m%d-%H%M%S"))
-    results.mkdir(parents=True, exist_ok=True)
-    command = command_line(["-m", "loadtests.demo", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        with sigterm_as_interrupt():
-            return _demo(args, results, command)
-    except KeyboardInterrupt:
-        print("interrupted: the stack was stopped and its temp dirs removed", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (StackError, LoadRunError, render.MissingTool) as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    results = results_dir(args.results_dir, "demo")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    code = guarded(
+        "demo",
+        lambda: _demo(args, results, argv),
+        "the stack was stopped and its temp dirs removed",
+    )
+    assert code is not None
+    return code
 
 
-def _demo(args: argparse.Namespace, results: Path, command: str) -> int:
-    env = environment(render.find_uwsgi(), render.find_nginx())
-    env_lines = environment_lines(command, env)
-    for line in env_lines:
-        print(line)
+def _demo(args: argparse.Namespace, results: Path, argv: Sequence[str]) -> int:
+    env_lines = print_environment("loadtests.demo", argv)
     config = StackConfig(vassals=args.vassals, start_delay=args.start_delay)
     print(
         f"starting stack ({args.vassals} vassals, app start delay {args.start_delay:g} s)...",
@@ -537,7 +518,7 @@ def _write_and_print(
     print(f"timeline picture: {picture}")
     print(f"markdown report:  {markdown}")
     ok = run.all_reloaded and run.load.total.failures == 0 and not left
-    return EXIT_OK if ok else EXIT_RELOAD_PROBLEM
+    return EXIT_OK if ok else EXIT_SOME_RUN_FAILED
 
 
 if __name__ == "__main__":
