@@ -32,7 +32,7 @@ class Sample(NamedTuple):
     t: float
     """Wall clock (``time.time()``) when the read started, comparable with a load report's."""
     live: int
-    done: float = 0.0
+    done: float
     """Wall clock when the read returned. The router rendered ``live`` at some moment between
     ``t`` and ``done``: a read kept waiting (a busy router, or a reader thread waiting for the
     GIL) can report a change that happened after ``t``."""

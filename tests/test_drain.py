@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from harness.stack import Stack
-from tests.zero_downtime import FreshStacks, ReloadRun, observed, reload_under_load
+from tests.zero_downtime import FreshStacks, ReloadRun, again, observed, reload_under_load
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -55,17 +55,10 @@ def test_drain_keeps_reload_latency_near_steady_state(
     make_uwsgi_stack: MakeStack, record_reload: Record
 ) -> None:
     stack = make_uwsgi_stack(start_delay=START_DELAY, request_delay=REQUEST_DELAY)
-
-    def attempt(drain: bool) -> Callable[[], ReloadRun]:
-        def run() -> ReloadRun:
-            stack.wait_all_live(timeout=30)
-            return reload_under_load(stack, command(stack, 1, drain=drain))
-
-        return run
-
-    plain = observed(attempt(False), "drain off, app start 1 s", 1, record_reload)
+    off, on = command(stack, 1, drain=False), command(stack, 1, drain=True)
+    plain = observed(again(stack, off), "drain off, app start 1 s", 1, record_reload)
     assert plain.returncode == 0, plain.output
-    drained = observed(attempt(True), "drain on, app start 1 s", 1, record_reload)
+    drained = observed(again(stack, on), "drain on, app start 1 s", 1, record_reload)
     print(f"drain off: {summary(plain)}\ndrain on:  {summary(drained)}")
 
     assert drained.returncode == 0, drained.output

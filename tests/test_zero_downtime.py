@@ -19,6 +19,7 @@ from tests.zero_downtime import (
     FAULTS,
     FreshStacks,
     ReloadRun,
+    again,
     observed,
     reload_command,
     reload_under_load,
@@ -33,16 +34,6 @@ MakeStack = Callable[..., Stack]
 
 def versions_served(stack: Stack, n: int = 40) -> set[str]:
     return {stack.get().json()["version"] for _ in range(n)}
-
-
-def again(stack: Stack, command: list[str]) -> Callable[[], ReloadRun]:
-    """One reload under load of ``stack``, repeatable: each starts with every vassal live."""
-
-    def attempt() -> ReloadRun:
-        stack.wait_all_live(timeout=30)
-        return reload_under_load(stack, command)
-
-    return attempt
 
 
 def fault_result(run: ReloadRun) -> dict[str, object]:

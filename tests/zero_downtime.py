@@ -156,6 +156,16 @@ def reload_under_load(
     return ReloadRun(load, observer, workers_before, stack.worker_pids(), users)
 
 
+def again(stack: Stack, command: Sequence[str]) -> Callable[[], ReloadRun]:
+    """One reload under load of ``stack``, repeatable: each starts with every vassal live."""
+
+    def attempt() -> ReloadRun:
+        stack.wait_all_live(timeout=30)
+        return reload_under_load(stack, command)
+
+    return attempt
+
+
 class FreshStacks:
     """A new stack for each attempt of a run that leaves its stack changed (a broken deploy).
 
