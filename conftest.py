@@ -1,9 +1,19 @@
-"""Load the harness plugin when the project is not installed (a plain ``pytest`` in a checkout).
+"""The suite runs against the installed package (tox builds and installs the wheel).
 
-Installed, the ``pytest11`` entry point loads it; registering it twice would be an error.
+The harness plugin comes in through its ``pytest11`` entry point, under its installed name
+``uwsgi_reload_harness``; a checkout without the package installed says how to install it.
 """
 
-from importlib.metadata import entry_points
+from __future__ import annotations
 
-_registered = any(ep.value == "harness.plugin" for ep in entry_points(group="pytest11"))
-pytest_plugins = [] if _registered else ["harness.plugin"]
+import importlib.util
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if importlib.util.find_spec("uwsgi_reload_harness") is None:
+        raise pytest.UsageError(
+            "uwsgi-reload is not installed in this environment: run the suite with tox, "
+            "or pip install -e '.[harness,demo]' first"
+        )

@@ -1,68 +1,79 @@
-"""pytest plugin: options (each with an ini twin) and the default uWSGI stack fixtures.
+"""pytest plugin: options (each with an ini twin) and the fixtures that start real uWSGI stacks.
 
-- ``uwsgi_stack``: a running :class:`harness.stack.Stack` built with the options' defaults.
+- ``uwsgi_stack``: a running :class:`uwsgi_reload_harness.stack.Stack` with the options' defaults.
 - ``make_uwsgi_stack``: ``make_uwsgi_stack(vassals=2, start_delay=1.0) -> Stack``; every stack it
   made is stopped (and its temp dir removed) when the test ends.
+- ``reload_template``: the reload procedure under test (``--reload-command``).
+- ``record_reload``: adds a row to the table of reloads printed at the end of the run.
 
-On a failing test the log tails of its stacks are added to the report.
+Installed, this module is loaded by every pytest run in the environment (entry point ``pytest11``),
+so it stays inert until a test asks for one of its fixtures: importing it needs nothing beyond
+pytest, it registers no marker, and the options are read and checked only when a stack fixture is
+requested. The stack code (requests, pytest-xprocess) is imported then too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
-from harness import render
-from harness.stack import Stack, StackConfig, start_stack
+if TYPE_CHECKING:
+    from .stack import Stack, StackConfig
 
-STACKS = pytest.StashKey[list[Stack]]()
-KEPT = pytest.StashKey[list[Stack]]()
+STACKS = pytest.StashKey[list["Stack"]]()
+KEPT = pytest.StashKey[list["Stack"]]()
+ROWS = pytest.StashKey[list[dict[str, object]]]()
+
+#: The reload command when ``--reload-command`` is not given: this project's tool.
+DEFAULT_TEMPLATE = (
+    "{python} {tool} --emperor-path {emperor_path} --fastrouter-stats-socket {fastrouter_stats} "
+    "--emperor-stats-socket {emperor_stats} --minimum-active-vassals {minimum} --timeout {timeout}"
+)
 
 # (name, help, ini type): --uwsgi-NAME on the command line, uwsgi_NAME in the ini file.
 _OPTIONS: list[tuple[str, str, str]] = [
-    ("vassals", "number of vassals (symlinks to examples/uwsgi_vassal.ini); default 4", "string"),
-    ("app-dir", "the app's dir (the vassal's chdir); default: the demo in examples/", "string"),
-    ("wsgi-file", "the app's wsgi file, relative to the app dir; default ./wsgi.py", "string"),
+    ("vassals", "number of vassals (symlinks to the vassal config); default 4", "string"),
+    ("app-dir", "your app's dir (the vassals' chdir); default: the demo app of examples/", "string"),
+    ("wsgi-file", "your app's wsgi file, relative to the app dir; default ./wsgi.py", "string"),
     (
-        "start-delay",
-        "seconds the demo app sleeps while loading (a slow start); default 0",
+        "vassal-config",
+        "your vassal config, with the placeholders of examples/uwsgi_vassal.ini; "
+        "default: examples/uwsgi_vassal.ini",
         "string",
     ),
+    ("health-path", "the path the stack's probes and the load GET; default /", "string"),
+    ("start-delay", "demo app: seconds it sleeps while loading (a slow start); default 0", "string"),
     (
         "request-delay",
-        "seconds the demo app's view sleeps per request (a slow endpoint); default 0",
+        "demo app: seconds its view sleeps per request (a slow endpoint); default 0",
         "string",
     ),
-    ("broken-deploy", "record that tests should deploy a broken version of the demo", "bool"),
+    ("broken-deploy", "demo app: record that tests deploy a broken version", "bool"),
     ("keep-stack", "do not stop stacks after the test: print their dir and pids", "bool"),
 ]
+
+_RELOAD_HELP = (
+    "the reload procedure under test: a command template with {python} {tool} {emperor_path} "
+    "{emperor_stats} {fastrouter_stats} {subscription_server} {minimum} {timeout} "
+    "(default: this project's uwsgi_reload.py)"
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("uwsgi-reload harness")
     for name, help_text, kind in _OPTIONS:
-        if kind == "bool":
-            group.addoption(f"--uwsgi-{name}", action="store_true", default=None, help=help_text)
-        else:
-            group.addoption(f"--uwsgi-{name}", default=None, help=help_text)
         ini_name = f"uwsgi_{name.replace('-', '_')}"
         if kind == "bool":
+            group.addoption(f"--uwsgi-{name}", action="store_true", default=None, help=help_text)
             parser.addini(ini_name, help_text, type="bool")
         else:
+            group.addoption(f"--uwsgi-{name}", default=None, help=help_text)
             parser.addini(ini_name, help_text, type="string")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "e2e: starts real uWSGI and nginx processes (the harness's stacks)"
-    )
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
-    config.stash[KEPT] = []
-    stack_config(config)  # bad option combinations fail before any test runs
+    group.addoption("--reload-command", default=None, help=_RELOAD_HELP)
+    parser.addini("reload_command", _RELOAD_HELP, default="")
 
 
 def _value(config: pytest.Config, name: str) -> Any:
@@ -72,8 +83,18 @@ def _value(config: pytest.Config, name: str) -> Any:
     return value if value != "" else None
 
 
+def _path(config: pytest.Config, value: str) -> Path:
+    """A path from an option: relative to where pytest was started (an ini value: to the ini)."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = config.invocation_params.dir / path
+    return path.resolve()
+
+
 def stack_config(config: pytest.Config) -> StackConfig:
-    """The default StackConfig from command line options, then ini values."""
+    """The default StackConfig from command line options, then ini values; UsageError if bad."""
+    from .stack import StackConfig
+
     kwargs: dict[str, Any] = {}
     try:
         if (vassals := _value(config, "vassals")) is not None:
@@ -85,9 +106,13 @@ def stack_config(config: pytest.Config) -> StackConfig:
     except ValueError as exc:
         raise pytest.UsageError(f"uwsgi-reload harness: {exc}") from None
     if (app_dir := _value(config, "app-dir")) is not None:
-        kwargs["app_dir"] = Path(app_dir).resolve()
+        kwargs["app_dir"] = _path(config, str(app_dir))
+    if (vassal_config := _value(config, "vassal-config")) is not None:
+        kwargs["vassal_config"] = _path(config, str(vassal_config))
     if (wsgi_file := _value(config, "wsgi-file")) is not None:
         kwargs["wsgi_file"] = str(wsgi_file)
+    if (health_path := _value(config, "health-path")) is not None:
+        kwargs["health_path"] = str(health_path)
     kwargs["broken_deploy"] = bool(_value(config, "broken-deploy"))
     kwargs["keep"] = bool(_value(config, "keep-stack"))
     result = StackConfig(**kwargs)
@@ -98,43 +123,68 @@ def stack_config(config: pytest.Config) -> StackConfig:
     return result
 
 
+def reload_template_of(config: pytest.Config) -> str:
+    """The ``--reload-command`` template, or this project's tool when none is given."""
+    value = config.getoption("--reload-command") or config.getini("reload_command")
+    return str(value) if value else DEFAULT_TEMPLATE
+
+
+def foreign_procedure(config: pytest.Config) -> bool:
+    """True when the reload procedure under test is not this project's tool."""
+    return reload_template_of(config) != DEFAULT_TEMPLATE
+
+
 @pytest.fixture
 def make_uwsgi_stack(request: pytest.FixtureRequest) -> Iterator[Callable[..., Stack]]:
     """A factory of running stacks: ``make_uwsgi_stack(**StackConfig overrides) -> Stack``."""
-    if not hasattr(request.config, "cache"):
-        # pytest-xprocess keeps its process records in the cache; its own error is an AttributeError
-        pytest.fail(
-            "uwsgi-reload harness: the stacks need pytest's cache (pytest-xprocess keeps its "
-            "process records there): drop -p no:cacheprovider",
-            pytrace=False,
-        )
-    xprocess = request.getfixturevalue("xprocess")
+    import dataclasses
+
+    from . import render
+    from .stack import StackRuntime
+
     defaults = stack_config(request.config)
     made: list[Stack] = []
     request.node.stash[STACKS] = made
+    runtime = StackRuntime()
 
     def make(**overrides: Any) -> Stack:
-        if "app_dir" in overrides:
-            overrides["app_dir"] = Path(overrides["app_dir"])
+        for name in ("app_dir", "vassal_config"):
+            if name in overrides:
+                overrides[name] = Path(overrides[name])
         try:
-            stack = start_stack(xprocess, dataclasses.replace(defaults, **overrides))
+            stack = runtime.start(dataclasses.replace(defaults, **overrides))
         except render.MissingTool as exc:
             pytest.fail(f"uwsgi-reload harness: {exc}", pytrace=False)
         made.append(stack)
         return stack
 
-    yield make
-    for stack in reversed(made):
-        if stack.config.keep:
-            request.config.stash[KEPT].append(stack)
-        else:
-            stack.stop()
+    try:
+        yield make
+    finally:
+        kept = [stack for stack in made if stack.config.keep]
+        for stack in reversed(made):
+            if not stack.config.keep:
+                stack.stop()
+        request.config.stash.setdefault(KEPT, []).extend(kept)
+        runtime.close(keep=bool(kept))
 
 
 @pytest.fixture
 def uwsgi_stack(make_uwsgi_stack: Callable[..., Stack]) -> Stack:
     """A running stack with the options' defaults."""
     return make_uwsgi_stack()
+
+
+@pytest.fixture
+def reload_template(request: pytest.FixtureRequest) -> str:
+    """The reload procedure under test, a command template (``--reload-command``)."""
+    return reload_template_of(request.config)
+
+
+@pytest.fixture
+def record_reload(request: pytest.FixtureRequest) -> Callable[[dict[str, object]], None]:
+    """Add one row (column -> value) to the table of reloads printed at the end of the run."""
+    return request.config.stash.setdefault(ROWS, []).append
 
 
 @pytest.hookimpl(wrapper=True)
@@ -151,6 +201,16 @@ def pytest_runtest_makereport(
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    rows = config.stash.get(ROWS, [])
+    if rows:
+        columns = list(dict.fromkeys(c for row in rows for c in row))
+        widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+        terminalreporter.section("reloads under load")
+        terminalreporter.write_line(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
+        terminalreporter.write_line("-+-".join("-" * w for w in widths))
+        for row in rows:
+            cells = (str(row.get(c, "")).ljust(w) for c, w in zip(columns, widths))
+            terminalreporter.write_line(" | ".join(cells))
     for stack in config.stash.get(KEPT, []):
         terminalreporter.write_line(
             f"uwsgi-reload harness kept stack {stack.base_dir}: pids {stack.pids} "

@@ -40,9 +40,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-EXAMPLES_DIR = REPO_DIR / "examples"
-RELOAD_TOOL = REPO_DIR / "uwsgi_reload.py"
+import uwsgi_reload
+
+_HERE = Path(__file__).resolve().parent
+#: The example configs: package data of the wheel (``uwsgi_reload_harness/examples``), or the
+#: repository's top-level ``examples/`` beside ``harness/`` in a checkout (editable install).
+EXAMPLES_DIR = _HERE / "examples" if (_HERE / "examples").is_dir() else _HERE.parent / "examples"
+#: The reload tool: one file, installed as the top-level module ``uwsgi_reload``.
+RELOAD_TOOL = Path(uwsgi_reload.__file__).resolve()
 
 VASSAL_INI = "uwsgi_vassal.ini"
 CONF_D = "uwsgi.conf.d.fragment"
@@ -167,15 +172,40 @@ def render_text(text: str, subs: Sequence[Substitution]) -> str:
 
 
 def render_examples(
-    layout: Layout, subs: Sequence[Substitution], examples_dir: Path = EXAMPLES_DIR
+    layout: Layout,
+    subs: Sequence[Substitution],
+    examples_dir: Path = EXAMPLES_DIR,
+    vassal_config: Path | None = None,
 ) -> dict[str, Path]:
-    """Write every file of :data:`RENDERED_FILES`, rendered, into the base dir."""
+    """Write every file of :data:`RENDERED_FILES`, rendered, into the base dir.
+
+    ``vassal_config``: a team's own vassal config, rendered in place of the example's (under the
+    example's name, so the stack's layout does not depend on it).
+    """
+    sources = {name: examples_dir / name for name in RENDERED_FILES}
+    if vassal_config is not None:
+        sources[VASSAL_INI] = vassal_config
     written = {}
-    for name in RENDERED_FILES:
+    for name, source in sources.items():
         target = layout.rendered(name)
-        target.write_text(render_text((examples_dir / name).read_text(), subs))
+        target.write_text(render_text(source.read_text(), subs))
         written[name] = target
     return written
+
+
+_SUBSCRIBE_KEY = re.compile(r"^\s*subscribe2\s*=.*?\bkey=([^,\s]+)", re.MULTILINE)
+
+
+def subscription_key(vassal_ini_text: str) -> str:
+    """The fastrouter key a vassal config subscribes under (its ``subscribe2 = ...,key=K``)."""
+    keys = set(_SUBSCRIBE_KEY.findall(vassal_ini_text))
+    if len(keys) != 1:
+        found = ", ".join(sorted(keys)) or "none"
+        raise ValueError(
+            f"the vassal config must subscribe under exactly one key (subscribe2 = "
+            f"server=/tmp/uwsgi_ss.sock,key=KEY); found {found}"
+        )
+    return keys.pop()
 
 
 def shell_assignments(text: str) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 Outside pytest, :func:`running_stack` does the same with a standalone ``XProcess``.
 
-:func:`start_stack` renders the examples into a short temp dir (:mod:`harness.render`), starts the
+:func:`start_stack` renders the examples into a short temp dir (:mod:`uwsgi_reload_harness.render`), starts the
 emperor (which runs the fastrouter and its subscription server, as the conf.d fragment says) and
 nginx under pytest-xprocess, and returns a :class:`Stack` once real probes agree: the emperor
 reports every vassal accepting, the fastrouter has a live node per vassal for the key, and nginx
@@ -36,8 +36,8 @@ import py  # type: ignore[import-untyped]  # pytest's py.path shim, what XProces
 import requests
 from xprocess import ProcessStarter, XProcess
 
-from harness import render
-from harness.render import KEY, Layout, Substitution
+from . import render
+from .render import KEY, Layout, Substitution
 from uwsgi_reload import (
     EmperorVassal,
     StatsError,
@@ -73,6 +73,10 @@ class StackConfig:
     vassals: int = 4
     app_dir: Path = render.EXAMPLES_DIR
     wsgi_file: str = render.DEFAULT_WSGI_FILE
+    #: The vassal config every vassal links to, with the placeholders of the example's.
+    vassal_config: Path = render.EXAMPLES_DIR / render.VASSAL_INI
+    #: What the readiness probe and the load GET (with the fastrouter key as Host).
+    health_path: str = "/"
     start_delay: float = 0.0
     #: seconds the demo app's view sleeps per request (a slow endpoint: requests queue in sockets)
     request_delay: float = 0.0
@@ -98,6 +102,11 @@ class StackConfig:
         wsgi = self.app_dir / self.wsgi_file
         if not wsgi.is_file():
             raise ValueError(f"wsgi file {wsgi} does not exist")
+        if not self.vassal_config.is_file():
+            raise ValueError(f"vassal config {self.vassal_config} is not a file")
+        render.subscription_key(self.vassal_config.read_text())  # ValueError when it has none
+        if not self.health_path.startswith("/"):
+            raise ValueError(f"health path must start with /, not {self.health_path!r}")
         if not self.demo_app and (self.start_delay or self.request_delay or self.broken_deploy):
             raise ValueError(
                 "start delay, request delay and broken deploy drive the demo app in examples/: "
@@ -211,7 +220,7 @@ class Stack:
     vassal_ids: list[str]
     logs: dict[str, Path]
     xprocess: Any
-    host: str = KEY
+    host: str = KEY  # the fastrouter key: nginx requests carry it as Host
     #: pid of each process xprocess started: ``emperor`` (the uWSGI master) and ``nginx``.
     pids: dict[str, int] = dataclasses.field(default_factory=dict)
     stopped: bool = False
@@ -284,8 +293,9 @@ class Stack:
         kids = children(set(masters.values()))
         return {vid: kids[pid] for vid, pid in masters.items()}
 
-    def get(self, path: str = "/", timeout: float = 10.0) -> requests.Response:
-        """GET through nginx with the fastrouter key as Host."""
+    def get(self, path: str | None = None, timeout: float = 10.0) -> requests.Response:
+        """GET ``path`` (default: the health path) through nginx with the fastrouter key as Host."""
+        path = self.config.health_path if path is None else path
         return requests.get(
             self.url + path.lstrip("/"), headers={"Host": self.host}, timeout=timeout
         )
@@ -469,7 +479,7 @@ def prepare(config: StackConfig, uwsgi: str) -> Stack:
         wsgi_file=config.wsgi_file,
         python_built_in=render.python_built_in(uwsgi),
     )
-    files = render.render_examples(layout, subs)
+    files = render.render_examples(layout, subs, vassal_config=config.vassal_config)
     ids = vassal_ids(config.vassals)
     for vid in ids:
         # As the original README: ln -s .../uwsgi_vassal.ini /etc/uwsgi.d/uwsgi_vassal_NN.ini
@@ -497,6 +507,7 @@ def prepare(config: StackConfig, uwsgi: str) -> Stack:
         **{node_vassal_name(vid): layout.run_dir / f"{node_vassal_name(vid)}.log" for vid in ids},
     }
     return Stack(
+        host=render.subscription_key(files[render.VASSAL_INI].read_text()),
         name=f"uwsgi-reload-{layout.base.name}",
         config=config,
         layout=layout,
@@ -563,7 +574,8 @@ def start_stack(xprocess: Any, config: StackConfig) -> Stack:
         emperor_cmd = render.emperor_command(
             uwsgi, stack.layout.rendered(render.CONF_D).read_text()
         )
-        env = {**os.environ, CONTROL_ENV: str(stack.control_file)}
+        # No bytecode written next to the app's sources: the app dir stays as it was.
+        env = {**os.environ, CONTROL_ENV: str(stack.control_file), "PYTHONDONTWRITEBYTECODE": "1"}
         n = len(stack.vassal_ids)
 
         def emperor_ready() -> bool:
@@ -617,23 +629,45 @@ class _QuietLog:
         pass
 
 
+class StackRuntime:
+    """Starts stacks under an ``XProcess`` of its own, rooted in a short temp dir.
+
+    Neither pytest's cache (``.pytest_cache`` in the rootdir, which may be a team's app dir) nor
+    any other dir outside ``/tmp/ur-*`` receives the processes' records and stdout logs. The
+    fixtures and :func:`running_stack` both start stacks through one runtime.
+    """
+
+    def __init__(self) -> None:
+        self.rootdir = Path(tempfile.mkdtemp(prefix="ur-x-", dir="/tmp"))
+        # XProcess wants a py.path root and a config whose __dict__ it may stash log handles in.
+        self.xprocess = XProcess(
+            types.SimpleNamespace(), py.path.local(self.rootdir), log=_QuietLog()
+        )
+
+    def start(self, config: StackConfig) -> Stack:
+        return start_stack(self.xprocess, config)
+
+    def close(self, *, keep: bool = False) -> None:
+        """Close the log handles ``ensure()`` keeps open; remove the root unless stacks are kept."""
+        self.xprocess._force_clean_up()
+        if not keep:
+            shutil.rmtree(self.rootdir, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def running_stack(config: StackConfig) -> Iterator[Stack]:
     """A running stack outside pytest (a demo, a benchmark), stopped on the way out.
 
-    The same :func:`start_stack` and :meth:`Stack.stop` as the fixtures, with an ``XProcess``
-    built standalone: its root (the processes' control dirs and stdout logs) is a temp dir of
-    its own, removed with the stack's base dir however the block ends (an exception, Ctrl-C).
+    The same :func:`start_stack` and :meth:`Stack.stop` as the fixtures, through a
+    :class:`StackRuntime` removed with the stack's base dir however the block ends (an
+    exception, Ctrl-C).
     """
-    rootdir = Path(tempfile.mkdtemp(prefix="ur-x-", dir="/tmp"))
-    # XProcess wants a py.path root and a config whose __dict__ it may stash log handles in.
-    xprocess = XProcess(types.SimpleNamespace(), py.path.local(rootdir), log=_QuietLog())
+    runtime = StackRuntime()
     try:
-        stack = start_stack(xprocess, config)
+        stack = runtime.start(config)
         try:
             yield stack
         finally:
             stack.stop()
     finally:
-        xprocess._force_clean_up()  # closes the log handles ensure() keeps open
-        shutil.rmtree(rootdir, ignore_errors=True)
+        runtime.close()

@@ -1,6 +1,6 @@
 """How long a full reload takes, under load, against a lower bound and two other schedules.
 
-    python -m loadtests.bench [--sizes 2,4,8,16] [--minimums 1,half] [--quick] [--results-dir DIR]
+    python -m uwsgi_reload_loadtests.bench [--sizes 2,4,8,16] [--minimums 1,half] [--quick] [--results-dir DIR]
 
 For every size N one stack (N vassals) runs every schedule below, each under the same locust load
 through nginx, one after the other:
@@ -38,16 +38,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.stack import Stack, StackConfig, running_stack
-from loadtests.cli import EXIT_OK, EXIT_SOME_RUN_FAILED, guarded, print_environment, results_dir
-from loadtests.demo import (
+from uwsgi_reload_harness.stack import Stack, StackConfig, running_stack
+from .cli import EXIT_OK, EXIT_SOME_RUN_FAILED, guarded, print_environment, results_dir
+from .demo import (
     ReloadUnderLoad,
     reload_under_load,
     stop_and_check,
     tool_command,
 )
-from loadtests.original_plan import ORIGINAL
-from loadtests.plot import bench_png, markdown_table, seconds
+from .original_plan import ORIGINAL
+from .plot import bench_png, markdown_table, seconds
 from uwsgi_reload import non_negative_float, positive_int, rounds_needed
 
 TOOL, ONE_AT_A_TIME, LOWER_BOUND = "uwsgi_reload", "one at a time", "lower bound"
@@ -62,7 +62,7 @@ def original_plan_command(stack: Stack, minimum: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "loadtests.original_plan",
+        "uwsgi_reload_loadtests.original_plan",
         "--emperor-path",
         str(stack.emperor_path),
         "--emperor-stats-socket",
@@ -489,7 +489,7 @@ def markdown(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtests.bench",
+        prog="python -m uwsgi_reload_loadtests.bench",
         description="Makespan of a full reload under load: uwsgi_reload.py against the lower "
         "bound, one vassal at a time, and the 2014 plan.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -550,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.after_reload = 1.0 if args.quick else 1.5
     minimums = {n: [m for m in minimums_for(n, tokens) if m < n - 1 or n <= SMALL_N] for n in sizes}
     results = results_dir(args.results_dir, "bench")
-    env_lines = print_environment("loadtests.bench", argv)
+    env_lines = print_environment("uwsgi_reload_loadtests.bench", argv)
     runs: list[Run] = []
     stacks: list[dict[str, Any]] = []
     started = time.monotonic()

@@ -1,10 +1,10 @@
 """Rotation control under load: full reloads with drain off and on, and broken deploys with drain.
 
-    python -m loadtests.bench_drain [--sizes 4,8] [--minimums 1,2] [--start-delay 1]
+    python -m uwsgi_reload_loadtests.bench_drain [--sizes 4,8] [--minimums 1,2] [--start-delay 1]
                                     [--request-delay 0.01] [--users 8] [--rate 0] [--repeat 1]
                                     [--broken-runs 20] [--results-dir DIR]
 
-A separate mode of the benchmark (``python -m loadtests.bench`` and its table are unchanged).
+A separate mode of the benchmark (``python -m uwsgi_reload_loadtests.bench`` and its table are unchanged).
 
 Part 1, for every size N, on one stack of N vassals whose app takes ``--start-delay`` s to load:
 for every m, ``uwsgi_reload.py --minimum-active-vassals m`` under locust load through nginx,
@@ -39,17 +39,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.stack import Stack, StackConfig, StackTimeout, running_stack
-from loadtests.bench import parse_sizes
-from loadtests.cli import EXIT_OK, EXIT_SOME_RUN_FAILED, guarded, print_environment, results_dir
-from loadtests.demo import (
+from uwsgi_reload_harness.stack import Stack, StackConfig, StackTimeout, running_stack
+from .bench import parse_sizes
+from .cli import EXIT_OK, EXIT_SOME_RUN_FAILED, guarded, print_environment, results_dir
+from .demo import (
     ReloadUnderLoad,
     reload_under_load,
     stop_and_check,
     tool_command,
 )
-from loadtests.plot import markdown_table, seconds
-from loadtests.report import WARMUP_S
+from .plot import markdown_table, seconds
+from .report import WARMUP_S
 from uwsgi_reload import non_negative_float, non_negative_int, positive_int, rounds_needed
 
 DRAIN_OFF, DRAIN_ON = "off", "on (+ fast return, probe /)"
@@ -431,7 +431,7 @@ def parse_minimums(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtests.bench_drain",
+        prog="python -m uwsgi_reload_loadtests.bench_drain",
         description="Full reloads under load with drain off and on, and broken deploys with "
         "drain on.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -500,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     results = results_dir(args.results_dir, "bench-drain")
-    env_lines = print_environment("loadtests.bench_drain", argv)
+    env_lines = print_environment("uwsgi_reload_loadtests.bench_drain", argv)
     runs: list[Run] = []
     broken: list[BrokenRun] = []
     started = time.monotonic()

@@ -11,10 +11,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Callable
 
-from harness import render
-from harness.stack import StackError
-from loadtests.plot import command_line, environment, environment_lines
-from loadtests.runner import LoadRunError
+from uwsgi_reload_harness import render
+from uwsgi_reload_harness.stack import StackError
+from .plot import command_line, environment, environment_lines
+from .runner import LoadRunError
 
 EXIT_OK, EXIT_SOME_RUN_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 

@@ -1,9 +1,9 @@
 """The main job in one command: a stack, load through nginx, ``uwsgi_reload.py`` in the middle.
 
-    python -m loadtests.demo [--vassals 4] [--minimum 1] [--start-delay 0] [--results-dir DIR]
+    python -m uwsgi_reload_loadtests.demo [--vassals 4] [--minimum 1] [--start-delay 0] [--results-dir DIR]
 
 Brings up the example stack (Django app, N vassals, emperor + fastrouter, nginx) outside pytest
-with :func:`harness.stack.running_stack`, runs locust through nginx, runs the reload tool with
+with :func:`uwsgi_reload_harness.stack.running_stack`, runs locust through nginx, runs the reload tool with
 ``--json`` ``--reload-at`` seconds into the load while a ``RouterObserver`` samples the live nodes,
 and prints what happened: each vassal's reload (triggered, back), and requests, failures, rps and
 latency before, during and after the reload. It writes ``timeline.png``, ``report.md`` and the raw
@@ -32,24 +32,24 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.stack import Proc, Stack, StackConfig, running_stack
-from loadtests.cli import (
+from uwsgi_reload_harness.stack import Proc, Stack, StackConfig, running_stack
+from .cli import (
     EXIT_OK,
     EXIT_SOME_RUN_FAILED,
     guarded,
     print_environment,
     results_dir,
 )
-from loadtests.observer import RouterObserver, Sample
-from loadtests.plot import (
+from .observer import RouterObserver, Sample
+from .plot import (
     VassalSpan,
     markdown_table,
     seconds,
     text_table,
     timeline_png,
 )
-from loadtests.report import PHASES, LoadReport
-from loadtests.runner import run_load
+from .report import PHASES, LoadReport
+from .runner import run_load
 from uwsgi_reload import non_negative_float, non_negative_int
 
 #: Runs a command and writes the CPU seconds its whole tree used (RUSAGE_CHILDREN of this small
@@ -357,7 +357,7 @@ def markdown_report(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtests.demo",
+        prog="python -m uwsgi_reload_loadtests.demo",
         description="Start the example stack, put load on it through nginx, reload every "
         "vassal with uwsgi_reload.py in the middle, and report what the clients saw.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -421,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace, results: Path, argv: Sequence[str]) -> int:
-    env_lines = print_environment("loadtests.demo", argv)
+    env_lines = print_environment("uwsgi_reload_loadtests.demo", argv)
     config = StackConfig(vassals=args.vassals, start_delay=args.start_delay)
     print(
         f"starting stack ({args.vassals} vassals, app start delay {args.start_delay:g} s)...",

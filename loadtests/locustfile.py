@@ -28,19 +28,14 @@ import sys
 import time
 from typing import Any, Callable
 
-if not __package__:
-    # ``locust -f loadtests/locustfile.py`` loads this file as a top-level module: make the
-    # ``loadtests`` package importable from a checkout.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import gevent
 import gevent.subprocess
 from locust import FastHttpUser, events, task
 from locust.env import Environment
 from locust.runners import LocalRunner
 
-from loadtests.pacing import Pacer, user_interval
-from loadtests.report import (
+from uwsgi_reload_loadtests.pacing import Pacer, user_interval
+from uwsgi_reload_loadtests.report import (
     ReloadInfo,
     RequestRecord,
     build_report,

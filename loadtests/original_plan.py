@@ -1,6 +1,6 @@
 """The 2014 original's reload schedule, for the benchmark to compare against (not the tool's).
 
-    python -m loadtests.original_plan --emperor-path DIR --emperor-stats-socket S \\
+    python -m uwsgi_reload_loadtests.original_plan --emperor-path DIR --emperor-stats-socket S \\
         --fastrouter-stats-socket F --minimum-active-vassals m
 
 Touch the first N-m vassal configs together, wait until all of them are back, then the last m
@@ -126,7 +126,7 @@ def original_plan(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtests.original_plan",
+        prog="python -m uwsgi_reload_loadtests.original_plan",
         description="Reload every vassal with the 2014 schedule; print a JSON report.",
     )
     parser.add_argument("--emperor-path", required=True)

@@ -25,8 +25,8 @@ matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 
 import matplotlib.pyplot as plt
 
-from loadtests.observer import Sample
-from loadtests.report import LoadReport
+from .observer import Sample
+from .report import LoadReport
 
 #: Colours per schedule in the benchmark picture (the same schedule keeps its colour).
 SCHEDULE_COLOURS = {

@@ -5,7 +5,7 @@ a pytest process (threads, subprocesses, sockets) must not get.
 
 Benchmark from a shell::
 
-    python -m loadtests.runner http://127.0.0.1:8080 --host-header domain.tld -u 8 \\
+    python -m uwsgi_reload_loadtests.runner http://127.0.0.1:8080 --host-header domain.tld -u 8 \\
         --reload-command "uwsgi-reload ..." --report-json reload.json
 """
 
@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Union
 
-from loadtests.report import (
+from .report import (
     PHASES,
     LoadReport,
     PhaseStats,
@@ -301,7 +301,7 @@ def format_report(report: LoadReport) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtests.runner",
+        prog="python -m uwsgi_reload_loadtests.runner",
         description="GET / under load with locust (headless, in a subprocess), optionally run a "
         "reload command in the middle, and print requests, failures and latency before, during "
         "and after it.",

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.render import REPO_DIR
-from harness.stack import Proc
+from uwsgi_reload_harness.stack import Proc
+
+REPO_DIR = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -48,7 +49,7 @@ def markdown_rows(text: str, header_start: str) -> list[list[str]]:
 def test_demo_writes_its_picture_and_report_and_leaves_nothing_running(tmp_path: Path) -> None:
     results = tmp_path / "demo"
     done = run_module(
-        "loadtests.demo",
+        "uwsgi_reload_loadtests.demo",
         "--vassals",
         "2",
         "--reload-at",
@@ -84,7 +85,7 @@ def test_tiny_bench_writes_the_table_and_the_picture_and_leaves_nothing_running(
 ) -> None:
     results = tmp_path / "bench"
     done = run_module(
-        "loadtests.bench",
+        "uwsgi_reload_loadtests.bench",
         "--sizes",
         "2",
         "--minimums",
@@ -122,7 +123,7 @@ def test_tiny_bench_writes_the_table_and_the_picture_and_leaves_nothing_running(
 def test_tiny_drain_bench_writes_both_tables_and_leaves_nothing_running(tmp_path: Path) -> None:
     results = tmp_path / "drain"
     done = run_module(
-        "loadtests.bench_drain",
+        "uwsgi_reload_loadtests.bench_drain",
         "--sizes",
         "2",
         "--minimums",

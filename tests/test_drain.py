@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import pytest
 
-from harness.stack import Stack
-from tests.zero_downtime import FreshStacks, ReloadRun, again, observed, reload_under_load
+from uwsgi_reload_harness.stack import Stack
+from uwsgi_reload_loadtests.measure import FreshStacks, ReloadRun, again, observed, reload_under_load
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

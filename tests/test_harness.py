@@ -10,15 +10,14 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from harness import render
-from harness.render import Layout, Substitution
-from harness.stack import ProcessExitedWithError, Stack, StackConfig
+from uwsgi_reload_harness import render
+from uwsgi_reload_harness.render import Layout, Substitution
+from uwsgi_reload_harness.stack import ProcessExitedWithError, Stack, StackConfig
 
 MakeStack = Callable[..., Stack]
 
@@ -58,29 +57,32 @@ def diff(example: str, rendered: str, name: str) -> str:
     )
 
 
+REPO_DIR = Path(__file__).resolve().parent.parent
+
+
 # ---------------------------------------------------------------------------------------------
 # Without processes
 # ---------------------------------------------------------------------------------------------
 
 
-def test_a_stack_without_the_pytest_cache_fails_with_a_clear_message() -> None:
-    """pytest-xprocess needs the cache; without it the stack fixtures say so, not AttributeError."""
-    installed = any(ep.value == "harness.plugin" for ep in entry_points(group="pytest11"))
+def test_options_are_checked_only_when_a_stack_fixture_is_requested() -> None:
+    """The installed plugin is inert: a bad option fails the tests that ask for a stack only."""
     with tempfile.TemporaryDirectory(prefix="ur-t-") as tmp:
-        Path(tmp, "test_one.py").write_text("def test_one(uwsgi_stack):\n    pass\n")
+        Path(tmp, "test_one.py").write_text(
+            "def test_plain():\n    pass\n\n\ndef test_stack(uwsgi_stack):\n    pass\n"
+        )
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_one.py"]
-            + ([] if installed else ["-p", "harness.plugin"]),
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE"]
+            + ["--uwsgi-app-dir=/nonexistent/app", "test_one.py"],
             cwd=tmp,
-            env={**os.environ, "PYTHONPATH": str(render.REPO_DIR)},
             capture_output=True,
             text=True,
             timeout=120,
             check=False,
         )
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "drop -p no:cacheprovider" in done.stdout
-    assert "AttributeError" not in done.stdout
+    assert "1 passed, 1 error" in done.stdout, done.stdout
+    assert "app dir /nonexistent/app is not a directory" in done.stdout
 
 
 def test_render_substitutes_placeholders_in_one_pass() -> None:
@@ -162,7 +164,7 @@ def test_nginx_config_wraps_the_fragment() -> None:
         ({"request_delay": -0.1}, "request delay must be >= 0"),
         ({"app_dir": Path("/nonexistent")}, "is not a directory"),
         ({"wsgi_file": "nope.py"}, "does not exist"),
-        ({"app_dir": render.REPO_DIR, "wsgi_file": "conftest.py", "start_delay": 1.0}, "demo"),
+        ({"app_dir": REPO_DIR, "wsgi_file": "conftest.py", "start_delay": 1.0}, "demo"),
     ],
 )
 def test_stack_config_rejects_bad_combinations(overrides: dict[str, object], message: str) -> None:

@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 import pytest
 
-from loadtests.observer import ObserverError, RouterObserver, count_live
-from loadtests.report import (
+from uwsgi_reload_loadtests.observer import ObserverError, RouterObserver, count_live
+from uwsgi_reload_loadtests.report import (
     SCHEMA_VERSION,
     LoadReport,
     ReloadInfo,
@@ -40,7 +40,7 @@ from loadtests.report import (
     percentile,
     phase_of,
 )
-from loadtests.runner import LoadRunError, format_report, locust_command, main, run_load
+from uwsgi_reload_loadtests.runner import LoadRunError, format_report, locust_command, main, run_load
 from uwsgi_reload import StatsError, read_stats
 
 START_TIMEOUT = 15.0

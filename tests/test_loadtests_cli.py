@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.stack import StackError
-from loadtests.cli import EXIT_ERROR, EXIT_INTERRUPTED, guarded, results_dir
+from uwsgi_reload_harness.stack import StackError
+from uwsgi_reload_loadtests.cli import EXIT_ERROR, EXIT_INTERRUPTED, guarded, results_dir
 
 
 def test_guarded_passes_the_result_through() -> None:

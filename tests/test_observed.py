@@ -10,9 +10,9 @@ from typing import Any, cast
 
 import pytest
 
-from loadtests.observer import RouterObserver, Sample
-from loadtests.report import LoadReport
-from tests.zero_downtime import ATTEMPTS, MAX_OBSERVER_GAP, ReloadRun, observed
+from uwsgi_reload_loadtests.observer import RouterObserver, Sample
+from uwsgi_reload_loadtests.report import LoadReport
+from uwsgi_reload_loadtests.measure import ATTEMPTS, MAX_OBSERVER_GAP, ReloadRun, observed
 
 
 def _phase(requests: int, failures: int = 0) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtests.pacing import Pacer, user_interval
+from uwsgi_reload_loadtests.pacing import Pacer, user_interval
 
 
 def starts(pacer: Pacer, latencies: list[float]) -> list[float]:

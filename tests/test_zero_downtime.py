@@ -14,16 +14,15 @@ from collections.abc import Callable
 import pytest
 import requests
 
-from harness.stack import Stack
-from tests.zero_downtime import (
-    FAULTS,
+from tests.procedures import FAULTS, with_fault
+from uwsgi_reload_harness.stack import Stack
+from uwsgi_reload_loadtests.measure import (
     FreshStacks,
     ReloadRun,
     again,
     observed,
     reload_command,
     reload_under_load,
-    with_fault,
 )
 
 pytestmark = pytest.mark.e2e

@@ -10,11 +10,10 @@ import dataclasses
 import shlex
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from harness.stack import Stack
-from loadtests.observer import RouterObserver
-from loadtests.runner import LoadReport, run_load
+from uwsgi_reload_harness.stack import Stack
+from .observer import RouterObserver
+from .runner import LoadReport, run_load
 
 USERS = 8
 #: Requests that must be served while the reload runs for the run to count as "under load".
@@ -23,12 +22,7 @@ MIN_REQUESTS_DURING = 200
 MAX_OBSERVER_GAP = 0.025
 #: Runs of one measurement, at most, when the observer's gap was its only problem.
 ATTEMPTS = 3
-FAULTS = Path(__file__).with_name("faults.py")
 
-DEFAULT_TEMPLATE = (
-    "{python} {tool} --emperor-path {emperor_path} --fastrouter-stats-socket {fastrouter_stats} "
-    "--emperor-stats-socket {emperor_stats} --minimum-active-vassals {minimum} --timeout {timeout}"
-)
 
 
 def reload_command(stack: Stack, template: str, minimum: int, timeout: float = 60) -> list[str]:
@@ -46,9 +40,6 @@ def reload_command(stack: Stack, template: str, minimum: int, timeout: float = 6
     }
     return [part.format(**fields) for part in shlex.split(template)]
 
-
-def with_fault(action: str, command: Sequence[str], *args: str) -> list[str]:
-    return [sys.executable, str(FAULTS), action, *args, "--", *command]
 
 
 @dataclasses.dataclass
