@@ -1,6 +1,7 @@
 """How long a full reload takes, under load, against a lower bound and two other schedules.
 
-    python -m uwsgi_reload_loadtests.bench [--sizes 2,4,8,16] [--minimums 1,half] [--quick] [--results-dir DIR]
+    python -m uwsgi_reload_loadtests.bench [--sizes 2,4,8,16] [--minimums 1,half] [--quick]
+                                           [--results-dir DIR]
 
 For every size N one stack (N vassals) runs every schedule below, each under the same locust load
 through nginx, one after the other:
@@ -32,23 +33,26 @@ import dataclasses
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
 from uwsgi_reload_harness.stack import Stack, StackConfig, running_stack
-from .cli import EXIT_OK, EXIT_SOME_RUN_FAILED, guarded, print_environment, results_dir
-from .demo import (
-    ReloadUnderLoad,
-    reload_under_load,
+
+from uwsgi_reload import non_negative_float, positive_int, rounds_needed
+
+from .cli import (
+    EXIT_OK,
+    EXIT_SOME_RUN_FAILED,
+    guarded,
+    print_environment,
+    results_dir,
     stop_and_check,
-    tool_command,
 )
+from .measure import ReloadRun, reload_under_load, tool_command
 from .original_plan import ORIGINAL
 from .plot import bench_png, markdown_table, seconds
-from uwsgi_reload import non_negative_float, positive_int, rounds_needed
 
 TOOL, ONE_AT_A_TIME, LOWER_BOUND = "uwsgi_reload", "one at a time", "lower bound"
 DEFAULT_SIZES = (2, 4, 8, 16)
@@ -86,7 +90,7 @@ class Run:
     n: int
     minimum: int
     schedule: str
-    measured: ReloadUnderLoad
+    measured: ReloadRun
 
     @property
     def ok(self) -> bool:
@@ -109,10 +113,10 @@ class Run:
             "failures_by_kind": m.load.total.failures_by_kind,
             "p99_ms_during": during.p99,
             "max_ms_during": during.max_ms,
-            "min_live_during": m.min_live_during(),
-            "observer_gap_s": m.observer_gap,
+            "min_live_during": m.min_live_seen,
+            "observer_gap_s": m.observer.max_gap,
             "cpu_seconds": m.cpu_seconds,
-            "result": m.result,
+            "result": m.tool_json,
         }
 
 
@@ -162,7 +166,6 @@ def bench_one_size(
     n: int,
     minimums: Sequence[int],
     args: argparse.Namespace,
-    work_dir: Path,
     runs: list[Run],
     stacks: list[dict[str, Any]],
 ) -> None:
@@ -189,11 +192,13 @@ def bench_one_size(
             measured = reload_under_load(
                 stack,
                 command,
-                work_dir=work_dir,
                 users=args.users,
                 reload_at=args.reload_at,
                 after_reload=args.after_reload,
                 observer_interval=0.02,
+                observer_readers=2,
+                measure_cpu=True,
+                max_run_time=args.reload_at + args.after_reload + 300,
             )
             run = Run(n, m, schedule, measured)
             runs.append(run)
@@ -214,7 +219,7 @@ def run_line(run: Run) -> str:
     cpu = "-" if m.cpu_seconds is None else f"{m.cpu_seconds:.2f} s"
     return (
         f"makespan {seconds(m.makespan)} s, failed {m.load.total.failures}, "
-        f"max {m.load.during.max_ms:.0f} ms, fewest live {m.min_live_during()}, CPU {cpu}"
+        f"max {m.load.during.max_ms:.0f} ms, fewest live {m.min_live_seen}, CPU {cpu}"
     )
 
 
@@ -351,7 +356,7 @@ def detail_rows(runs: Sequence[Run]) -> list[list[str]]:
                 str(m.load.total.failures),
                 f"{m.load.during.p99:.0f}",
                 f"{m.load.during.max_ms:.0f}",
-                str(m.min_live_during()),
+                str(m.min_live_seen),
                 seconds(m.cpu_seconds),
             ]
         )
@@ -379,9 +384,9 @@ def stage_rows(runs: Sequence[Run]) -> list[list[str]]:
     for n in sorted({r.n for r in runs}):
         lone: list[dict[str, float]] = []
         for run in runs:
-            if run.n != n or run.schedule != ORIGINAL or run.measured.result is None:
+            if run.n != n or run.schedule != ORIGINAL or run.measured.tool_json is None:
                 continue
-            vassals = run.measured.result["vassals"]
+            vassals = run.measured.tool_json["vassals"]
             triggers = [v["triggered"] for v in vassals]
             lone += [
                 v["stages"]
@@ -556,9 +561,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
 
     def every_size() -> None:
-        with tempfile.TemporaryDirectory(prefix="ur-bench-") as tmp:
-            for n in sizes:
-                bench_one_size(n, minimums[n], args, Path(tmp), runs, stacks)
+        for n in sizes:
+            bench_one_size(n, minimums[n], args, runs, stacks)
 
     code = guarded("bench", every_size, "stacks stopped, temp dirs removed; partial results follow")
     if code is None:

@@ -4,7 +4,8 @@
                                     [--request-delay 0.01] [--users 8] [--rate 0] [--repeat 1]
                                     [--broken-runs 20] [--results-dir DIR]
 
-A separate mode of the benchmark (``python -m uwsgi_reload_loadtests.bench`` and its table are unchanged).
+A separate mode of the benchmark (``python -m uwsgi_reload_loadtests.bench`` and its table are
+unchanged).
 
 Part 1, for every size N, on one stack of N vassals whose app takes ``--start-delay`` s to load:
 for every m, ``uwsgi_reload.py --minimum-active-vassals m`` under locust load through nginx,
@@ -33,24 +34,27 @@ import dataclasses
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from uwsgi_reload_harness.stack import Stack, StackConfig, StackTimeout, running_stack
+
+from uwsgi_reload import non_negative_float, non_negative_int, positive_int, rounds_needed
+
 from .bench import parse_sizes
-from .cli import EXIT_OK, EXIT_SOME_RUN_FAILED, guarded, print_environment, results_dir
-from .demo import (
-    ReloadUnderLoad,
-    reload_under_load,
+from .cli import (
+    EXIT_OK,
+    EXIT_SOME_RUN_FAILED,
+    guarded,
+    print_environment,
+    results_dir,
     stop_and_check,
-    tool_command,
 )
+from .measure import ReloadRun, reload_under_load, tool_command
 from .plot import markdown_table, seconds
 from .report import WARMUP_S
-from uwsgi_reload import non_negative_float, non_negative_int, positive_int, rounds_needed
 
 DRAIN_OFF, DRAIN_ON = "off", "on (+ fast return, probe /)"
 BROKEN_N, BROKEN_M, BROKEN_TIMEOUT = 4, 2, 5
@@ -65,7 +69,7 @@ class Run:
     n: int
     minimum: int
     drain: str
-    measured: ReloadUnderLoad
+    measured: ReloadRun
 
     @property
     def ok(self) -> bool:
@@ -75,7 +79,7 @@ class Run:
         """Median seconds from trigger to ``until`` ("accepting" or "back") over the vassals of
         this run, from the tool's ``--json`` timeline. ``last_round``: only the vassals triggered
         after the first one was back (fewer apps loading at once, closer to a reload alone)."""
-        result = self.measured.result
+        result = self.measured.tool_json
         if result is None:
             return None
         vassals = result["vassals"]
@@ -117,15 +121,15 @@ class Run:
             "p99_ms_steady": m.load.steady.p99,
             "p999_ms_during": m.load.during.p999,
             "max_ms_during": m.load.during.max_ms,
-            "min_live_during": m.min_live_during(),
-            "result": m.result,
+            "min_live_during": m.min_live_seen,
+            "result": m.tool_json,
         }
 
 
 @dataclasses.dataclass
 class BrokenRun:
     index: int
-    measured: ReloadUnderLoad
+    measured: ReloadRun
     recovered_s: float | None
 
     @property
@@ -142,9 +146,9 @@ class BrokenRun:
             "failures": m.load.total.failures,
             "failures_by_kind": m.load.total.failures_by_kind,
             "max_ms_during": m.load.during.max_ms,
-            "min_live_during": m.min_live_during(),
+            "min_live_during": m.min_live_seen,
             "recovered_s": self.recovered_s,
-            "result": m.result,
+            "result": m.tool_json,
         }
 
 
@@ -152,25 +156,26 @@ def measure(
     stack: Stack,
     command: list[str],
     args: argparse.Namespace,
-    work: Path,
     *,
     broken: bool = False,
-) -> ReloadUnderLoad:
+) -> ReloadRun:
+    reload_at = args.broken_reload_at if broken else args.reload_at
+    after_reload = args.broken_after_reload if broken else args.after_reload
     return reload_under_load(
         stack,
         command,
-        work_dir=work,
         users=args.users,
-        reload_at=args.broken_reload_at if broken else args.reload_at,
-        after_reload=args.broken_after_reload if broken else args.after_reload,
-        observer_interval=0.02,
+        reload_at=reload_at,
+        after_reload=after_reload,
         rate=args.rate,
+        observer_interval=0.02,
+        observer_readers=2,
+        measure_cpu=True,
+        max_run_time=reload_at + after_reload + 300,
     )
 
 
-def bench_size(
-    n: int, minimums: Sequence[int], args: argparse.Namespace, work: Path, runs: list[Run]
-) -> None:
+def bench_size(n: int, minimums: Sequence[int], args: argparse.Namespace, runs: list[Run]) -> None:
     print(f"N={n}: starting stack (app start {args.start_delay:g} s)...", flush=True)
     config = StackConfig(vassals=n, start_delay=args.start_delay, request_delay=args.request_delay)
     with running_stack(config) as stack:
@@ -178,7 +183,7 @@ def bench_size(
             for drain in (DRAIN_OFF, DRAIN_ON) * args.repeat:
                 stack.wait_all_live(60)
                 extra = ["--timeout", "120"] + (drain_args(stack) if drain == DRAIN_ON else [])
-                run = Run(n, m, drain, measure(stack, tool_command(stack, m, *extra), args, work))
+                run = Run(n, m, drain, measure(stack, tool_command(stack, m, *extra), args))
                 runs.append(run)
                 print(f"N={n} m={m} drain {drain}: {run_line(run)}", flush=True)
         stop_and_check(stack)
@@ -207,7 +212,7 @@ def recover(stack: Stack, version: str) -> float:
     return time.monotonic() - started
 
 
-def bench_broken(args: argparse.Namespace, work: Path, runs: list[BrokenRun]) -> None:
+def bench_broken(args: argparse.Namespace, runs: list[BrokenRun]) -> None:
     print(f"broken deploys: starting stack ({BROKEN_N} vassals)...", flush=True)
     config = StackConfig(
         vassals=BROKEN_N,
@@ -227,14 +232,14 @@ def bench_broken(args: argparse.Namespace, work: Path, runs: list[BrokenRun]) ->
                 str(BROKEN_TIMEOUT),
                 *drain_args(stack),
             )
-            measured = measure(stack, command, args, work, broken=True)
+            measured = measure(stack, command, args, broken=True)
             recovered = recover(stack, f"good-{index}")
             run = BrokenRun(index, measured, recovered)
             runs.append(run)
             print(
                 f"broken #{index}: exit {measured.returncode}, failed {run.failures} of "
                 f"{measured.load.total.requests}, max {measured.load.during.max_ms:.0f} ms, "
-                f"fewest live {measured.min_live_during()}, recovered in {recovered:.1f} s",
+                f"fewest live {measured.min_live_seen}, recovered in {recovered:.1f} s",
                 flush=True,
             )
         stop_and_check(stack)
@@ -331,7 +336,7 @@ def broken_rows(runs: Sequence[BrokenRun]) -> list[list[str]]:
             str(r.measured.load.total.requests),
             str(r.failures),
             f"{r.measured.load.during.max_ms:.0f}",
-            str(r.measured.min_live_during()),
+            str(r.measured.min_live_seen),
             seconds(r.recovered_s, 1),
         ]
         for r in runs
@@ -506,12 +511,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
 
     def every_run() -> None:
-        with tempfile.TemporaryDirectory(prefix="ur-drain-") as tmp:
-            for n in args.sizes:
-                minimums = [m for m in args.minimums if m < n]
-                bench_size(n, minimums, args, Path(tmp), runs)
-            if args.broken_runs:
-                bench_broken(args, Path(tmp), broken)
+        for n in args.sizes:
+            minimums = [m for m in args.minimums if m < n]
+            bench_size(n, minimums, args, runs)
+        if args.broken_runs:
+            bench_broken(args, broken)
 
     code = guarded("bench", every_run, "stacks stopped; partial results follow")
     if code is None:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 from uwsgi_reload_harness import render
-from uwsgi_reload_harness.stack import StackError
+from uwsgi_reload_harness.stack import Proc, Stack, StackError
+
 from .plot import command_line, environment, environment_lines
 from .runner import LoadRunError
 
@@ -67,3 +68,9 @@ def guarded(what: str, body: Callable[[], int | None], interrupted: str) -> int 
     except (StackError, LoadRunError, render.MissingTool) as exc:
         print(f"{what} failed: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def stop_and_check(stack: Stack) -> tuple[set[Proc], set[Proc]]:
+    """Stop the stack now; (every process seen, those still alive after stopping)."""
+    seen = stack.processes() | stack.stop()
+    return seen, {p for p in seen if p.alive()}

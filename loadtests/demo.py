@@ -1,13 +1,15 @@
 """The main job in one command: a stack, load through nginx, ``uwsgi_reload.py`` in the middle.
 
-    python -m uwsgi_reload_loadtests.demo [--vassals 4] [--minimum 1] [--start-delay 0] [--results-dir DIR]
+    python -m uwsgi_reload_loadtests.demo [--vassals 4] [--minimum 1] [--start-delay 0]
+                                          [--results-dir DIR]
 
 Brings up the example stack (Django app, N vassals, emperor + fastrouter, nginx) outside pytest
-with :func:`uwsgi_reload_harness.stack.running_stack`, runs locust through nginx, runs the reload tool with
-``--json`` ``--reload-at`` seconds into the load while a ``RouterObserver`` samples the live nodes,
-and prints what happened: each vassal's reload (triggered, back), and requests, failures, rps and
-latency before, during and after the reload. It writes ``timeline.png``, ``report.md`` and the raw
-data (``load.json``, ``reload.json``, ``live.csv``, ``demo.json``) to the results dir.
+with :func:`uwsgi_reload_harness.stack.running_stack`, runs locust through nginx, runs the reload
+tool with ``--json`` ``--reload-at`` seconds into the load while a ``RouterObserver`` samples the
+live nodes, and prints what happened: each vassal's reload (triggered, back), and requests,
+failures, rps and latency before, during and after the reload. It writes ``timeline.png``,
+``report.md`` and the raw data (``load.json``, ``reload.json``, ``live.csv``, ``demo.json``) to
+the results dir.
 
 Every process it starts is stopped and every temp dir removed however it ends (Ctrl-C, SIGTERM,
 an error): exit 0 when the reload succeeded with no failed request, 1 when not, 2 when the demo
@@ -17,242 +19,29 @@ could not run, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
-import os
 import shlex
-import signal
 import statistics
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from uwsgi_reload_harness.stack import Proc, Stack, StackConfig, running_stack
+from uwsgi_reload_harness.stack import Proc, StackConfig, running_stack
+
+from uwsgi_reload import non_negative_float, non_negative_int
+
 from .cli import (
     EXIT_OK,
     EXIT_SOME_RUN_FAILED,
     guarded,
     print_environment,
     results_dir,
+    stop_and_check,
 )
-from .observer import RouterObserver, Sample
-from .plot import (
-    VassalSpan,
-    markdown_table,
-    seconds,
-    text_table,
-    timeline_png,
-)
+from .measure import ReloadRun, reload_under_load, tool_command
+from .plot import markdown_table, seconds, text_table, timeline_png
 from .report import PHASES, LoadReport
-from .runner import run_load
-from uwsgi_reload import non_negative_float, non_negative_int
-
-#: Runs a command and writes the CPU seconds its whole tree used (RUSAGE_CHILDREN of this small
-#: wrapper: the command only, not locust, which starts it, nor the wrapper's own start-up).
-MEASURE_CPU = (
-    "import json, resource, subprocess, sys\n"
-    "code = subprocess.call(sys.argv[2:])\n"
-    "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-    "with open(sys.argv[1], 'w') as out:\n"
-    "    json.dump({'user': usage.ru_utime, 'system': usage.ru_stime}, out)\n"
-    "sys.exit(code)\n"
-)
-
-
-def measured(command: Sequence[str], cpu_file: Path) -> list[str]:
-    """``command`` run by a wrapper that writes its CPU seconds to ``cpu_file``."""
-    return [sys.executable, "-c", MEASURE_CPU, str(cpu_file), *command]
-
-
-def read_cpu_seconds(cpu_file: Path) -> float | None:
-    try:
-        data = json.loads(cpu_file.read_text())
-    except (OSError, ValueError):
-        return None
-    return float(data["user"]) + float(data["system"])
-
-
-def tool_command(stack: Stack, minimum: int, *extra: str) -> list[str]:
-    """This repository's ``uwsgi_reload.py --json`` for ``stack``."""
-    return stack.reload_command("--json", "--minimum-active-vassals", str(minimum), *extra)
-
-
-def last_json_line(stdout: str) -> dict[str, Any] | None:
-    """The JSON report a reload command printed last on stdout (``--json``), if any."""
-    for line in reversed(stdout.strip().splitlines()):
-        with contextlib.suppress(ValueError):
-            data = json.loads(line)
-            if isinstance(data, dict):
-                return data
-    return None
-
-
-@dataclasses.dataclass
-class ReloadUnderLoad:
-    """One reload command run under load, with everything measured around it."""
-
-    command: list[str]
-    load: LoadReport
-    live: list[Sample]
-    observer_gap: float
-    observer_errors: int
-    result: dict[str, Any] | None
-    """The command's ``--json`` report (``vassals``: name, triggered, back, duration...)."""
-    cpu_seconds: float | None
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.load.reload is None else self.load.reload.returncode
-
-    @property
-    def command_seconds(self) -> float | None:
-        return None if self.load.reload is None else self.load.reload.duration
-
-    def spans(self) -> list[VassalSpan]:
-        """Each vassal's reload in seconds since the load started."""
-        if self.result is None:
-            return []
-        offset = float(self.result["started"]) - self.load.started
-
-        def at(value: Any) -> float | None:
-            return None if value is None else offset + float(value)
-
-        return [
-            VassalSpan(str(v["name"]), at(v["triggered"]), at(v["back"]), str(v["outcome"]))
-            for v in self.result["vassals"]
-        ]
-
-    def durations(self) -> list[float]:
-        """Trigger-to-back seconds of every vassal that came back."""
-        if self.result is None:
-            return []
-        return [float(v["duration"]) for v in self.result["vassals"] if v["duration"] is not None]
-
-    @property
-    def makespan(self) -> float | None:
-        """First trigger to last back; None unless every vassal came back."""
-        spans = self.spans()
-        if not spans or any(s.back is None or s.triggered is None for s in spans):
-            return None
-        return max(s.back for s in spans if s.back is not None) - min(
-            s.triggered for s in spans if s.triggered is not None
-        )
-
-    def min_live_during(self) -> int | None:
-        reload = self.load.reload
-        if reload is None or not self.live:
-            return None
-        end = reload.ended if reload.ended is not None else self.load.ended
-        before = [s for s in self.live if s.t <= reload.started]
-        window = [s for s in self.live if reload.started <= s.t <= end]
-        if before:
-            window.append(before[-1])
-        return min(s.live for s in window) if window else None
-
-    @property
-    def all_reloaded(self) -> bool:
-        return self.returncode == 0 and self.makespan is not None
-
-
-@contextlib.contextmanager
-def progress(observer: RouterObserver, total: int, every: float = 1.0) -> Iterator[None]:
-    """Print a line with the live node count every ``every`` seconds while the block runs."""
-    stop = threading.Event()
-    started = time.monotonic()
-
-    def loop() -> None:
-        while not stop.wait(every):
-            live = observer.live
-            shown = "?" if live is None else str(live)
-            print(f"  {time.monotonic() - started:5.1f} s  live nodes {shown}/{total}", flush=True)
-
-    thread = threading.Thread(target=loop, name="demo-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-def reload_under_load(
-    stack: Stack,
-    command: Sequence[str],
-    *,
-    work_dir: Path,
-    users: int = 8,
-    reload_at: float = 3.0,
-    after_reload: float = 3.0,
-    observer_interval: float = 0.01,
-    show_progress: bool = False,
-    rate: float = 0.0,
-) -> ReloadUnderLoad:
-    """Locust through nginx; ``command`` (wrapped to measure its CPU) ``reload_at`` s in."""
-    cpu_file = work_dir / "cpu.json"
-    cpu_file.unlink(missing_ok=True)
-    obs = RouterObserver(stack.fastrouter_stats, key=stack.host, interval=observer_interval)
-    shown = progress(obs, len(stack.vassal_ids)) if show_progress else contextlib.nullcontext()
-    with obs, shown:
-        try:
-            load = run_load(
-                stack.url,
-                host_header=stack.host,
-                users=users,
-                reload_command=shlex.join(measured(command, cpu_file)),
-                reload_at=reload_at,
-                after_reload=after_reload,
-                max_run_time=reload_at + after_reload + 300,
-                report_path=work_dir / "load.json",
-                rate=rate,
-                nice=5,
-            )
-        except BaseException:
-            stop_reload_commands(stack)
-            raise
-    result = None if load.reload is None else last_json_line(load.reload.stdout)
-    return ReloadUnderLoad(
-        command=list(command),
-        load=load,
-        live=obs.timeline,
-        observer_gap=obs.max_gap,
-        observer_errors=obs.errors,
-        result=result,
-        cpu_seconds=read_cpu_seconds(cpu_file),
-    )
-
-
-def stop_reload_commands(stack: Stack, timeout: float = 10.0) -> None:
-    """SIGTERM what still runs with ``--emperor-path <this stack's dir>`` in its argv: a reload
-    command locust started in a session of its own, left behind when locust was killed
-    (Ctrl-C). The dir is a fresh temp dir, so only commands started for this stack match (the
-    emperor itself has ``--emperor <dir>/``: SIGTERM would make it reload, not stop)."""
-    needle = b"\0--emperor-path\0" + str(stack.emperor_path).encode() + b"\0"
-    strays = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if needle in (entry / "cmdline").read_bytes():
-                strays.append(int(entry.name))
-    for pid in strays:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while strays and time.monotonic() < deadline:
-        strays = [pid for pid in strays if Path(f"/proc/{pid}").exists()]
-        time.sleep(0.1)
-
-
-def stop_and_check(stack: Stack) -> tuple[set[Proc], set[Proc]]:
-    """Stop the stack now; (every process seen, those still alive after stopping)."""
-    seen = stack.processes() | stack.stop()
-    return seen, {p for p in seen if p.alive()}
-
 
 # ---------------------------------------------------------------------------------------------
 # The report
@@ -282,20 +71,19 @@ def phase_rows(load: LoadReport) -> list[list[str]]:
     return rows
 
 
-def vassal_rows(run: ReloadUnderLoad) -> list[list[str]]:
+def vassal_rows(run: ReloadRun) -> list[list[str]]:
+    t0 = run.load.started
+
+    def since_load(t: float | None) -> str:
+        return seconds(None if t is None else t - t0)
+
     return [
-        [
-            s.name,
-            seconds(s.triggered),
-            seconds(s.back),
-            seconds(None if s.back is None or s.triggered is None else s.back - s.triggered),
-            s.outcome,
-        ]
-        for s in run.spans()
+        [s.name, since_load(s.triggered), since_load(s.back), seconds(s.took), s.outcome]
+        for s in run.timeline
     ]
 
 
-def summary_lines(run: ReloadUnderLoad, vassals: int, minimum: int) -> list[str]:
+def summary_lines(run: ReloadRun, vassals: int, minimum: int) -> list[str]:
     reload = run.load.reload
     lines = []
     if reload is None or reload.ended is None:
@@ -313,11 +101,10 @@ def summary_lines(run: ReloadUnderLoad, vassals: int, minimum: int) -> list[str]
             f"{min(durations):.2f}-{max(durations):.2f} s (median "
             f"{statistics.median(durations):.2f} s)"
         )
-    lowest = run.min_live_during()
     lines.append(
-        f"fewest live nodes the observer saw during the reload: {lowest} of {vassals} "
-        f"(minimum {minimum}); {len(run.live)} samples, largest gap "
-        f"{run.observer_gap * 1000:.0f} ms, {run.observer_errors} failed reads"
+        f"fewest live nodes the observer saw during the reload: {run.min_live_seen} of "
+        f"{vassals} (minimum {minimum}); {run.observer.samples} samples, largest gap "
+        f"{run.observer.max_gap * 1000:.0f} ms, {run.observer.errors} failed reads"
     )
     if run.cpu_seconds is not None:
         lines.append(f"CPU used by the reload tool: {run.cpu_seconds:.2f} s")
@@ -325,7 +112,7 @@ def summary_lines(run: ReloadUnderLoad, vassals: int, minimum: int) -> list[str]
 
 
 def markdown_report(
-    run: ReloadUnderLoad,
+    run: ReloadRun,
     *,
     env_lines: Sequence[str],
     args: argparse.Namespace,
@@ -428,7 +215,7 @@ def _demo(args: argparse.Namespace, results: Path, argv: Sequence[str]) -> int:
         flush=True,
     )
     started = time.monotonic()
-    with running_stack(config) as stack, tempfile.TemporaryDirectory(prefix="ur-demo-") as tmp:
+    with running_stack(config) as stack:
         print(
             f"stack up in {time.monotonic() - started:.1f} s: {stack.url} (Host: {stack.host}), "
             f"stack dir {stack.base_dir}, emperor pid {stack.pids['emperor']}, "
@@ -443,13 +230,16 @@ def _demo(args: argparse.Namespace, results: Path, argv: Sequence[str]) -> int:
         run = reload_under_load(
             stack,
             tool_command(stack, args.minimum),
-            work_dir=Path(tmp),
             users=args.users,
             reload_at=args.reload_at,
             after_reload=args.after_reload,
+            observer_interval=0.01,
+            observer_readers=2,
+            measure_cpu=True,
+            load_json=results / "load.json",
             show_progress=True,
+            max_run_time=args.reload_at + args.after_reload + 300,
         )
-        (results / "load.json").write_bytes(Path(tmp, "load.json").read_bytes())
         stack_processes = sorted(stack.processes(), key=lambda p: p.pid)
         print("load done; stopping stack...", flush=True)
         seen, left = stop_and_check(stack)
@@ -463,7 +253,7 @@ def _demo(args: argparse.Namespace, results: Path, argv: Sequence[str]) -> int:
 
 
 def _write_and_print(
-    run: ReloadUnderLoad,
+    run: ReloadRun,
     args: argparse.Namespace,
     results: Path,
     env_lines: Sequence[str],
@@ -471,7 +261,7 @@ def _write_and_print(
     left: set[Proc],
     base_dir: Path,
 ) -> int:
-    (results / "reload.json").write_text(json.dumps(run.result, indent=1) + "\n")
+    (results / "reload.json").write_text(json.dumps(run.tool_json, indent=1) + "\n")
     with open(results / "live.csv", "w") as out:
         out.write("t_since_load_start,live\n")
         out.writelines(f"{s.t - run.load.started:.3f},{s.live}\n" for s in run.live)
@@ -479,7 +269,7 @@ def _write_and_print(
         results / "timeline.png",
         report=run.load,
         live=run.live,
-        vassals=run.spans(),
+        vassals=run.timeline,
         total_vassals=args.vassals,
         minimum=args.minimum,
         title=f"uwsgi_reload.py under load: {args.vassals} vassals, minimum {args.minimum}, "
@@ -495,7 +285,7 @@ def _write_and_print(
                 "returncode": run.returncode,
                 "makespan": run.makespan,
                 "failures": run.load.total.failures,
-                "min_live_during": run.min_live_during(),
+                "min_live_during": run.min_live_seen,
                 "cpu_seconds": run.cpu_seconds,
                 "stack_dir": str(base_dir),
                 "stack_processes": [[p.pid, p.start] for p in stack_processes],

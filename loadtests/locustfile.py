@@ -24,7 +24,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import time
 from typing import Any, Callable
 
@@ -33,7 +32,6 @@ import gevent.subprocess
 from locust import FastHttpUser, events, task
 from locust.env import Environment
 from locust.runners import LocalRunner
-
 from uwsgi_reload_loadtests.pacing import Pacer, user_interval
 from uwsgi_reload_loadtests.report import (
     ReloadInfo,

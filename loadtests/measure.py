@@ -1,18 +1,34 @@
-"""Reload under load on a real stack, and the one check every zero-downtime test applies.
+"""Reload under load on a real stack: the one measuring function, and the one check.
 
-``check`` returns the list of broken promises; a good reload has none, and the control tests show
-the same function finding them in a bad one.
+``reload_under_load`` runs a reload command under locust load through nginx while a
+``RouterObserver`` watches the router, and returns a ``ReloadRun``: the load report, the observer,
+the command's exit code and output, the tool's ``--json`` report and per-vassal timeline (when
+the command is the tool), the workers before and after, and the CPU the command used (when asked
+for). The demo, both benchmarks and the zero-downtime suite all measure with it.
+
+``ReloadRun.check`` returns the list of broken promises; a good reload has none, and the control
+tests show the same function finding them in a bad one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import os
 import shlex
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 from uwsgi_reload_harness.stack import Stack
-from .observer import RouterObserver
+
+from .observer import ObserverError, RouterObserver, Sample
 from .runner import LoadReport, run_load
 
 USERS = 8
@@ -22,7 +38,8 @@ MIN_REQUESTS_DURING = 200
 MAX_OBSERVER_GAP = 0.025
 #: Runs of one measurement, at most, when the observer's gap was its only problem.
 ATTEMPTS = 3
-
+#: Seconds locust may run on top of ``reload_at + after_reload`` before the command is killed.
+COMMAND_GRACE_S = 90.0
 
 
 def reload_command(stack: Stack, template: str, minimum: int, timeout: float = 60) -> list[str]:
@@ -41,14 +58,114 @@ def reload_command(stack: Stack, template: str, minimum: int, timeout: float = 6
     return [part.format(**fields) for part in shlex.split(template)]
 
 
+def tool_command(stack: Stack, minimum: int, *extra: str) -> list[str]:
+    """This repository's ``uwsgi_reload.py --json`` for ``stack``."""
+    return stack.reload_command("--json", "--minimum-active-vassals", str(minimum), *extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the command said about itself
+# ---------------------------------------------------------------------------------------------
+
+
+def tool_report(stdout: str) -> dict[str, Any] | None:
+    """The last JSON object with a ``vassals`` list on ``stdout``: the report of
+    ``uwsgi_reload.py --json`` (or of the 2014 driver, shaped like it); None for a command that
+    printed none (a foreign procedure, or the tool without ``--json``)."""
+    for line in reversed(stdout.strip().splitlines()):
+        with contextlib.suppress(ValueError):
+            data = json.loads(line)
+            if isinstance(data, dict) and isinstance(data.get("vassals"), list):
+                return data
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class VassalSpan:
+    """One vassal's reload from the tool's ``--json``, wall clock (``time.time()``), like the
+    load report's and the observer's times; None: that never happened."""
+
+    name: str
+    triggered: float | None
+    accepting: float | None
+    back: float | None
+    outcome: str
+
+    @property
+    def took(self) -> float | None:
+        if self.back is None or self.triggered is None:
+            return None
+        return self.back - self.triggered
+
+
+def vassal_spans(report: dict[str, Any] | None) -> list[VassalSpan]:
+    """The per-vassal timeline of a tool report (its times are seconds since its ``started``)."""
+    if report is None:
+        return []
+    started = float(report["started"])
+
+    def at(value: Any) -> float | None:
+        return None if value is None else started + float(value)
+
+    return [
+        VassalSpan(
+            str(v["name"]),
+            at(v.get("triggered")),
+            at(v.get("accepting")),
+            at(v.get("back")),
+            str(v.get("outcome", "")),
+        )
+        for v in report["vassals"]
+    ]
+
+
+#: Runs a command and writes the CPU seconds its whole tree used (RUSAGE_CHILDREN of this small
+#: wrapper: the command only, not locust, which starts it, nor the wrapper's own start-up).
+MEASURE_CPU = (
+    "import json, resource, subprocess, sys\n"
+    "code = subprocess.call(sys.argv[2:])\n"
+    "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "with open(sys.argv[1], 'w') as out:\n"
+    "    json.dump({'user': usage.ru_utime, 'system': usage.ru_stime}, out)\n"
+    "sys.exit(code)\n"
+)
+
+
+def cpu_measured(command: Sequence[str], cpu_file: Path) -> list[str]:
+    """``command`` run by a wrapper that writes its CPU seconds to ``cpu_file``."""
+    return [sys.executable, "-c", MEASURE_CPU, str(cpu_file), *command]
+
+
+def read_cpu_seconds(cpu_file: Path) -> float | None:
+    try:
+        data = json.loads(cpu_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return float(data["user"]) + float(data["system"])
+
+
+# ---------------------------------------------------------------------------------------------
+# One reload under load
+# ---------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class ReloadRun:
+    """One reload command run under load, with everything measured around it."""
+
     load: LoadReport
     observer: RouterObserver
     workers_before: dict[str, list[int]]
     workers_after: dict[str, list[int]]
     users: int = USERS
+    command: list[str] = dataclasses.field(default_factory=list)
+    tool_json: dict[str, Any] | None = None
+    """The command's ``--json`` report (``vassals``: name, triggered, back, duration...); None
+    for a command that printed none."""
+    cpu_seconds: float | None = None
+    """User + system seconds of the command's process tree, when measured."""
+
+    # -- the command -----------------------------------------------------------------------
 
     @property
     def reload_started(self) -> float:
@@ -62,16 +179,79 @@ class ReloadRun:
 
     @property
     def returncode(self) -> int | None:
-        assert self.load.reload is not None
-        return self.load.reload.returncode
+        """None when the command did not finish while the load ran (it was killed)."""
+        return None if self.load.reload is None else self.load.reload.returncode
 
     @property
     def output(self) -> str:
-        assert self.load.reload is not None
-        return self.load.reload.stdout + self.load.reload.stderr
+        reload = self.load.reload
+        return "" if reload is None else reload.stdout + reload.stderr
+
+    @property
+    def command_seconds(self) -> float | None:
+        return None if self.load.reload is None else self.load.reload.duration
+
+    def window(self) -> tuple[float, float]:
+        """The reload command's run, wall clock; to the end of the load if it never ended."""
+        reload = self.load.reload
+        if reload is None:
+            raise ObserverError("the reload command never ran")
+        return reload.started, reload.ended if reload.ended is not None else self.load.ended
+
+    # -- the tool's timeline ---------------------------------------------------------------
+
+    @property
+    def timeline(self) -> list[VassalSpan]:
+        """Each vassal's reload from the tool's ``--json``; empty for a foreign command."""
+        return vassal_spans(self.tool_json)
+
+    def durations(self) -> list[float]:
+        """Trigger-to-back seconds of every vassal that came back."""
+        if self.tool_json is None:
+            return []
+        return [
+            float(v["duration"]) for v in self.tool_json["vassals"] if v["duration"] is not None
+        ]
+
+    @property
+    def makespan(self) -> float | None:
+        """First trigger to last back; None unless every vassal came back."""
+        spans = self.timeline
+        triggers = [s.triggered for s in spans if s.triggered is not None]
+        backs = [s.back for s in spans if s.back is not None]
+        if not spans or len(triggers) < len(spans) or len(backs) < len(spans):
+            return None
+        return max(backs) - min(triggers)
+
+    @property
+    def all_reloaded(self) -> bool:
+        return self.returncode == 0 and self.makespan is not None
+
+    # -- the router ------------------------------------------------------------------------
 
     def min_live_during(self) -> int:
-        return self.observer.min_live_between(self.reload_started, self.reload_ended)
+        """Fewest live nodes the observer saw while the reload command ran (the sample just
+        before it started counts: it held until the next one)."""
+        return self.observer.min_live_between(*self.window())
+
+    @property
+    def min_live_seen(self) -> int | None:
+        """``min_live_during()``, or None when the observer has no sample to answer with."""
+        try:
+            return self.min_live_during()
+        except ObserverError:
+            return None
+
+    @property
+    def live(self) -> list[Sample]:
+        return self.observer.timeline
+
+    @property
+    def blind(self) -> bool:
+        """The observer went longer than ``MAX_OBSERVER_GAP`` without a sample."""
+        return self.observer.max_gap > MAX_OBSERVER_GAP
+
+    # -- the workers -----------------------------------------------------------------------
 
     def replaced(self) -> list[str]:
         """Vassals none of whose workers from before the reload is still there."""
@@ -81,10 +261,7 @@ class ReloadRun:
             if not set(before) & set(self.workers_after.get(vid, []))
         ]
 
-    @property
-    def blind(self) -> bool:
-        """The observer went longer than ``MAX_OBSERVER_GAP`` without a sample."""
-        return self.observer.max_gap > MAX_OBSERVER_GAP
+    # -- judging and reporting -------------------------------------------------------------
 
     def check(self, minimum: int, *, all_replaced: bool = True) -> list[str]:
         """What broke the zero-downtime promise; empty when nothing did."""
@@ -121,6 +298,52 @@ class ReloadRun:
             "p99 ms before": round(self.load.before.p99, 1),
         }
 
+    def as_json(self) -> dict[str, Any]:
+        """Every number of the run, for a benchmark's JSON."""
+        load = self.load
+        return {
+            "command": self.command,
+            "returncode": self.returncode,
+            "command_seconds": self.command_seconds,
+            "makespan": self.makespan,
+            "durations": self.durations(),
+            "requests": load.total.requests,
+            "requests_during": load.during.requests,
+            "failures": load.total.failures,
+            "failures_by_kind": load.total.failures_by_kind,
+            "p99_ms_before": load.before.p99,
+            "p99_ms_steady": load.steady.p99,
+            "p99_ms_during": load.during.p99,
+            "p999_ms_during": load.during.p999,
+            "max_ms_during": load.during.max_ms,
+            "min_live_during": self.min_live_seen,
+            "observer_gap_s": self.observer.max_gap,
+            "observer_errors": self.observer.errors,
+            "cpu_seconds": self.cpu_seconds,
+            "result": self.tool_json,
+        }
+
+
+@contextlib.contextmanager
+def progress(observer: RouterObserver, total: int, every: float = 1.0) -> Iterator[None]:
+    """Print a line with the live node count every ``every`` seconds while the block runs."""
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            live = observer.live
+            shown = "?" if live is None else str(live)
+            print(f"  {time.monotonic() - started:5.1f} s  live nodes {shown}/{total}", flush=True)
+
+    thread = threading.Thread(target=loop, name="reload-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
 
 def reload_under_load(
     stack: Stack,
@@ -129,22 +352,91 @@ def reload_under_load(
     reload_at: float = 1.5,
     after_reload: float = 1.5,
     users: int = USERS,
+    rate: float = 0.0,
+    observer_interval: float = 0.006,
+    observer_readers: int = 3,
+    measure_cpu: bool = False,
+    load_json: Path | None = None,
+    show_progress: bool = False,
+    max_run_time: float | None = None,
 ) -> ReloadRun:
-    """Load through nginx, run ``command`` in the middle, watch the router the whole time."""
+    """Load through nginx on the stack's health path, ``command`` ``reload_at`` s in, the router
+    watched the whole time.
+
+    ``rate``: requests/s over all users (0: as fast as the stack answers). ``measure_cpu``: run
+    the command under a wrapper that records its CPU seconds. ``load_json``: keep the load
+    report there. ``show_progress``: print the live node count every second. ``max_run_time``
+    bounds the load (default ``reload_at + after_reload + COMMAND_GRACE_S``): a command still
+    running then is killed.
+    """
     workers_before = stack.worker_pids()
-    observer = RouterObserver(stack.fastrouter_stats, key=stack.host, interval=0.006, readers=3)
-    with observer:
-        load = run_load(
-            stack.url,
-            host_header=stack.host,
-            users=users,
-            reload_command=shlex.join(command),
-            reload_at=reload_at,
-            after_reload=after_reload,
-            max_run_time=90,
-            nice=5,
-        )
-    return ReloadRun(load, observer, workers_before, stack.worker_pids(), users)
+    observer = RouterObserver(
+        stack.fastrouter_stats, key=stack.host, interval=observer_interval, readers=observer_readers
+    )
+    shown = progress(observer, len(stack.vassal_ids)) if show_progress else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="ur-measure-") as tmp:
+        cpu_file = Path(tmp, "cpu.json")
+        run_command = cpu_measured(command, cpu_file) if measure_cpu else list(command)
+        with observer, shown:
+            try:
+                load = run_load(
+                    stack.url,
+                    host_header=stack.host,
+                    url_path=stack.config.health_path,
+                    users=users,
+                    rate=rate,
+                    reload_command=shlex.join(run_command),
+                    reload_at=reload_at,
+                    after_reload=after_reload,
+                    max_run_time=(
+                        reload_at + after_reload + COMMAND_GRACE_S
+                        if max_run_time is None
+                        else max_run_time
+                    ),
+                    report_path=load_json,
+                    nice=5,
+                )
+            except BaseException:
+                stop_reload_commands(stack)
+                raise
+        cpu_seconds = read_cpu_seconds(cpu_file) if measure_cpu else None
+    return ReloadRun(
+        load,
+        observer,
+        workers_before,
+        stack.worker_pids(),
+        users,
+        command=list(command),
+        tool_json=None if load.reload is None else tool_report(load.reload.stdout),
+        cpu_seconds=cpu_seconds,
+    )
+
+
+def stop_reload_commands(stack: Stack, timeout: float = 10.0) -> None:
+    """SIGTERM what still runs with ``--emperor-path <this stack's dir>`` in its argv: a reload
+    command locust started in a session of its own, left behind when locust was killed
+    (Ctrl-C). The dir is a fresh temp dir, so only commands started for this stack match (the
+    emperor itself has ``--emperor <dir>/``: SIGTERM would make it reload, not stop)."""
+    needle = b"\0--emperor-path\0" + str(stack.emperor_path).encode() + b"\0"
+    strays = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "cmdline").read_bytes():
+                strays.append(int(entry.name))
+    for pid in strays:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while strays and time.monotonic() < deadline:
+        strays = [pid for pid in strays if Path(f"/proc/{pid}").exists()]
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Repeated runs
+# ---------------------------------------------------------------------------------------------
 
 
 def again(stack: Stack, command: Sequence[str]) -> Callable[[], ReloadRun]:

@@ -8,7 +8,6 @@ machine itself, so a table never travels without them.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -25,6 +24,7 @@ matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 
 import matplotlib.pyplot as plt
 
+from .measure import VassalSpan
 from .observer import Sample
 from .report import LoadReport
 
@@ -35,16 +35,6 @@ SCHEDULE_COLOURS = {
     "one at a time": "#ff7f0e",
     "2014 plan": "#d62728",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class VassalSpan:
-    """One vassal's reload, seconds since the load started; ``back`` None: never came back."""
-
-    name: str
-    triggered: float | None
-    back: float | None
-    outcome: str
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,9 +192,9 @@ def timeline_png(
     for row, v in enumerate(vassals):
         if v.triggered is None:
             continue
-        end = v.back if v.back is not None else report.ended - t0
+        end = v.back if v.back is not None else report.ended
         colour = "#2ca02c" if v.back is not None else "#d62728"
-        gantt.barh(row, end - v.triggered, left=v.triggered, color=colour, height=0.6)
+        gantt.barh(row, end - v.triggered, left=v.triggered - t0, color=colour, height=0.6)
     gantt.set_yticks(range(len(names)), names, fontsize=7)
     gantt.invert_yaxis()
     gantt.set_title(title, fontsize=10)

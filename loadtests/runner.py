@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Union
 
+from uwsgi_reload import non_negative_float, positive_float, positive_int
+
 from .report import (
     PHASES,
     LoadReport,
@@ -33,7 +35,6 @@ from .report import (
     SeriesBucket,
     load_report,
 )
-from uwsgi_reload import non_negative_float, positive_float, positive_int
 
 __all__ = [
     "LOCUSTFILE",

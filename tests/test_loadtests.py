@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-
 from uwsgi_reload_loadtests.observer import ObserverError, RouterObserver, count_live
 from uwsgi_reload_loadtests.report import (
     SCHEMA_VERSION,
@@ -40,7 +39,14 @@ from uwsgi_reload_loadtests.report import (
     percentile,
     phase_of,
 )
-from uwsgi_reload_loadtests.runner import LoadRunError, format_report, locust_command, main, run_load
+from uwsgi_reload_loadtests.runner import (
+    LoadRunError,
+    format_report,
+    locust_command,
+    main,
+    run_load,
+)
+
 from uwsgi_reload import StatsError, read_stats
 
 START_TIMEOUT = 15.0

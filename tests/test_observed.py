@@ -9,10 +9,9 @@ import types
 from typing import Any, cast
 
 import pytest
-
+from uwsgi_reload_loadtests.measure import ATTEMPTS, MAX_OBSERVER_GAP, ReloadRun, observed
 from uwsgi_reload_loadtests.observer import RouterObserver, Sample
 from uwsgi_reload_loadtests.report import LoadReport
-from uwsgi_reload_loadtests.measure import ATTEMPTS, MAX_OBSERVER_GAP, ReloadRun, observed
 
 
 def _phase(requests: int, failures: int = 0) -> Any:
