@@ -76,6 +76,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("reload_command", _RELOAD_HELP, default="")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse a run whose rootdir pytest took from the app's dir: it would write its cache there.
+
+    pytest picks its rootdir before plugins parse their options, so in ``--uwsgi-app-dir /app``
+    it takes ``/app`` for a test path. Only runs given a harness path option are looked at.
+    """
+    for name in ("app-dir", "vassal-config"):
+        value = config.getoption(f"--uwsgi-{name}")
+        if not value:
+            continue
+        given = _path(config, str(value))
+        owner = given if given.is_dir() else given.parent
+        started_inside = config.invocation_params.dir.resolve().is_relative_to(owner)
+        if config.rootpath.resolve().is_relative_to(owner) and not started_inside:
+            raise pytest.UsageError(
+                f"uwsgi-reload harness: pytest took {owner} for its rootdir and would write its "
+                f"cache there: write --uwsgi-{name}={value} (with '=')"
+            )
+
+
 def _value(config: pytest.Config, name: str) -> Any:
     value = config.getoption(f"--uwsgi-{name}")
     if value is None:

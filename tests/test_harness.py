@@ -85,6 +85,51 @@ def test_options_are_checked_only_when_a_stack_fixture_is_requested() -> None:
     assert "app dir /nonexistent/app is not a directory" in done.stdout
 
 
+def test_an_app_dir_taken_for_the_rootdir_is_refused_before_anything_is_written() -> None:
+    """``--uwsgi-app-dir /app`` (a space) when the app has a pytest config of its own: pytest
+    takes /app for its rootdir (the first ini upwards of its path arguments) and would write its
+    cache into the app; the plugin refuses."""
+    with tempfile.TemporaryDirectory(prefix="ur-t-") as tmp:
+        app, project = Path(tmp, "app"), Path(tmp, "project")
+        app.mkdir()
+        project.mkdir()
+        (app / "wsgi.py").write_text("application = None\n")
+        (app / "pyproject.toml").write_text("[tool.pytest.ini_options]\n")
+        (project / "test_one.py").write_text("def test_one():\n    pass\n")
+        args = [sys.executable, "-m", "pytest", "-q"]
+        spaced = subprocess.run(
+            [*args, "--uwsgi-app-dir", str(app)],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert spaced.returncode == pytest.ExitCode.USAGE_ERROR, spaced.stdout + spaced.stderr
+        assert f"--uwsgi-app-dir={app}" in spaced.stderr
+        assert sorted(p.name for p in app.iterdir()) == ["pyproject.toml", "wsgi.py"]
+        with_equals = subprocess.run(
+            [*args, f"--uwsgi-app-dir={app}"],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert with_equals.returncode == 0, with_equals.stdout + with_equals.stderr
+        assert sorted(p.name for p in app.iterdir()) == ["pyproject.toml", "wsgi.py"]
+
+
+def test_the_fastrouter_key_comes_from_the_vassal_config() -> None:
+    flask_config = (REPO_DIR / "tests" / "flask_app" / "vassal.ini").read_text()
+    assert render.subscription_key(flask_config) == "flask.test"
+    example = (render.EXAMPLES_DIR / render.VASSAL_INI).read_text()
+    assert render.subscription_key(example) == render.KEY
+    for text in ("[uwsgi]\nsocket = x.sock\n", f"{example}subscribe2 = server=a,key=other\n"):
+        with pytest.raises(ValueError, match="exactly one key"):
+            render.subscription_key(text)
+
+
 def test_render_substitutes_placeholders_in_one_pass() -> None:
     layout = Layout(Path("/tmp/ur-unit"))
     subs = render.substitutions(
