@@ -36,7 +36,11 @@ DEFAULT_TEMPLATE = (
 # (name, help, ini type): --uwsgi-NAME on the command line, uwsgi_NAME in the ini file.
 _OPTIONS: list[tuple[str, str, str]] = [
     ("vassals", "number of vassals (symlinks to the vassal config); default 4", "string"),
-    ("app-dir", "your app's dir (the vassals' chdir); default: the demo app of examples/", "string"),
+    (
+        "app-dir",
+        "your app's dir (the vassals' chdir); default: the demo app of examples/",
+        "string",
+    ),
     ("wsgi-file", "your app's wsgi file, relative to the app dir; default ./wsgi.py", "string"),
     (
         "vassal-config",
@@ -45,7 +49,11 @@ _OPTIONS: list[tuple[str, str, str]] = [
         "string",
     ),
     ("health-path", "the path the stack's probes and the load GET; default /", "string"),
-    ("start-delay", "demo app: seconds it sleeps while loading (a slow start); default 0", "string"),
+    (
+        "start-delay",
+        "demo app: seconds it sleeps while loading (a slow start); default 0",
+        "string",
+    ),
     (
         "request-delay",
         "demo app: seconds its view sleeps per request (a slow endpoint); default 0",

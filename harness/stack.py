@@ -1,8 +1,9 @@
 """One uWSGI stack under test: emperor + fastrouter + N vassals + nginx, from ``examples/``.
 
-Outside pytest, :func:`running_stack` does the same with a standalone ``XProcess``.
+The fixtures and :func:`running_stack` (outside pytest) start stacks through a
+:class:`StackRuntime`, a pytest-xprocess ``XProcess`` rooted in a short temp dir of its own.
 
-:func:`start_stack` renders the examples into a short temp dir (:mod:`uwsgi_reload_harness.render`), starts the
+:func:`start_stack` renders the examples into a short temp dir (:mod:`.render`), starts the
 emperor (which runs the fastrouter and its subscription server, as the conf.d fragment says) and
 nginx under pytest-xprocess, and returns a :class:`Stack` once real probes agree: the emperor
 reports every vassal accepting, the fastrouter has a live node per vassal for the key, and nginx
@@ -36,8 +37,6 @@ import py  # type: ignore[import-untyped]  # pytest's py.path shim, what XProces
 import requests
 from xprocess import ProcessStarter, XProcess
 
-from . import render
-from .render import KEY, Layout, Substitution
 from uwsgi_reload import (
     EmperorVassal,
     StatsError,
@@ -48,6 +47,9 @@ from uwsgi_reload import (
     touch,
     touch_mtime,
 )
+
+from . import render
+from .render import KEY, Layout, Substitution
 
 CONTROL_ENV = "UWSGI_RELOAD_DEMO_CONTROL"
 POLL_INTERVAL = 0.1

@@ -35,7 +35,7 @@ MINIMUMS = (1, 2, 3)
 def reload_loses_no_request(
     stack: Stack, template: str, record: Callable[[dict[str, object]], None], minimum: int
 ) -> ReloadRun:
-    """Reload ``stack`` under load with the procedure ``template`` at ``minimum``; assert the check."""
+    """Reload ``stack`` under load with the procedure ``template`` at ``minimum``; check it."""
     from uwsgi_reload_loadtests.measure import again, observed, reload_command
 
     command = reload_command(stack, template, minimum)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from uwsgi_reload_harness import render
 from uwsgi_reload_harness.render import Layout, Substitution
 from uwsgi_reload_harness.stack import ProcessExitedWithError, Stack, StackConfig
@@ -72,8 +71,10 @@ def test_options_are_checked_only_when_a_stack_fixture_is_requested() -> None:
             "def test_plain():\n    pass\n\n\ndef test_stack(uwsgi_stack):\n    pass\n"
         )
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE"]
-            + ["--uwsgi-app-dir=/nonexistent/app", "test_one.py"],
+            [
+                *(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE"),
+                *("test_one.py", "--uwsgi-app-dir=/nonexistent/app"),
+            ],
             cwd=tmp,
             capture_output=True,
             text=True,

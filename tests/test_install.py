@@ -82,7 +82,9 @@ def wheel(work: Path) -> Path:
             shutil.copytree(source, src / name, ignore=IGNORED)
         else:
             shutil.copy2(source, src / name)
-    done = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", "dist", "./checkout"], work)
+    done = run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", "dist", "./checkout"], work
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     (built,) = (work / "dist").glob("uwsgi_reload-*.whl")
     return built
@@ -155,8 +157,10 @@ def shipped_checks(python: Path, cwd: Path, *extra: str) -> subprocess.Completed
     [
         pytest.param([], id="this tool"),
         pytest.param(
-            [f"--reload-command={{python}} {ONE_BY_ONE} {{emperor_path}} {{emperor_stats}} "
-             "{fastrouter_stats}"],
+            [
+                f"--reload-command={{python}} {ONE_BY_ONE} {{emperor_path}} {{emperor_stats}} "
+                "{fastrouter_stats}"
+            ],
             id="a foreign procedure",
         ),
     ],
