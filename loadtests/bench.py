@@ -38,44 +38,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-from uwsgi_reload_harness.stack import Stack, StackConfig, running_stack
+from uwsgi_reload_harness.stack import StackConfig, running_stack
 
-from uwsgi_reload import non_negative_float, positive_int, rounds_needed
+from uwsgi_reload import rounds_needed
 
 from .cli import (
     EXIT_OK,
     EXIT_SOME_RUN_FAILED,
+    Quick,
+    add_run_options,
     guarded,
     print_environment,
+    resolve_quick,
     results_dir,
     stop_and_check,
 )
 from .measure import ReloadRun, reload_under_load, tool_command
-from .original_plan import ORIGINAL
-from .plot import bench_png, markdown_table, seconds
+from .picture import PictureUnavailable, bench_png
+from .schedules import LOWER_BOUND, ONE_AT_A_TIME, ORIGINAL, TOOL, original_plan_command
+from .tables import markdown_table, seconds
 
-TOOL, ONE_AT_A_TIME, LOWER_BOUND = "uwsgi_reload", "one at a time", "lower bound"
 DEFAULT_SIZES = (2, 4, 8, 16)
 QUICK_SIZES = (2, 4)
 #: m = N-1 gets its own row (and a 2014-plan run) up to this N; above it the one-at-a-time run
 #: stands for it, and the 2014 plan with m = N-1 is the same schedule.
 SMALL_N = 4
-
-
-def original_plan_command(stack: Stack, minimum: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "uwsgi_reload_loadtests.original_plan",
-        "--emperor-path",
-        str(stack.emperor_path),
-        "--emperor-stats-socket",
-        stack.emperor_stats,
-        "--fastrouter-stats-socket",
-        stack.fastrouter_stats,
-        "--minimum-active-vassals",
-        str(minimum),
-    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,16 +117,6 @@ def parse_minimums(text: str) -> list[str]:
     if not tokens:
         raise argparse.ArgumentTypeError("no minimum given")
     return tokens
-
-
-def parse_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"sizes are whole numbers: {text!r}") from None
-    if not sizes or any(n < 2 for n in sizes):
-        raise argparse.ArgumentTypeError(f"every size must be 2 or more: {text!r}")
-    return sizes
 
 
 def minimums_for(n: int, tokens: Sequence[str]) -> list[int]:
@@ -444,7 +421,7 @@ def markdown(
     minimums: dict[int, list[int]],
     env_lines: Sequence[str],
     args: argparse.Namespace,
-    picture: str,
+    picture: str | None,
 ) -> str:
     setup = (
         f"Each run: locust, {args.users} users through nginx, the reload command "
@@ -473,8 +450,9 @@ def markdown(
         setup,
         markdown_table(SUMMARY_HEADERS, summary_rows(runs, sizes, minimums)),
         legend,
-        f"![benchmark]({picture})",
     ]
+    if picture is not None:
+        parts.append(f"![benchmark]({picture})")
     stages = stage_rows(runs)
     if stages:
         parts += [
@@ -497,14 +475,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m uwsgi_reload_loadtests.bench",
         description="Makespan of a full reload under load: uwsgi_reload.py against the lower "
         "bound, one vassal at a time, and the 2014 plan.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--sizes",
-        type=parse_sizes,
-        default=None,
-        help=f"numbers of vassals (default {','.join(map(str, DEFAULT_SIZES))}; "
-        f"--quick: {','.join(map(str, QUICK_SIZES))})",
     )
     parser.add_argument(
         "--minimums",
@@ -513,46 +483,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="minimums per N: whole numbers, 'half' (N/2), 'n-1' (default 1,half,n-1; "
         "--quick: 1,n-1); m = N-1 rows only for N <= 4",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="small sizes, fewer minimums, shorter load"
-    )
-    parser.add_argument("--users", type=positive_int, default=8, help="locust users")
-    parser.add_argument(
-        "--reload-at",
-        type=non_negative_float,
-        default=None,
-        help="seconds of load before (default 2)",
-    )
-    parser.add_argument(
-        "--after-reload",
-        type=non_negative_float,
-        default=None,
-        help="seconds of load after (default 1.5)",
-    )
-    parser.add_argument(
-        "--start-delay",
-        type=non_negative_float,
-        default=0.0,
-        help="seconds the app sleeps while loading",
-    )
-    parser.add_argument(
-        "--results-dir",
-        type=Path,
-        default=None,
-        help="where bench.md, bench.png and bench.json go (default reports/bench-<date>-<time>)",
+    add_run_options(
+        parser,
+        results="bench",
+        writes="bench.md, bench.png and bench.json",
+        sizes=Quick(list(DEFAULT_SIZES), list(QUICK_SIZES)),
+        reload_at=Quick(2.0, 1.0),
+        after_reload=Quick(1.5, 1.0),
     )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    sizes = args.sizes or list(QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    args = resolve_quick(build_parser().parse_args(argv))
+    sizes: list[int] = args.sizes
     tokens = args.minimums or (["1", "n-1"] if args.quick else ["1", "half", "n-1"])
-    if args.reload_at is None:
-        args.reload_at = 1.0 if args.quick else 2.0
-    if args.after_reload is None:
-        args.after_reload = 1.0 if args.quick else 1.5
     minimums = {n: [m for m in minimums_for(n, tokens) if m < n - 1 or n <= SMALL_N] for n in sizes}
     results = results_dir(args.results_dir, "bench")
     env_lines = print_environment("uwsgi_reload_loadtests.bench", argv)
@@ -570,8 +516,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not runs:
         return code
     done = [n for n in sizes if any(r.n == n for r in runs)]
-    picture = write_picture(results / "bench.png", runs, done, minimums)
-    text = markdown(runs, done, minimums, env_lines, args, picture.name)
+    try:
+        picture: Path | None = write_picture(results / "bench.png", runs, done, minimums)
+    except PictureUnavailable as exc:
+        print(exc, file=sys.stderr)
+        picture = None
+    text = markdown(
+        runs, done, minimums, env_lines, args, None if picture is None else picture.name
+    )
     (results / "bench.md").write_text(text)
     (results / "bench.json").write_text(
         json.dumps(
@@ -595,7 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     print(f"benchmark took {time.monotonic() - started:.0f} s")
     print(f"table:   {results / 'bench.md'}")
-    print(f"picture: {picture}")
+    if picture is not None:
+        print(f"picture: {picture}")
     print(f"data:    {results / 'bench.json'}")
     return code
 

@@ -36,25 +36,24 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from uwsgi_reload_harness.stack import Stack, StackConfig, StackTimeout, running_stack
 
 from uwsgi_reload import non_negative_float, non_negative_int, positive_int, rounds_needed
 
-from .bench import parse_sizes
 from .cli import (
     EXIT_OK,
     EXIT_SOME_RUN_FAILED,
+    add_run_options,
     guarded,
     print_environment,
     results_dir,
     stop_and_check,
 )
 from .measure import ReloadRun, reload_under_load, tool_command
-from .plot import markdown_table, seconds
 from .report import WARMUP_S
+from .tables import markdown_table, seconds
 
 DRAIN_OFF, DRAIN_ON = "off", "on (+ fast return, probe /)"
 BROKEN_N, BROKEN_M, BROKEN_TIMEOUT = 4, 2, 5
@@ -439,64 +438,55 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m uwsgi_reload_loadtests.bench_drain",
         description="Full reloads under load with drain off and on, and broken deploys with "
         "drain on.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--sizes", type=parse_sizes, default=[4, 8], help="numbers of vassals")
-    parser.add_argument("--minimums", type=parse_minimums, default=[1, 2], help="values of m")
-    parser.add_argument(
-        "--start-delay",
-        type=non_negative_float,
-        default=1.0,
-        help="seconds the app sleeps while loading",
     )
     parser.add_argument(
-        "--broken-runs", type=non_negative_int, default=20, help="broken-deploy runs"
+        "--minimums", type=parse_minimums, default=[1, 2], help="values of m (default 1,2)"
+    )
+    add_run_options(
+        parser,
+        results="bench-drain",
+        writes="drain.md and drain.json",
+        sizes=[4, 8],
+        start_delay=1.0,
+        reload_at=2.0,
+        after_reload=1.5,
+    )
+    parser.add_argument(
+        "--broken-runs", type=non_negative_int, default=20, help="broken-deploy runs (default 20)"
     )
     parser.add_argument(
         "--request-delay",
         type=non_negative_float,
         default=0.0,
         help="seconds the demo view sleeps per request: with 0.01 the vassals, not locust, set "
-        "the pace, and every vassal has requests queued when its reload begins (what drain is for)",
+        "the pace, and every vassal has requests queued when its reload begins (what drain is "
+        "for) (default 0)",
     )
     parser.add_argument(
         "--repeat",
         type=positive_int,
         default=1,
-        help="runs of each N and m, drain off and on taking turns",
+        help="runs of each N and m, drain off and on taking turns (default 1)",
     )
-    parser.add_argument("--users", type=positive_int, default=8, help="locust users")
     parser.add_argument(
         "--rate",
         type=non_negative_float,
         default=0.0,
         help="requests per second over all users (0: each user as fast as the stack answers). "
         "Below what the m vassals left serving can answer, latency during a reload shows what "
-        "the reload does rather than the lost capacity",
-    )
-    parser.add_argument(
-        "--reload-at", type=non_negative_float, default=2.0, help="seconds of load before"
-    )
-    parser.add_argument(
-        "--after-reload", type=non_negative_float, default=1.5, help="seconds after"
+        "the reload does rather than the lost capacity (default 0)",
     )
     parser.add_argument(
         "--broken-reload-at",
         type=non_negative_float,
         default=1.0,
-        help="broken runs: seconds before",
+        help="broken runs: seconds of load before (default 1)",
     )
     parser.add_argument(
         "--broken-after-reload",
         type=non_negative_float,
         default=1.0,
-        help="broken runs: seconds after",
-    )
-    parser.add_argument(
-        "--results-dir",
-        type=Path,
-        default=None,
-        help="where drain.md and drain.json go (default reports/bench-drain-<date>-<time>)",
+        help="broken runs: seconds of load after (default 1)",
     )
     return parser
 

@@ -29,46 +29,26 @@ from pathlib import Path
 
 from uwsgi_reload_harness.stack import Proc, StackConfig, running_stack
 
-from uwsgi_reload import non_negative_float, non_negative_int
+from uwsgi_reload import non_negative_int
 
 from .cli import (
     EXIT_OK,
     EXIT_SOME_RUN_FAILED,
+    add_run_options,
     guarded,
     print_environment,
     results_dir,
     stop_and_check,
 )
 from .measure import ReloadRun, reload_under_load, tool_command
-from .plot import markdown_table, seconds, text_table, timeline_png
-from .report import PHASES, LoadReport
+from .picture import PictureUnavailable, timeline_png
+from .tables import PHASE_HEADERS, markdown_table, phase_rows, seconds, text_table
 
 # ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
 
-PHASE_HEADERS = ("phase", "requests", "failed", "rps", "p50 ms", "p99 ms", "max ms", "failures")
 VASSAL_HEADERS = ("vassal", "triggered s", "back s", "took s", "outcome")
-
-
-def phase_rows(load: LoadReport) -> list[list[str]]:
-    rows = []
-    for name in (*PHASES, "total"):
-        p = load.phase(name)
-        kinds = ", ".join(f"{k}: {n}" for k, n in p.failures_by_kind.items()) or "-"
-        rows.append(
-            [
-                name,
-                str(p.requests),
-                str(p.failures),
-                f"{p.rps:.0f}",
-                f"{p.p50:.1f}",
-                f"{p.p99:.1f}",
-                f"{p.max_ms:.1f}",
-                kinds,
-            ]
-        )
-    return rows
 
 
 def vassal_rows(run: ReloadRun) -> list[list[str]]:
@@ -116,7 +96,7 @@ def markdown_report(
     *,
     env_lines: Sequence[str],
     args: argparse.Namespace,
-    picture: str,
+    picture: str | None,
 ) -> str:
     title = (
         f"# Reload under load: {args.vassals} vassals, minimum {args.minimum}, "
@@ -132,8 +112,9 @@ def markdown_report(
         "## Each vassal (seconds since the load started)\n\n"
         + markdown_table(VASSAL_HEADERS, vassal_rows(run)),
         "\n".join(f"- {line}" for line in summary_lines(run, args.vassals, args.minimum)),
-        f"![timeline]({picture})",
     ]
+    if picture is not None:
+        parts.append(f"![timeline]({picture})")
     return "\n\n".join(parts) + "\n"
 
 
@@ -147,38 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m uwsgi_reload_loadtests.demo",
         description="Start the example stack, put load on it through nginx, reload every "
         "vassal with uwsgi_reload.py in the middle, and report what the clients saw.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--vassals", type=non_negative_int, default=4, help="number of vassals")
-    parser.add_argument(
-        "--minimum", type=non_negative_int, default=1, help="--minimum-active-vassals for the tool"
     )
     parser.add_argument(
-        "--start-delay",
-        type=non_negative_float,
-        default=0.0,
-        help="seconds the app sleeps while loading",
+        "--vassals", type=non_negative_int, default=4, help="number of vassals (default 4)"
     )
     parser.add_argument(
-        "--users", type=non_negative_int, default=8, help="locust users (connections)"
+        "--minimum",
+        type=non_negative_int,
+        default=1,
+        help="--minimum-active-vassals for the tool (default 1)",
     )
-    parser.add_argument(
-        "--reload-at",
-        type=non_negative_float,
-        default=3.0,
-        help="seconds of load before the reload",
-    )
-    parser.add_argument(
-        "--after-reload",
-        type=non_negative_float,
-        default=3.0,
-        help="seconds of load after the reload",
-    )
-    parser.add_argument(
-        "--results-dir",
-        type=Path,
-        default=None,
-        help="where the picture and reports go (default: reports/demo-<date>-<time>)",
+    add_run_options(
+        parser,
+        results="demo",
+        writes="the picture and the reports",
+        reload_at=3.0,
+        after_reload=3.0,
     )
     return parser
 
@@ -188,8 +153,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--vassals must be 1 or more")
     if args.minimum >= args.vassals:
         parser.error(f"--minimum {args.minimum} leaves none of {args.vassals} vassals to reload")
-    if args.users < 1:
-        parser.error("--users must be 1 or more")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,18 +228,21 @@ def _write_and_print(
     with open(results / "live.csv", "w") as out:
         out.write("t_since_load_start,live\n")
         out.writelines(f"{s.t - run.load.started:.3f},{s.live}\n" for s in run.live)
-    picture = timeline_png(
-        results / "timeline.png",
-        report=run.load,
-        live=run.live,
-        vassals=run.timeline,
-        total_vassals=args.vassals,
-        minimum=args.minimum,
-        title=f"uwsgi_reload.py under load: {args.vassals} vassals, minimum {args.minimum}, "
-        f"app start delay {args.start_delay:g} s",
-    )
+    try:
+        picture: Path | None = timeline_png(
+            results / "timeline.png",
+            run,
+            total_vassals=args.vassals,
+            minimum=args.minimum,
+            title=f"uwsgi_reload.py under load: {args.vassals} vassals, minimum {args.minimum}, "
+            f"app start delay {args.start_delay:g} s",
+        )
+    except PictureUnavailable as exc:
+        print(exc, file=sys.stderr)
+        picture = None
     markdown = results / "report.md"
-    markdown.write_text(markdown_report(run, env_lines=env_lines, args=args, picture=picture.name))
+    shown = None if picture is None else picture.name
+    markdown.write_text(markdown_report(run, env_lines=env_lines, args=args, picture=shown))
     (results / "demo.json").write_text(
         json.dumps(
             {
@@ -305,7 +271,8 @@ def _write_and_print(
     for line in summary_lines(run, args.vassals, args.minimum):
         print(line)
     print()
-    print(f"timeline picture: {picture}")
+    if picture is not None:
+        print(f"timeline picture: {picture}")
     print(f"markdown report:  {markdown}")
     ok = run.all_reloaded and run.load.total.failures == 0 and not left
     return EXIT_OK if ok else EXIT_SOME_RUN_FAILED

@@ -7,13 +7,14 @@ Touch the first N-m vassal configs together, wait until all of them are back, th
 one by one, each waited for. "Back" is the tool's own test (``reload_stage``: registered by the
 emperor, accepting, live in the fastrouter), polled every ``--check-interval`` like the tool, so
 the two differ in the schedule only. Built from uwsgi_reload's public functions; imports nothing
-else, so its start-up and CPU compare with the tool's. Prints one JSON report shaped like
-``uwsgi_reload.py --json`` (each vassal also has ``stages``).
+else but its name from ``schedules``, so its start-up and CPU compare with the tool's. Prints one
+JSON report shaped like ``uwsgi_reload.py --json`` (each vassal also has ``stages``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ from uwsgi_reload import (
     touch_mtime,
 )
 
-ORIGINAL = "2014 plan"
+from .schedules import ORIGINAL
 
 
 def original_batches(vassals: Sequence[str], minimum: int) -> list[list[str]]:
@@ -46,6 +47,46 @@ def original_batches(vassals: Sequence[str], minimum: int) -> list[list[str]]:
 
 
 Snapshot = tuple[dict[str, EmperorVassal], list[Node]]
+
+
+@dataclasses.dataclass
+class _Vassal:
+    """What this driver saw of one vassal; seconds since the run started. Its own record (not
+    the tool's ``VassalReload``, whose state the tool's core owns)."""
+
+    id: str
+    name: str
+    config: str
+    baseline: EmperorVassal | None = None
+    triggered: float | None = None
+    #: seconds after the trigger when it was first seen registered, accepting, back
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)
+    outcome: Outcome = Outcome.NOT_STARTED
+    detail: str = ""
+
+    def at(self, stage: str) -> float | None:
+        seen = self.stages.get(stage)
+        return None if seen is None or self.triggered is None else self.triggered + seen
+
+    def as_json(self) -> dict[str, Any]:
+        """Shaped like one vassal of ``uwsgi_reload.py --json``, plus ``stages``."""
+
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 3)
+
+        return {
+            "name": self.name,
+            "config": self.config,
+            "outcome": self.outcome.value,
+            "triggered": rounded(self.triggered),
+            "accepting": rounded(self.at("accepting")),
+            "back": rounded(self.at("back")),
+            "duration": rounded(self.stages.get("back")),
+            "drain": None,
+            "drain_timed_out": False,
+            "detail": self.detail,
+            "stages": {k: round(t, 3) for k, t in self.stages.items()},
+        }
 
 
 def original_plan(
@@ -66,7 +107,10 @@ def original_plan(
     Each vassal also gets ``stages``: seconds after its trigger when the driver first saw it
     registered by the emperor, accepting, and back (live in the router).
     """
-    fleet = {v.id: v for v in plan_fleet(find_configs(emperor_path, suffix), suffix)}
+    fleet = {
+        v.id: _Vassal(v.id, v.name, v.config)
+        for v in plan_fleet(find_configs(emperor_path, suffix), suffix)
+    }
 
     def snapshot() -> Snapshot:
         return (
@@ -74,7 +118,6 @@ def original_plan(
             parse_fastrouter_stats(read_stats(fastrouter_stats)),
         )
 
-    stages: dict[str, dict[str, float]] = {vid: {} for vid in fleet}
     started_wall, started = wall_clock(), clock()
     exit_code = 0
     for batch in original_batches(sorted(fleet), minimum):
@@ -83,7 +126,7 @@ def original_plan(
             v = fleet[vid]
             v.baseline = vassals[vid]
             touch(v.config, touch_mtime(wall_clock(), v.baseline.last_mod))
-            v.triggered, v.stage = clock() - started, Stage.TOUCHED
+            v.triggered, v.outcome = clock() - started, Outcome.IN_FLIGHT
         waiting = list(batch)
         while waiting:
             sleep(check_interval)
@@ -96,17 +139,17 @@ def original_plan(
                 v = fleet[vid]
                 assert v.baseline is not None and v.triggered is not None
                 current = vassals.get(vid)
-                v.stage = reload_stage(v.baseline, current, live_keys(current, v.name, nodes))
-                if v.stage is not Stage.TOUCHED:
-                    stages[vid].setdefault("registered", now - v.triggered)
-                if v.stage in (Stage.ACCEPTING, Stage.BACK):
-                    stages[vid].setdefault("accepting", now - v.triggered)
-                if v.stage is Stage.BACK:
-                    stages[vid]["back"] = now - v.triggered
-                    v.back, v.outcome = now, Outcome.RELOADED
+                stage = reload_stage(v.baseline, current, live_keys(current, v.name, nodes))
+                if stage is not Stage.TOUCHED:
+                    v.stages.setdefault("registered", now - v.triggered)
+                if stage in (Stage.ACCEPTING, Stage.BACK):
+                    v.stages.setdefault("accepting", now - v.triggered)
+                if stage is Stage.BACK:
+                    v.stages["back"] = now - v.triggered
+                    v.outcome = Outcome.RELOADED
                     waiting.remove(vid)
                 elif now - v.triggered >= timeout:
-                    v.outcome, v.detail = Outcome.TIMED_OUT, v.stage.value
+                    v.outcome, v.detail = Outcome.TIMED_OUT, stage.name.lower()
                     waiting.remove(vid)
                     exit_code = 1
         if exit_code:
@@ -117,10 +160,7 @@ def original_plan(
         "started": round(started_wall, 3),
         "elapsed": round(clock() - started, 3),
         "exit_code": exit_code,
-        "vassals": [
-            {**v.as_json(), "stages": {k: round(t, 3) for k, t in stages[v.id].items()}}
-            for v in fleet.values()
-        ],
+        "vassals": [v.as_json() for v in fleet.values()],
     }
 
 
