@@ -416,14 +416,14 @@ def reload_registered(baseline: EmperorVassal, current: EmperorVassal | None) ->
     )
 
 
-class Stage(str, enum.Enum):
-    """How far a triggered vassal got; what a timeout reports."""
+class Stage(enum.Enum):
+    """What one poll's stats show of a touched vassal (``reload_stage``): an observation of the
+    emperor and the router, from which ``Rollout`` moves the vassal's ``Phase``."""
 
-    DRAINING = "draining: taken out of the fastrouter, not touched yet"
-    TOUCHED = "the emperor never registered the touch"
-    REGISTERED = "reloading, but never accepting again (did the app fail to load? see its log)"
-    ACCEPTING = "accepting, but its node never became live in the fastrouter"
-    BACK = "back"
+    TOUCHED = enum.auto()
+    REGISTERED = enum.auto()
+    ACCEPTING = enum.auto()
+    BACK = enum.auto()
 
 
 def reload_stage(
@@ -484,7 +484,60 @@ def rounds_needed(vassals: int, minimum: int) -> int:
     return math.ceil(vassals / (vassals - minimum)) if vassals > minimum else 0
 
 
+class Phase(enum.Enum):
+    """Where one vassal is in the run: the one record of it, owned by ``Rollout``.
+
+    DRAINING to SUBSCRIBING are in flight; BACK and the phases after it are final.
+    """
+
+    PENDING = enum.auto()
+    #: unsubscribed from the router; touched once no request is in flight to it there
+    DRAINING = enum.auto()
+    #: touched; the emperor has not registered the reload yet
+    RELOADING = enum.auto()
+    #: registered (or restarted by the emperor): the new instance loads, not accepting yet
+    STARTING = enum.auto()
+    #: accepting; a probe is asked for but no node of it is known to probe yet
+    ACCEPTING = enum.auto()
+    #: accepting; the probe is out, its answer decides
+    PROBING = enum.auto()
+    #: accepting (its probe passed, if any): waiting for its node to be live in the router
+    SUBSCRIBING = enum.auto()
+    BACK = enum.auto()
+    TIMED_OUT = enum.auto()
+    PROBE_FAILED = enum.auto()
+    TOUCH_FAILED = enum.auto()
+    NOT_STARTED = enum.auto()
+    #: still in flight when the run was given up (interrupted, stats unreadable)
+    ABANDONED = enum.auto()
+
+
+IN_FLIGHT = frozenset(
+    {
+        Phase.DRAINING,
+        Phase.RELOADING,
+        Phase.STARTING,
+        Phase.ACCEPTING,
+        Phase.PROBING,
+        Phase.SUBSCRIBING,
+    }
+)
+#: Phases in which a vassal counts as live when the stats show it live: untouched, or reloaded.
+COUNTS_LIVE = frozenset({Phase.PENDING, Phase.BACK, Phase.NOT_STARTED})
+
+
+class NotStarted(enum.Enum):
+    """Why a vassal in ``Phase.NOT_STARTED`` was never touched."""
+
+    UNKNOWN = enum.auto()  # the emperor does not run it
+    MINIMUM = enum.auto()  # reloading it would take a key below the minimum
+    STOPPED = enum.auto()  # a failed probe stopped the rollout (``Rollout.stopped_by``)
+    ABANDONED = enum.auto()  # the driver gave the run up (``Rollout.abandoned``)
+
+
 class Outcome(str, enum.Enum):
+    """A vassal's outcome as the ``--json`` report spells it (``outcome(phase)``)."""
+
     RELOADED = "reloaded"
     TIMED_OUT = "timed out"
     FAILED = "failed"
@@ -494,11 +547,13 @@ class Outcome(str, enum.Enum):
 
 @dataclasses.dataclass
 class VassalReload:
-    """One vassal's progress through the run. Times are seconds since the run started."""
+    """One vassal in the run: its ``phase``, and what the run saw of it on the way (data for the
+    report, not state: decisions read ``phase``). Times are seconds since the run started."""
 
     id: str
     name: str
     config: str
+    phase: Phase = Phase.PENDING
     #: the emperor's view when the run first saw it; ``baseline`` when it started reloading
     initial: EmperorVassal | None = None
     baseline: EmperorVassal | None = None
@@ -506,19 +561,18 @@ class VassalReload:
     #: first seen accepting after the emperor registered its reload (before the router has it)
     accepting: float | None = None
     back: float | None = None
-    stage: Stage | None = None
-    outcome: Outcome | None = None
-    detail: str = ""
     #: draining: when it was taken out of the router, how long until its ``ref`` reached 0
     drain_started: float | None = None
     drained: float | None = None
-    drain_detail: str = ""
+    #: requests still in flight when its drain timed out (``None``: it drained in time)
+    drain_left: int | None = None
     #: its fastrouter nodes when it was picked: what the fast-return subscribe announces
     nodes: tuple[Node, ...] = ()
-    probed: bool = False
-    #: a probe was asked for and its answer has not come back yet
-    probing: bool = False
-    subscribed: bool = False
+    #: the in-flight phase it was in when it timed out or the run was given up
+    stalled_in: Phase | None = None
+    not_started: NotStarted | None = None
+    probe_result: ProbeResult | None = None
+    touch_error: str = ""
 
     @property
     def duration(self) -> float | None:
@@ -526,18 +580,18 @@ class VassalReload:
             return None
         return self.back - self.triggered
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self, detail: str = "") -> dict[str, Any]:
         return {
             "name": self.name,
             "config": self.config,
-            "outcome": (self.outcome or Outcome.NOT_STARTED).value,
+            "outcome": outcome(self.phase).value,
             "triggered": _round(self.triggered),
             "accepting": _round(self.accepting),
             "back": _round(self.back),
             "duration": _round(self.duration),
             "drain": _round(self.drained),
-            "drain_timed_out": bool(self.drain_detail),
-            "detail": self.detail,
+            "drain_timed_out": self.drain_left is not None,
+            "detail": detail,
         }
 
 
@@ -546,28 +600,62 @@ def _round(value: float | None) -> float | None:
 
 
 class EventKind(enum.Enum):
-    DRAINING = "draining"
-    UNSUBSCRIBED = "unsubscribed"
-    SUBSCRIBED = "subscribed"
-    PROBE = "probe"
-    FAILED = "failed"
-    TRIGGERED = "triggered"
-    RESTARTED = "restarted"
-    BACK = "back"
-    TIMED_OUT = "timed out"
-    NOT_STARTED = "not started"
+    """What happened to a vassal in one step; its line is ``event_text``."""
+
+    DRAINING = enum.auto()
+    #: its master announced it again: unsubscribed again
+    UNSUBSCRIBED_AGAIN = enum.auto()
+    TRIGGERED = enum.auto()
+    TRIGGERED_NOT_LIVE = enum.auto()
+    TRIGGERED_DRAINED = enum.auto()
+    #: its drain timed out: touched with requests still in flight to it
+    TRIGGERED_UNDRAINED = enum.auto()
+    #: the emperor restarted it (a new pid): waited for, not touched
+    RESTARTED = enum.auto()
+    PROBE = enum.auto()
+    #: the fast return: subscribed as soon as it accepts (and its probe passed)
+    SUBSCRIBED = enum.auto()
+    BACK = enum.auto()
+    TIMED_OUT = enum.auto()
+    #: its probe failed (``Phase.PROBE_FAILED``) or its config could not be touched
+    FAILED = enum.auto()
+    NOT_STARTED = enum.auto()
 
 
-@dataclasses.dataclass
+#: Events whose vassal the caller touches.
+TRIGGERS = frozenset(
+    {
+        EventKind.TRIGGERED,
+        EventKind.TRIGGERED_NOT_LIVE,
+        EventKind.TRIGGERED_DRAINED,
+        EventKind.TRIGGERED_UNDRAINED,
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class Event:
     at: float
     vassal: VassalReload
     kind: EventKind
-    what: str
+    #: the vassal's phase when it happened
+    phase: Phase
     #: packets the caller sends to the subscription server
     send: tuple[Subscription, ...] = ()
     #: the node the caller probes (``PROBE``), then hands the result to ``Rollout.probed``
     probe: Node | None = None
+    #: the probe answer it follows from (``SUBSCRIBED``, ``FAILED``)
+    result: ProbeResult | None = None
+    #: ``RESTARTED``: the vassal's master pid before and after
+    pids: tuple[int, int] | None = None
+
+    @property
+    def touches(self) -> bool:
+        return self.kind in TRIGGERS
+
+
+def _event(v: VassalReload, kind: EventKind, now: float, **details: Any) -> Event:
+    return Event(now, v, kind, v.phase, **details)
 
 
 def nodes_of(name: str, nodes: Iterable[Node]) -> list[Node]:
@@ -586,6 +674,10 @@ def drain_done(name: str, nodes: Iterable[Node]) -> tuple[bool, int]:
 
 class Rollout:
     """The whole run's state; ``step`` decides from one snapshot, with no I/O of its own.
+
+    Each vassal's ``phase`` is moved here only: by ``step`` from what the stats show, and by the
+    methods through which the caller reports what it did (``probed``, ``touch_failed``,
+    ``abandon``).
 
     With ``subscriptions`` the caller can send packets to the fastrouter's subscription server:
     a live vassal is then drained (unsubscribed, and touched once the router has no request in
@@ -613,26 +705,25 @@ class Rollout:
         self.drain_timeout = drain_timeout
         self.probe = probe
         self.lowest_live: dict[str, int] = {}
-        #: why nothing more may start (a failed probe); None while the rollout goes on
-        self.stopped: str | None = None
+        #: the vassal whose failed probe stopped the rollout: nothing more starts
+        self.stopped_by: VassalReload | None = None
+        #: why the caller gave the run up (``abandon``)
+        self.abandoned: str | None = None
+        #: the last snapshot stepped on: what a probe's answer is weighed against
+        self._last: Snapshot | None = None
+
+    def in_phase(self, *phases: Phase) -> list[VassalReload]:
+        return [v for v in self.vassals.values() if v.phase in phases]
 
     def pending(self) -> list[VassalReload]:
-        return [
-            v
-            for v in self.vassals.values()
-            if v.triggered is None and v.drain_started is None and v.outcome is None
-        ]
+        return self.in_phase(Phase.PENDING)
 
     def in_flight(self) -> list[VassalReload]:
         """Draining or reloading: started, not finished."""
-        return [
-            v
-            for v in self.vassals.values()
-            if (v.triggered is not None or v.drain_started is not None) and v.outcome is None
-        ]
+        return self.in_phase(*IN_FLIGHT)
 
     def draining(self) -> list[VassalReload]:
-        return [v for v in self.in_flight() if v.triggered is None]
+        return self.in_phase(Phase.DRAINING)
 
     def watch_closely(self) -> bool:
         """A drained vassal is out of the router but its reload has not begun (draining, or
@@ -641,40 +732,43 @@ class Rollout:
         broken deploy): poll often so that a re-announce is undone at once. Once the reload has
         begun its master announces nothing until the new instance is up (core/master.c)."""
         return any(
-            v.drain_started is not None and v.stage in (Stage.DRAINING, Stage.TOUCHED)
-            for v in self.in_flight()
+            v.phase is Phase.DRAINING
+            or (v.phase is Phase.RELOADING and v.drain_started is not None)
+            for v in self.vassals.values()
         )
 
     @property
     def finished(self) -> bool:
         return not self.pending() and not self.in_flight()
 
-    def _counts_live(self, v: VassalReload) -> bool:
-        if v.outcome in (Outcome.RELOADED, Outcome.NOT_STARTED):
-            return True
-        return v.triggered is None and v.drain_started is None
-
     def _live(self, snapshot: Snapshot) -> dict[str, frozenset[str]]:
         """Vassals counted as live: draining, in flight and failed ones never are."""
         live = {}
         for v in self.vassals.values():
-            if self._counts_live(v):
+            if v.phase in COUNTS_LIVE:
                 keys = live_keys(snapshot.vassals.get(v.id), v.name, snapshot.nodes)
                 if keys:
                     live[v.id] = keys
         return live
 
+    def _observe(self, v: VassalReload, snapshot: Snapshot) -> Stage:
+        assert v.baseline is not None
+        current = snapshot.vassals.get(v.id)
+        return reload_stage(v.baseline, current, live_keys(current, v.name, snapshot.nodes))
+
     def step(self, snapshot: Snapshot, now: float) -> list[Event]:
         """Record who is back or timed out, drain, then mark the vassals that may start now.
 
-        The caller touches the config of every vassal in a ``triggered`` event, sends every
-        event's ``send`` packets, and probes the node of every ``probe`` event, handing each
-        answer to ``probed``. While a probe is out, nothing else is decided (its outcome may stop
-        the rollout); the vassals in flight are still followed.
+        The caller touches the config of every vassal in an event that ``touches`` (reporting a
+        failure to ``touch_failed``), sends every event's ``send`` packets, and probes the node of
+        every ``probe`` event, handing each answer to ``probed``. While a probe is out, nothing
+        else is decided (its outcome may stop the rollout); the vassals in flight are still
+        followed.
         """
+        self._last = snapshot
         events = self._adopt_restarted(snapshot, now)
         probes = self._reloads(snapshot, now, events)
-        if probes or any(v.probing for v in self.in_flight()):
+        if probes or self.in_phase(Phase.PROBING):
             return events + probes
         events += self._keep_out(snapshot, now)
         for v in self.draining():
@@ -686,7 +780,7 @@ class Rollout:
                 counts[key] = counts.get(key, 0) + 1
         for key, count in counts.items():
             self.lowest_live[key] = min(self.lowest_live.get(key, count), count)
-        if self.stopped is not None:
+        if self.stopped_by is not None:
             events += self._stop(now)
             return events
         free = None if self.max_parallel is None else self.max_parallel - len(self.in_flight())
@@ -697,77 +791,63 @@ class Rollout:
             v.nodes = tuple(nodes_of(v.name, snapshot.nodes))
             live_nodes = tuple(n for n in v.nodes if n.live)
             if self.subscriptions and vassal_id in live and live_nodes:
-                v.drain_started, v.stage = now, Stage.DRAINING
-                served = ", ".join(sorted({n.key for n in live_nodes}))
-                events.append(
-                    Event(
-                        now,
-                        v,
-                        EventKind.DRAINING,
-                        f"draining: unsubscribed from {served}",
-                        send=subscriptions(Command.UNSUBSCRIBE, live_nodes),
-                    )
-                )
+                v.drain_started, v.phase = now, Phase.DRAINING
+                send = subscriptions(Command.UNSUBSCRIBE, live_nodes)
+                events.append(_event(v, EventKind.DRAINING, now, send=send))
                 continue
-            v.triggered, v.stage = now, Stage.TOUCHED
-            what = "triggered" if vassal_id in live else "triggered (was not live)"
-            events.append(Event(now, v, EventKind.TRIGGERED, what))
+            v.triggered, v.phase = now, Phase.RELOADING
+            kind = EventKind.TRIGGERED if vassal_id in live else EventKind.TRIGGERED_NOT_LIVE
+            events.append(_event(v, kind, now))
         if not self.in_flight():
             # Nothing in flight and nothing may start: no live count can rise any more.
             for v in self.pending():
-                v.outcome = Outcome.NOT_STARTED
-                v.detail = (
-                    "not known to the emperor"
-                    if v.id not in snapshot.vassals
-                    else f"reloading it would leave fewer than {self.minimum} live"
+                v.phase = Phase.NOT_STARTED
+                v.not_started = (
+                    NotStarted.UNKNOWN if v.id not in snapshot.vassals else NotStarted.MINIMUM
                 )
-                events.append(Event(now, v, EventKind.NOT_STARTED, f"not started: {v.detail}"))
+                events.append(_event(v, EventKind.NOT_STARTED, now))
         return events
 
     def _reloads(self, snapshot: Snapshot, now: float, events: list[Event]) -> list[Event]:
         """Advance every touched vassal; return the probes to run before deciding anything else."""
         probes = []
         for v in self.in_flight():
-            if v.triggered is None:
+            if v.phase is Phase.DRAINING:
                 continue
-            assert v.baseline is not None
-            current = snapshot.vassals.get(v.id)
-            v.stage = reload_stage(v.baseline, current, live_keys(current, v.name, snapshot.nodes))
-            if v.accepting is None and v.stage in (Stage.ACCEPTING, Stage.BACK):
+            assert v.triggered is not None
+            stage = self._observe(v, snapshot)
+            if v.accepting is None and stage in (Stage.ACCEPTING, Stage.BACK):
                 v.accepting = now
-            if v.stage is Stage.TOUCHED and self.subscriptions and v.drain_started is not None:
-                # The old instance re-announced itself before the emperor acted on the touch.
-                events += self._unsubscribe_again(v, snapshot, now, "before its reload")
-            if v.probing:
+            if v.phase is Phase.PROBING:
                 continue  # its answer decides; the probe's own timeout bounds the wait
-            if self.probe and not v.probed and v.stage in (Stage.ACCEPTING, Stage.BACK):
+            if stage is Stage.TOUCHED:
+                v.phase = Phase.RELOADING
+                if self.subscriptions and v.drain_started is not None:
+                    # The old instance re-announced itself before the emperor acted on the touch.
+                    events += self._unsubscribe_again(v, snapshot, now)
+            elif stage is Stage.REGISTERED:
+                v.phase = Phase.STARTING
+            elif self.probe and v.phase is not Phase.SUBSCRIBING:
                 target = self._probe_target(v, snapshot)
+                v.phase = Phase.ACCEPTING if target is None else Phase.PROBING
                 if target is not None:
-                    v.probing = True
-                    probes.append(
-                        Event(now, v, EventKind.PROBE, f"probing {target.name}", probe=target)
-                    )
+                    probes.append(_event(v, EventKind.PROBE, now, probe=target))
                     continue
-            if v.stage is Stage.ACCEPTING:
-                events += self._fast_return(v, now, "accepting")
-            if v.stage is Stage.BACK and (v.probed or not self.probe):
+            elif stage is Stage.ACCEPTING:
+                if v.phase is not Phase.SUBSCRIBING:
+                    v.phase = Phase.SUBSCRIBING
+                    events += self._fast_return(v, now)
+            else:
                 events.append(self._back(v, now))
-            elif now - v.triggered >= self.timeout:
-                v.outcome, v.detail = Outcome.TIMED_OUT, v.stage.value
-                events.append(
-                    Event(
-                        now,
-                        v,
-                        EventKind.TIMED_OUT,
-                        f"timed out after {self.timeout:g}s: {v.detail}",
-                    )
-                )
+                continue
+            if now - v.triggered >= self.timeout:
+                v.stalled_in, v.phase = v.phase, Phase.TIMED_OUT
+                events.append(_event(v, EventKind.TIMED_OUT, now))
         return probes
 
     def _back(self, v: VassalReload, now: float) -> Event:
-        assert v.triggered is not None
-        v.back, v.outcome, v.stage = now, Outcome.RELOADED, Stage.BACK
-        return Event(now, v, EventKind.BACK, f"back after {now - v.triggered:.2f}s")
+        v.back, v.phase = now, Phase.BACK
+        return _event(v, EventKind.BACK, now)
 
     def _probe_target(self, v: VassalReload, snapshot: Snapshot) -> Node | None:
         """The node to probe: as it is in the router now, or as it was when the vassal was picked
@@ -775,64 +855,53 @@ class Rollout:
         known = sorted(nodes_of(v.name, snapshot.nodes) or v.nodes, key=lambda n: (n.key, n.name))
         return known[0] if known else None
 
-    def _fast_return(self, v: VassalReload, now: float, why: str) -> list[Event]:
+    def _fast_return(
+        self, v: VassalReload, now: float, result: ProbeResult | None = None
+    ) -> list[Event]:
         """Subscribe the reloaded vassal's nodes at once, not on its master's next announce."""
-        if not self.subscriptions or v.subscribed or not v.nodes:
+        if not self.subscriptions or not v.nodes:
             return []
-        v.subscribed = True
-        return [
-            Event(
-                now,
-                v,
-                EventKind.SUBSCRIBED,
-                f"{why}: subscribed to {', '.join(sorted({n.key for n in v.nodes}))}",
-                send=subscriptions(Command.SUBSCRIBE, v.nodes),
-            )
-        ]
+        send = subscriptions(Command.SUBSCRIBE, v.nodes)
+        return [_event(v, EventKind.SUBSCRIBED, now, send=send, result=result)]
 
     def probed(self, v: VassalReload, result: ProbeResult, now: float) -> list[Event]:
-        """The outcome of the probe a ``probe`` event asked for."""
-        v.probing = False
-        if v.outcome is not None:
-            return []  # abandoned or timed out meanwhile
+        """The answer to the probe a ``probe`` event asked for."""
+        if v.phase is not Phase.PROBING:
+            return []  # the run was given up meanwhile
+        v.probe_result = result
         if result.ok:
-            v.probed = True
-            if v.stage is Stage.BACK:
+            assert self._last is not None
+            if self._observe(v, self._last) is Stage.BACK:
                 return [self._back(v, now)]
-            return self._fast_return(v, now, f"probe passed ({result.detail})")
-        v.outcome, v.detail = Outcome.FAILED, f"probe failed: {result.detail}"
-        self.stopped = f"the probe of {v.name} failed"
+            v.phase = Phase.SUBSCRIBING
+            return self._fast_return(v, now, result)
+        v.phase = Phase.PROBE_FAILED
+        if self.stopped_by is None:
+            self.stopped_by = v
         out = tuple(n for n in v.nodes if n.live) if self.subscriptions else ()
-        what = f"failed: {v.detail}; nothing more starts"
-        if out:
-            what += "; unsubscribed to keep it out of rotation"
-        return [Event(now, v, EventKind.FAILED, what, send=subscriptions(Command.UNSUBSCRIBE, out))]
+        send = subscriptions(Command.UNSUBSCRIBE, out)
+        return [_event(v, EventKind.FAILED, now, send=send, result=result)]
 
-    def _unsubscribe_again(
-        self, v: VassalReload, snapshot: Snapshot, now: float, when: str
-    ) -> list[Event]:
+    def touch_failed(self, v: VassalReload, error: str, now: float) -> list[Event]:
+        """The caller could not touch the config of a vassal an event triggered."""
+        v.touch_error, v.phase = error, Phase.TOUCH_FAILED
+        return [_event(v, EventKind.FAILED, now)]
+
+    def _unsubscribe_again(self, v: VassalReload, snapshot: Snapshot, now: float) -> list[Event]:
         """Its master re-announces every subscribe-freq cycles (core/master.c), undoing our
         unsubscribe: send it again whenever its node shows up live."""
         again = [n for n in nodes_of(v.name, snapshot.nodes) if n.live]
         if not again:
             return []
-        return [
-            Event(
-                now,
-                v,
-                EventKind.UNSUBSCRIBED,
-                f"re-announced {when}: unsubscribed again",
-                send=subscriptions(Command.UNSUBSCRIBE, again),
-            )
-        ]
+        send = subscriptions(Command.UNSUBSCRIBE, again)
+        return [_event(v, EventKind.UNSUBSCRIBED_AGAIN, now, send=send)]
 
     def _keep_out(self, snapshot: Snapshot, now: float) -> list[Event]:
         """A vassal whose probe failed stays out of rotation for as long as the run lasts."""
         events = []
         if self.subscriptions:
-            for v in self.vassals.values():
-                if v.outcome is Outcome.FAILED and v.detail.startswith("probe failed"):
-                    events += self._unsubscribe_again(v, snapshot, now, "after its failed probe")
+            for v in self.in_phase(Phase.PROBE_FAILED):
+                events += self._unsubscribe_again(v, snapshot, now)
         return events
 
     def _drain(self, v: VassalReload, snapshot: Snapshot, now: float) -> list[Event]:
@@ -842,48 +911,34 @@ class Rollout:
         if current is not None and current.pid != v.baseline.pid:
             # It died and the emperor is starting it with the current code: touching it would
             # reload it in the middle of its start. Wait for it like a reload in flight.
-            v.drained, v.triggered, v.stage = now - v.drain_started, now, Stage.REGISTERED
-            what = (
-                f"restarted by the emperor while draining (pid {v.baseline.pid} -> "
-                f"{current.pid}): not touched"
-            )
-            return [Event(now, v, EventKind.RESTARTED, what)]
+            v.drained, v.triggered, v.phase = now - v.drain_started, now, Phase.STARTING
+            pids = (v.baseline.pid, current.pid)
+            return [_event(v, EventKind.RESTARTED, now, pids=pids)]
         drained, in_flight = drain_done(v.name, snapshot.nodes)
-        events = [] if drained else self._unsubscribe_again(v, snapshot, now, "while draining")
+        events = [] if drained else self._unsubscribe_again(v, snapshot, now)
         took = now - v.drain_started
         if drained:
-            what = f"triggered after draining {took:.2f}s"
+            kind = EventKind.TRIGGERED_DRAINED
         elif took >= self.drain_timeout:
-            v.drain_detail = (
-                f"drain timed out after {self.drain_timeout:g}s with {in_flight} requests in flight"
-            )
-            what = f"triggered anyway: {v.drain_detail}"
+            kind, v.drain_left = EventKind.TRIGGERED_UNDRAINED, in_flight
         else:
             return events
         v.drained = took
         v.baseline = snapshot.vassals.get(v.id, v.baseline)
-        v.triggered, v.stage = now, Stage.TOUCHED
-        events.append(Event(now, v, EventKind.TRIGGERED, what))
+        v.triggered, v.phase = now, Phase.RELOADING
+        events.append(_event(v, kind, now))
         return events
 
     def _stop(self, now: float) -> list[Event]:
         """Nothing more starts: pending vassals are not started, drained ones go back untouched."""
         events = []
         for v in self.draining():
-            v.outcome, v.detail = Outcome.NOT_STARTED, f"{self.stopped} (was draining, not touched)"
-            back = tuple(n for n in v.nodes if n.live)
-            events.append(
-                Event(
-                    now,
-                    v,
-                    EventKind.NOT_STARTED,
-                    f"not started: {v.detail}; subscribed again",
-                    send=subscriptions(Command.SUBSCRIBE, back),
-                )
-            )
+            v.phase, v.not_started = Phase.NOT_STARTED, NotStarted.STOPPED
+            send = subscriptions(Command.SUBSCRIBE, (n for n in v.nodes if n.live))
+            events.append(_event(v, EventKind.NOT_STARTED, now, send=send))
         for v in self.pending():
-            v.outcome, v.detail = Outcome.NOT_STARTED, str(self.stopped)
-            events.append(Event(now, v, EventKind.NOT_STARTED, f"not started: {v.detail}"))
+            v.phase, v.not_started = Phase.NOT_STARTED, NotStarted.STOPPED
+            events.append(_event(v, EventKind.NOT_STARTED, now))
         return events
 
     def _adopt_restarted(self, snapshot: Snapshot, now: float) -> list[Event]:
@@ -898,28 +953,138 @@ class Rollout:
             if v.initial is None:
                 v.initial = current
             elif current.pid != v.initial.pid:
-                v.baseline, v.triggered, v.stage = v.initial, now, Stage.REGISTERED
-                what = (
-                    f"restarted by the emperor (pid {v.initial.pid} -> {current.pid}): not touched"
-                )
-                events.append(Event(now, v, EventKind.RESTARTED, what))
+                v.baseline, v.triggered, v.phase = v.initial, now, Phase.STARTING
+                pids = (v.initial.pid, current.pid)
+                events.append(_event(v, EventKind.RESTARTED, now, pids=pids))
         return events
 
     def abandon(self, reason: str) -> tuple[Subscription, ...]:
-        """Stop: in-flight vassals stay in flight, pending ones are reported as not started.
+        """Give the run up: in-flight vassals stay in flight, pending ones are not started.
 
         Returns the packets that put draining (untouched) vassals back into rotation.
         """
+        self.abandoned = reason
         back: list[Node] = []
         for v in self.in_flight():
-            if v.triggered is None:
-                v.outcome, v.detail = Outcome.NOT_STARTED, f"{reason} (was draining, not touched)"
+            if v.phase is Phase.DRAINING:
+                v.phase, v.not_started = Phase.NOT_STARTED, NotStarted.ABANDONED
                 back += [n for n in v.nodes if n.live]
             else:
-                v.outcome, v.detail = Outcome.IN_FLIGHT, (v.stage or Stage.TOUCHED).value
+                v.stalled_in, v.phase = v.phase, Phase.ABANDONED
         for v in self.pending():
-            v.outcome, v.detail = Outcome.NOT_STARTED, reason
+            v.phase, v.not_started = Phase.NOT_STARTED, NotStarted.ABANDONED
         return subscriptions(Command.SUBSCRIBE, back)
+
+
+# ---------------------------------------------------------------------------------------------
+# Display: the words for phases and events, derived from them (the core holds none)
+# ---------------------------------------------------------------------------------------------
+
+_OUTCOMES = {
+    Phase.PENDING: Outcome.NOT_STARTED,
+    Phase.BACK: Outcome.RELOADED,
+    Phase.TIMED_OUT: Outcome.TIMED_OUT,
+    Phase.PROBE_FAILED: Outcome.FAILED,
+    Phase.TOUCH_FAILED: Outcome.FAILED,
+    Phase.NOT_STARTED: Outcome.NOT_STARTED,
+}
+
+
+def outcome(phase: Phase) -> Outcome:
+    """The report's outcome of a phase: anything still (or left) in flight is ``in flight``."""
+    return _OUTCOMES.get(phase, Outcome.IN_FLIGHT)
+
+
+#: How far an in-flight vassal got: what a timeout, or a run given up, reports.
+HOW_FAR = {
+    Phase.DRAINING: "draining: taken out of the fastrouter, not touched yet",
+    Phase.RELOADING: "the emperor never registered the touch",
+    Phase.STARTING: "reloading, but never accepting again (did the app fail to load? see its log)",
+    Phase.ACCEPTING: "accepting, but its node never became live in the fastrouter",
+    Phase.PROBING: "accepting, its probe not answered yet",
+    Phase.SUBSCRIBING: "accepting, but its node never became live in the fastrouter",
+}
+
+#: When a re-announced node was unsubscribed again, by the vassal's phase.
+_AGAIN = {
+    Phase.DRAINING: "while draining",
+    Phase.RELOADING: "before its reload",
+    Phase.PROBE_FAILED: "after its failed probe",
+}
+
+
+def vassal_detail(v: VassalReload, rollout: Rollout) -> str:
+    """Why a vassal did not come back (``""`` if it did)."""
+    if v.phase in (Phase.TIMED_OUT, Phase.ABANDONED):
+        assert v.stalled_in is not None
+        return HOW_FAR[v.stalled_in]
+    if v.phase is Phase.PROBE_FAILED:
+        assert v.probe_result is not None
+        return f"probe failed: {v.probe_result.detail}"
+    if v.phase is Phase.TOUCH_FAILED:
+        return f"cannot touch: {v.touch_error}"
+    if v.phase is not Phase.NOT_STARTED:
+        return ""
+    if v.not_started is NotStarted.UNKNOWN:
+        return "not known to the emperor"
+    if v.not_started is NotStarted.MINIMUM:
+        return f"reloading it would leave fewer than {rollout.minimum} live"
+    if v.not_started is NotStarted.STOPPED:
+        assert rollout.stopped_by is not None
+        reason = f"the probe of {rollout.stopped_by.name} failed"
+    else:
+        reason = str(rollout.abandoned)
+    return reason if v.drain_started is None else f"{reason} (was draining, not touched)"
+
+
+def drain_timeout_text(v: VassalReload, rollout: Rollout) -> str:
+    return (
+        f"drain timed out after {rollout.drain_timeout:g}s with {v.drain_left} requests in flight"
+    )
+
+
+def event_text(event: Event, rollout: Rollout) -> str:
+    """The line an event prints after the vassal's name."""
+    v, kind = event.vassal, event.kind
+    keys = ", ".join(sorted({s.node.key for s in event.send}))
+    if kind is EventKind.DRAINING:
+        return f"draining: unsubscribed from {keys}"
+    if kind is EventKind.UNSUBSCRIBED_AGAIN:
+        return f"re-announced {_AGAIN[event.phase]}: unsubscribed again"
+    if kind is EventKind.TRIGGERED:
+        return "triggered"
+    if kind is EventKind.TRIGGERED_NOT_LIVE:
+        return "triggered (was not live)"
+    if kind is EventKind.TRIGGERED_DRAINED:
+        return f"triggered after draining {v.drained:.2f}s"
+    if kind is EventKind.TRIGGERED_UNDRAINED:
+        return f"triggered anyway: {drain_timeout_text(v, rollout)}"
+    if kind is EventKind.RESTARTED:
+        assert event.pids is not None
+        where = "" if v.drain_started is None else " while draining"
+        old, new = event.pids
+        return f"restarted by the emperor{where} (pid {old} -> {new}): not touched"
+    if kind is EventKind.PROBE:
+        assert event.probe is not None
+        return f"probing {event.probe.name}"
+    if kind is EventKind.SUBSCRIBED:
+        why = "accepting" if event.result is None else f"probe passed ({event.result.detail})"
+        return f"{why}: subscribed to {keys}"
+    if kind is EventKind.BACK:
+        assert v.triggered is not None
+        return f"back after {event.at - v.triggered:.2f}s"
+    if kind is EventKind.TIMED_OUT:
+        return f"timed out after {rollout.timeout:g}s: {vassal_detail(v, rollout)}"
+    if kind is EventKind.FAILED:
+        what = f"failed: {vassal_detail(v, rollout)}"
+        if event.phase is Phase.PROBE_FAILED:
+            what += "; nothing more starts"
+            if event.send:
+                what += "; unsubscribed to keep it out of rotation"
+        return what
+    assert kind is EventKind.NOT_STARTED
+    what = f"not started: {vassal_detail(v, rollout)}"
+    return what if v.drain_started is None else f"{what}; subscribed again"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1068,8 +1233,8 @@ class Reporter:
         if not self.quiet:
             print(text, file=self.stream, flush=True)
 
-    def event(self, event: Event) -> None:
-        self.line(f"{event.at:8.2f}s  {event.vassal.name}: {event.what}")
+    def event(self, event: Event, text: str) -> None:
+        self.line(f"{event.at:8.2f}s  {event.vassal.name}: {text}")
 
     def error(self, text: str) -> None:
         print(f"uwsgi-reload: error: {text}", file=self.errors, flush=True)
@@ -1142,6 +1307,7 @@ def report_json(
     elapsed: float,
     exit_code: int,
     rollout: Rollout | None,
+    details: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     return {
         "version": __version__,
@@ -1155,7 +1321,7 @@ def report_json(
         "subscription_server": options.subscription_server,
         "drain_timeout": options.drain_timeout if options.subscription_server else None,
         "probe": options.probe,
-        "vassals": [v.as_json() for v in fleet],
+        "vassals": [v.as_json((details or {}).get(v.id, "")) for v in fleet],
     }
 
 
@@ -1217,9 +1383,11 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     elapsed = io.clock() - started
-    _summarise(rollout, reporter, elapsed, exit_code)
+    details = _details(rollout)
+    _summarise(rollout, details, reporter, elapsed, exit_code)
     if options.json:
-        print(json.dumps(report_json(fleet, options, started_wall, elapsed, exit_code, rollout)))
+        report = report_json(fleet, options, started_wall, elapsed, exit_code, rollout, details)
+        print(json.dumps(report))
     return exit_code
 
 
@@ -1276,26 +1444,27 @@ def _drive(
         while events:
             event = events.pop(0)
             vassal = event.vassal
-            if event.send:
-                problem = _send(event.send, options, reporter, io)
-                if problem:
-                    event.what += f" ({problem})"
-            if event.kind is EventKind.TRIGGERED:
+            if event.touches:
                 assert vassal.baseline is not None
                 try:
                     io.touch(vassal.config, touch_mtime(io.wall_clock(), vassal.baseline.last_mod))
                     touched = True
                 except OSError as exc:
-                    vassal.outcome, vassal.detail = Outcome.FAILED, f"cannot touch: {exc}"
-                    event.what = f"failed: {vassal.detail}"
-            reporter.event(event)
+                    event, *more = rollout.touch_failed(vassal, str(exc), now)
+                    events[:0] = more
+            text = event_text(event, rollout)
+            if event.send:
+                problem = _send(event.send, options, reporter, io)
+                if problem:
+                    text += f" ({problem})"
+            reporter.event(event, text)
             if event.kind is EventKind.PROBE and event.probe is not None:
                 probes.start(vassal, event.probe)
             if not events:
                 # answers already in (a quick vassal, or a pool that runs probes at once)
                 events += probes.answered(rollout, io.clock() - started)
         if rollout.finished:
-            everything = all(v.outcome is Outcome.RELOADED for v in rollout.vassals.values())
+            everything = all(v.phase is Phase.BACK for v in rollout.vassals.values())
             return EXIT_OK if everything else EXIT_NOT_ALL_RELOADED
         current = None
         if touched:
@@ -1324,18 +1493,35 @@ def _send(packets: Sequence[Subscription], options: Options, reporter: Reporter,
     return "; ".join(problems)
 
 
-def _summarise(rollout: Rollout, reporter: Reporter, elapsed: float, exit_code: int) -> None:
-    vassals = list(rollout.vassals.values())
-    for v in vassals:
-        if v.outcome is Outcome.TIMED_OUT and v.stage is Stage.TOUCHED and os.path.islink(v.config):
-            v.detail += (
+def _details(rollout: Rollout) -> dict[str, str]:
+    """Why each vassal did not come back, as the summary and the report say it."""
+    details = {}
+    for v in rollout.vassals.values():
+        details[v.id] = vassal_detail(v, rollout)
+        if (
+            v.phase is Phase.TIMED_OUT
+            and v.stalled_in is Phase.RELOADING
+            and os.path.islink(v.config)
+        ):
+            details[v.id] += (
                 " (the configs are symlinks: the emperor sees a touch of the link only with "
                 "--emperor-nofollow)"
             )
+    return details
+
+
+def _summarise(
+    rollout: Rollout,
+    details: Mapping[str, str],
+    reporter: Reporter,
+    elapsed: float,
+    exit_code: int,
+) -> None:
+    vassals = list(rollout.vassals.values())
     for v in vassals:
-        if v.drain_detail:
-            reporter.line(f"{v.name}: {v.drain_detail}: triggered anyway")
-    done = sum(1 for v in vassals if v.outcome is Outcome.RELOADED)
+        if v.drain_left is not None:
+            reporter.line(f"{v.name}: {drain_timeout_text(v, rollout)}: triggered anyway")
+    done = sum(1 for v in vassals if v.phase is Phase.BACK)
     lowest = ", ".join(f"{k}: {n}" for k, n in sorted(rollout.lowest_live.items())) or "none"
     summary = (
         f"reloaded {done} of {len(vassals)} vassals in {elapsed:.2f}s "
@@ -1346,8 +1532,8 @@ def _summarise(rollout: Rollout, reporter: Reporter, elapsed: float, exit_code: 
         return
     reporter.error(summary)
     for v in vassals:
-        if v.outcome is not Outcome.RELOADED:
-            reporter.error(f"{v.name}: {(v.outcome or Outcome.NOT_STARTED).value}: {v.detail}")
+        if v.phase is not Phase.BACK:
+            reporter.error(f"{v.name}: {outcome(v.phase).value}: {details[v.id]}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 import uwsgi_reload as ur
-from tests.test_reload_logic import SimStack, SimVassal, run_on, vassal
+from tests.test_reload_logic import SimStack, SimVassal, fleet, run_on, vassal
 
 KEY = "domain.tld"
 
@@ -652,6 +652,69 @@ def test_interrupt_while_draining_puts_the_vassal_back(tmp_path: Path) -> None:
     assert stack.touched == []
     assert stack.sent("vassal_01.ini", ur.Command.SUBSCRIBE)
     assert "was draining, not touched" in out
+
+
+def rsnap(**vassals: tuple[int, bool, bool]) -> ur.Snapshot:
+    """name=(respawns, accepting, live in the router) for each vassal, under KEY."""
+    return ur.Snapshot(
+        {
+            f"{n}.ini": vassal(f"{n}.ini", respawns=r, accepting=a)
+            for n, (r, a, _) in vassals.items()
+        },
+        [node(f"/run/{n}.sock") for n, (_, _, live) in vassals.items() if live],
+    )
+
+
+def test_core_drain_probe_and_a_failed_probe_by_phase() -> None:
+    P, E = ur.Phase, ur.EventKind
+    rollout = ur.Rollout(
+        fleet("a", "b", "c", "d"), minimum=2, timeout=10, subscriptions=True, probe=True
+    )
+    a, b, c, _ = rollout.vassals.values()
+    up, out, accepting = (0, True, True), (0, True, False), (1, True, False)
+    events = rollout.step(rsnap(a=up, b=up, c=up, d=up), 0.0)
+    assert [(e.vassal, e.kind) for e in events] == [(a, E.DRAINING), (b, E.DRAINING)]
+    assert {s.command for e in events for s in e.send} == {ur.Command.UNSUBSCRIBE}
+    assert (a.phase, b.phase, c.phase) == (P.DRAINING, P.DRAINING, P.PENDING)
+    assert rollout.watch_closely()
+    events = rollout.step(rsnap(a=out, b=out, c=up, d=up), 0.1)
+    assert [e.kind for e in events] == [E.TRIGGERED_DRAINED] * 2
+    assert all(e.touches for e in events)
+    assert (a.phase, b.phase) == (P.RELOADING, P.RELOADING)
+    probes = rollout.step(rsnap(a=accepting, b=accepting, c=up, d=up), 1.0)
+    assert [(e.vassal, e.kind) for e in probes] == [(a, E.PROBE), (b, E.PROBE)]
+    assert (a.phase, b.phase) == (P.PROBING, P.PROBING)
+    # while a probe is out nothing else is decided
+    assert rollout.step(rsnap(a=accepting, b=accepting, c=up, d=up), 1.05) == []
+    (passed,) = rollout.probed(a, ur.ProbeResult(200, "answered 200"), 1.1)
+    assert (passed.kind, a.phase) == (E.SUBSCRIBED, P.SUBSCRIBING)
+    assert [s.command for s in passed.send] == [ur.Command.SUBSCRIBE]
+    (failed,) = rollout.probed(b, ur.ProbeResult(500, "answered 500"), 1.1)
+    assert (failed.kind, failed.phase, rollout.stopped_by) == (E.FAILED, P.PROBE_FAILED, b)
+    assert [s.command for s in failed.send] == [ur.Command.UNSUBSCRIBE]
+    assert rollout.probed(b, ur.ProbeResult(200, "late"), 1.2) == []
+    # b's master announces it again: out it goes, recognised by its phase
+    events = rollout.step(rsnap(a=(1, True, True), b=(1, True, True), c=up, d=up), 1.2)
+    kinds = [(e.vassal.name, e.kind, e.phase) for e in events]
+    assert kinds == [
+        ("a", E.BACK, P.BACK),
+        ("b", E.UNSUBSCRIBED_AGAIN, P.PROBE_FAILED),
+        ("c", E.NOT_STARTED, P.NOT_STARTED),
+        ("d", E.NOT_STARTED, P.NOT_STARTED),
+    ]
+    assert c.not_started is ur.NotStarted.STOPPED
+    assert rollout.finished
+
+
+def test_core_abandon_puts_draining_vassals_back() -> None:
+    rollout = ur.Rollout(fleet("a", "b"), minimum=1, timeout=10, subscriptions=True)
+    a, b = rollout.vassals.values()
+    rollout.step(rsnap(a=(0, True, True), b=(0, True, True)), 0.0)
+    assert a.phase is ur.Phase.DRAINING
+    packets = rollout.abandon("interrupted by SIGINT")
+    assert [(p.command, p.node.name) for p in packets] == [(ur.Command.SUBSCRIBE, "/run/a.sock")]
+    assert (a.phase, a.not_started) == (ur.Phase.NOT_STARTED, ur.NotStarted.ABANDONED)
+    assert b.phase is ur.Phase.NOT_STARTED
 
 
 def test_json_report_has_the_drain_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -135,6 +135,112 @@ def test_rounds_needed(n: int, m: int, rounds: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The core: one phase per vassal, moved by step() and by what the driver reports
+# ---------------------------------------------------------------------------------------------
+
+P = ur.Phase
+E = ur.EventKind
+
+
+def fleet(*names: str) -> list[ur.VassalReload]:
+    return [ur.VassalReload(id=f"{n}.ini", name=n, config=f"/e/{n}.ini") for n in names]
+
+
+def snap(**vassals: tuple[int, bool, bool]) -> ur.Snapshot:
+    """name=(respawns, accepting, live in the router) for each vassal."""
+    return ur.Snapshot(
+        {
+            f"{n}.ini": vassal(f"{n}.ini", respawns=r, accepting=a)
+            for n, (r, a, _) in vassals.items()
+        },
+        [node(f"/r/{n}.sock") for n, (_, _, live) in vassals.items() if live],
+    )
+
+
+def phases(rollout: ur.Rollout) -> dict[str, ur.Phase]:
+    return {v.name: v.phase for v in rollout.vassals.values()}
+
+
+UP = (0, True, True)
+
+
+@pytest.mark.parametrize(
+    ("a", "phase", "kinds"),
+    [
+        ((0, True, True), P.RELOADING, []),  # the emperor has not acted on the touch yet
+        ((1, False, False), P.STARTING, []),
+        ((1, True, False), P.SUBSCRIBING, []),  # accepting, its node not yet live
+        ((1, True, True), P.BACK, [("a", E.BACK), ("b", E.TRIGGERED)]),
+    ],
+)
+def test_step_moves_a_reload_by_what_the_stats_show(
+    a: tuple[int, bool, bool], phase: ur.Phase, kinds: list[tuple[str, ur.EventKind]]
+) -> None:
+    rollout = ur.Rollout(fleet("a", "b"), minimum=1, timeout=10)
+    first = rollout.step(snap(a=UP, b=UP), 0.0)
+    assert [(e.vassal.name, e.kind) for e in first] == [("a", E.TRIGGERED)]
+    assert phases(rollout) == {"a": P.RELOADING, "b": P.PENDING}
+    events = rollout.step(snap(a=a, b=UP), 0.5)
+    assert rollout.vassals["a.ini"].phase is phase
+    assert [(e.vassal.name, e.kind) for e in events] == kinds
+
+
+def test_a_timeout_keeps_how_far_it_got() -> None:
+    rollout = ur.Rollout(fleet("a", "b"), minimum=1, timeout=1)
+    rollout.step(snap(a=UP, b=UP), 0.0)
+    rollout.step(snap(a=(1, False, False), b=UP), 0.5)
+    events = rollout.step(snap(a=(1, False, False), b=UP), 1.0)
+    a = rollout.vassals["a.ini"]
+    assert (a.phase, a.stalled_in) == (P.TIMED_OUT, P.STARTING)
+    # nothing in flight, b may not go without a back: not started, for the minimum
+    assert [(e.vassal.name, e.kind) for e in events] == [("a", E.TIMED_OUT), ("b", E.NOT_STARTED)]
+    b = rollout.vassals["b.ini"]
+    assert (b.phase, b.not_started) == (P.NOT_STARTED, ur.NotStarted.MINIMUM)
+    assert ur.outcome(a.phase) is ur.Outcome.TIMED_OUT
+    assert ur.vassal_detail(a, rollout) == ur.HOW_FAR[P.STARTING]
+    assert rollout.finished
+
+
+def test_a_vassal_the_emperor_does_not_run_is_not_started() -> None:
+    rollout = ur.Rollout(fleet("a", "b", "gone"), minimum=1, timeout=10)
+    rollout.step(snap(a=UP, b=UP), 0.0)
+    rollout.step(snap(a=(1, True, True), b=UP), 1.0)
+    rollout.step(snap(a=(1, True, True), b=(1, True, True)), 2.0)
+    assert phases(rollout) == {"a": P.BACK, "b": P.BACK, "gone": P.NOT_STARTED}
+    assert rollout.vassals["gone.ini"].not_started is ur.NotStarted.UNKNOWN
+
+
+def test_a_failed_touch_is_reported_through_the_core() -> None:
+    rollout = ur.Rollout(fleet("a", "b"), minimum=1, timeout=10)
+    (event,) = rollout.step(snap(a=UP, b=UP), 0.0)
+    assert event.touches
+    (failed,) = rollout.touch_failed(event.vassal, "[Errno 1] Operation not permitted", 0.0)
+    assert (failed.kind, failed.phase) == (E.FAILED, P.TOUCH_FAILED)
+    assert ur.outcome(event.vassal.phase) is ur.Outcome.FAILED
+
+
+def test_abandon_leaves_in_flight_ones_where_they_were() -> None:
+    rollout = ur.Rollout(fleet("a", "b", "c"), minimum=1, timeout=10)
+    rollout.step(snap(a=UP, b=UP, c=UP), 0.0)
+    rollout.step(snap(a=(1, False, False), b=(1, False, False), c=UP), 0.5)
+    assert rollout.abandon("interrupted by SIGINT") == ()
+    a, c = rollout.vassals["a.ini"], rollout.vassals["c.ini"]
+    assert (a.phase, a.stalled_in) == (P.ABANDONED, P.STARTING)
+    assert (c.phase, c.not_started) == (P.NOT_STARTED, ur.NotStarted.ABANDONED)
+    assert ur.outcome(a.phase) is ur.Outcome.IN_FLIGHT
+    assert rollout.finished
+
+
+def test_every_phase_has_words_and_no_phase_is_words() -> None:
+    for phase in ur.Phase:
+        assert not isinstance(phase.value, str)
+        assert isinstance(ur.outcome(phase), ur.Outcome)
+    assert set(ur.HOW_FAR) == ur.IN_FLIGHT
+    assert {ur.outcome(p) for p in ur.IN_FLIGHT} == {ur.Outcome.IN_FLIGHT}
+    assert ur.outcome(P.BACK) is ur.Outcome.RELOADED
+
+
+# ---------------------------------------------------------------------------------------------
 # Whole runs against a simulated emperor + fastrouter: no sockets, no sleeping
 # ---------------------------------------------------------------------------------------------
 
