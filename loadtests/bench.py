@@ -84,26 +84,11 @@ class Run:
         return self.measured.all_reloaded
 
     def as_json(self) -> dict[str, Any]:
-        m = self.measured
-        during = m.load.during
         return {
             "n": self.n,
             "minimum": self.minimum,
             "schedule": self.schedule,
-            "command": m.command,
-            "returncode": m.returncode,
-            "command_seconds": m.command_seconds,
-            "makespan": m.makespan,
-            "durations": m.durations(),
-            "requests_during": during.requests,
-            "failures": m.load.total.failures,
-            "failures_by_kind": m.load.total.failures_by_kind,
-            "p99_ms_during": during.p99,
-            "max_ms_during": during.max_ms,
-            "min_live_during": m.min_live_seen,
-            "observer_gap_s": m.observer.max_gap,
-            "cpu_seconds": m.cpu_seconds,
-            "result": m.tool_json,
+            **self.measured.as_json(),
         }
 
 
@@ -194,8 +179,9 @@ def run_line(run: Run) -> str:
         stderr = "" if m.load.reload is None else m.load.reload.stderr.strip()[-500:]
         return f"FAILED (exit {m.returncode}): {stderr}"
     cpu = "-" if m.cpu_seconds is None else f"{m.cpu_seconds:.2f} s"
+    failed = f" ({m.failures_text()})" if m.load.total.failures else ""
     return (
-        f"makespan {seconds(m.makespan)} s, failed {m.load.total.failures}, "
+        f"makespan {seconds(m.makespan)} s, failed {m.load.total.failures}{failed}, "
         f"max {m.load.during.max_ms:.0f} ms, fewest live {m.min_live_seen}, CPU {cpu}"
     )
 
@@ -307,6 +293,7 @@ DETAIL_HEADERS = (
     "max ms during",
     "fewest live",
     "CPU s",
+    "failed when (s after the reload started)",
 )
 
 
@@ -335,6 +322,7 @@ def detail_rows(runs: Sequence[Run]) -> list[list[str]]:
                 f"{m.load.during.max_ms:.0f}",
                 str(m.min_live_seen),
                 seconds(m.cpu_seconds),
+                m.failures_text(),
             ]
         )
     return rows
@@ -442,7 +430,9 @@ def markdown(
         "- makespan: first trigger to last back (registered by the emperor, accepting, live in "
         "the fastrouter). failed: failed requests of the whole load run. max ms during: "
         "slowest request that overlapped the reload command. tool CPU: user+system seconds of "
-        "the `uwsgi_reload.py` process (getrusage of a wrapper)."
+        "the `uwsgi_reload.py` process (getrusage of a wrapper). failed when: each burst of "
+        "failed requests, its kind, when it failed (seconds since the reload command started) "
+        "and the nearest vassal trigger or back."
     )
     parts = [
         "# Full reload under load: uwsgi_reload vs lower bound, one at a time, 2014 plan",

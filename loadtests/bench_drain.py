@@ -102,26 +102,12 @@ class Run:
         return load.started + worst.t - load.reload.started
 
     def as_json(self) -> dict[str, Any]:
-        m = self.measured
         return {
             "slowest_request_bucket_s_after_command_start": self.slowest_at(),
             "n": self.n,
             "minimum": self.minimum,
             "drain": self.drain,
-            "command": m.command,
-            "returncode": m.returncode,
-            "command_seconds": m.command_seconds,
-            "makespan": m.makespan,
-            "durations": m.durations(),
-            "requests_during": m.load.during.requests,
-            "failures": m.load.total.failures,
-            "failures_by_kind": m.load.total.failures_by_kind,
-            "p99_ms_before": m.load.before.p99,
-            "p99_ms_steady": m.load.steady.p99,
-            "p999_ms_during": m.load.during.p999,
-            "max_ms_during": m.load.during.max_ms,
-            "min_live_during": m.min_live_seen,
-            "result": m.tool_json,
+            **self.measured.as_json(),
         }
 
 
@@ -136,18 +122,10 @@ class BrokenRun:
         return self.measured.load.total.failures
 
     def as_json(self) -> dict[str, Any]:
-        m = self.measured
         return {
             "index": self.index,
-            "returncode": m.returncode,
-            "command_seconds": m.command_seconds,
-            "requests": m.load.total.requests,
-            "failures": m.load.total.failures,
-            "failures_by_kind": m.load.total.failures_by_kind,
-            "max_ms_during": m.load.during.max_ms,
-            "min_live_during": m.min_live_seen,
             "recovered_s": self.recovered_s,
-            "result": m.tool_json,
+            **self.measured.as_json(),
         }
 
 
@@ -190,8 +168,10 @@ def bench_size(n: int, minimums: Sequence[int], args: argparse.Namespace, runs: 
 
 def run_line(run: Run) -> str:
     m = run.measured
+    failed = f" ({m.failures_text()})" if m.load.total.failures else ""
     return (
-        f"exit {m.returncode}, makespan {seconds(m.makespan)} s, failed {m.load.total.failures}, "
+        f"exit {m.returncode}, makespan {seconds(m.makespan)} s, "
+        f"failed {m.load.total.failures}{failed}, "
         f"max {m.load.during.max_ms:.0f} ms, p99.9 {m.load.during.p999:.0f} ms, "
         f"p99 steady {m.load.steady.p99:.1f} ms"
     )
@@ -237,7 +217,8 @@ def bench_broken(args: argparse.Namespace, runs: list[BrokenRun]) -> None:
             runs.append(run)
             print(
                 f"broken #{index}: exit {measured.returncode}, failed {run.failures} of "
-                f"{measured.load.total.requests}, max {measured.load.during.max_ms:.0f} ms, "
+                f"{measured.load.total.requests} ({measured.failures_text()}), "
+                f"max {measured.load.during.max_ms:.0f} ms, "
                 f"fewest live {measured.min_live_seen}, recovered in {recovered:.1f} s",
                 flush=True,
             )
@@ -269,6 +250,7 @@ DRAIN_HEADERS = (
     "slowest at s",
     "requests during",
     "failed",
+    "failed when (s after the reload started)",
 )
 
 
@@ -309,6 +291,7 @@ def drain_rows(runs: Sequence[Run]) -> list[list[str]]:
                 seconds(run.slowest_at(), 1),
                 str(m.load.during.requests),
                 str(m.load.total.failures),
+                m.failures_text(),
             ]
         )
     return rows
@@ -323,6 +306,7 @@ BROKEN_HEADERS = (
     "max during ms",
     "fewest live",
     "recovery s",
+    "failed when (s after the reload started)",
 )
 
 
@@ -337,6 +321,7 @@ def broken_rows(runs: Sequence[BrokenRun]) -> list[list[str]]:
             f"{r.measured.load.during.max_ms:.0f}",
             str(r.measured.min_live_seen),
             seconds(r.recovered_s, 1),
+            r.measured.failures_text(),
         ]
         for r in runs
     ]
@@ -385,7 +370,9 @@ def markdown(
         "- p99 steady: the load report's `steady.p99`, the requests before the reload less the "
         f"first {WARMUP_S:g} s of the load (the users connecting); p99.9 and max during: "
         "`during.p999`, `during.max_ms`; max / p99 steady: the issue's target is 3x at most "
-        "(and under 100 ms); failed: failed requests over the whole load run.",
+        "(and under 100 ms); failed: failed requests over the whole load run; failed when: "
+        "each burst of them, its kind, when it failed (seconds since the reload command "
+        "started) and the nearest vassal trigger or back.",
         "",
     ]
     if runs:

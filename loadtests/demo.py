@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Callable
 
 from uwsgi_reload_harness.stack import Proc, StackConfig, running_stack
 
@@ -42,7 +43,15 @@ from .cli import (
 )
 from .measure import ReloadRun, reload_under_load, tool_command
 from .picture import PictureUnavailable, timeline_png
-from .tables import PHASE_HEADERS, markdown_table, phase_rows, seconds, text_table
+from .tables import (
+    FAILURE_HEADERS,
+    PHASE_HEADERS,
+    failure_rows,
+    markdown_table,
+    phase_rows,
+    seconds,
+    text_table,
+)
 
 # ---------------------------------------------------------------------------------------------
 # The report
@@ -91,6 +100,18 @@ def summary_lines(run: ReloadRun, vassals: int, minimum: int) -> list[str]:
     return lines
 
 
+def failures_table(
+    run: ReloadRun, table: Callable[[Sequence[str], Sequence[Sequence[str]]], str]
+) -> str:
+    """Each burst of failed requests: its kind and when, against the reload's events."""
+    if not run.load.total.failures:
+        return "no failed request"
+    text = table(FAILURE_HEADERS, failure_rows(run.failure_groups()))
+    if run.load.failed_dropped:
+        text += f"\n\n({run.load.failed_dropped} more failed requests not kept one by one)"
+    return text
+
+
 def markdown_report(
     run: ReloadRun,
     *,
@@ -111,6 +132,8 @@ def markdown_report(
         + markdown_table(PHASE_HEADERS, phase_rows(run.load)),
         "## Each vassal (seconds since the load started)\n\n"
         + markdown_table(VASSAL_HEADERS, vassal_rows(run)),
+        "## Failed requests (kind, when, the nearest vassal trigger or back)\n\n"
+        + failures_table(run, markdown_table),
         "\n".join(f"- {line}" for line in summary_lines(run, args.vassals, args.minimum)),
     ]
     if picture is not None:
@@ -251,6 +274,8 @@ def _write_and_print(
                 "returncode": run.returncode,
                 "makespan": run.makespan,
                 "failures": run.load.total.failures,
+                "failure_groups": [g.as_json() for g in run.failure_groups()],
+                "failed_requests": [f.as_json() for f in run.failures()],
                 "min_live_during": run.min_live_seen,
                 "cpu_seconds": run.cpu_seconds,
                 "stack_dir": str(base_dir),
@@ -267,6 +292,9 @@ def _write_and_print(
     print()
     print("each vassal, seconds since the load started:")
     print(text_table(VASSAL_HEADERS, vassal_rows(run)))
+    print()
+    print("failed requests:")
+    print(failures_table(run, text_table))
     print()
     for line in summary_lines(run, args.vassals, args.minimum):
         print(line)

@@ -8,6 +8,10 @@ for). The demo, both benchmarks and the zero-downtime suite all measure with it.
 
 ``ReloadRun.check`` returns the list of broken promises; a good reload has none, and the control
 tests show the same function finding them in a bad one.
+
+A failed request never comes alone: ``ReloadRun.failures()`` places each one (its kind, when it
+failed) against the reload: seconds since the reload command started, and the nearest vassal
+trigger or back of the tool's timeline. ``failure_groups()`` sums up bursts of them for tables.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ MAX_OBSERVER_GAP = 0.025
 ATTEMPTS = 3
 #: Seconds locust may run on top of ``reload_at + after_reload`` before the command is killed.
 COMMAND_GRACE_S = 90.0
+#: Failed requests further apart than this are two bursts in ``failure_groups``.
+BURST_GAP_S = 1.0
 
 
 def reload_command(stack: Stack, template: str, minimum: int, timeout: float = 60) -> list[str]:
@@ -142,6 +148,115 @@ def read_cpu_seconds(cpu_file: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return float(data["user"]) + float(data["system"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Failed requests against the reload's events
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ReloadEvent:
+    """A vassal's trigger or back, from the tool's timeline (wall clock)."""
+
+    at: float
+    what: str
+    """``"uwsgi_vassal_02 triggered"``, ``"uwsgi_vassal_02 back"``."""
+
+
+def _from_event(t: float, events: Sequence[ReloadEvent]) -> tuple[str | None, float | None]:
+    """The event nearest to ``t`` (the earlier one on a tie), and ``t`` minus its time."""
+    if not events:
+        return None, None
+    nearest = min(events, key=lambda e: (abs(t - e.at), e.at))
+    return nearest.what, t - nearest.at
+
+
+def _relative(seconds: float) -> str:
+    return f"{abs(seconds):.2f} s {'before' if seconds < 0 else 'after'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class FailureAt:
+    """One failed request placed against the reload."""
+
+    kind: str
+    at: float
+    """When it failed (its start + its latency), seconds since the reload command started."""
+    latency_ms: float
+    event: str | None
+    """The nearest vassal trigger or back (None: no timeline, a foreign command)."""
+    from_event: float | None
+    """Seconds from ``event`` to the failure; negative: before it."""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "s_after_reload_start": round(self.at, 3),
+            "latency_ms": self.latency_ms,
+            "nearest_event": self.event,
+            "s_from_event": None if self.from_event is None else round(self.from_event, 3),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class FailureGroup:
+    """Failed requests of one kind in one burst, near the same event."""
+
+    kind: str
+    count: int
+    first: float
+    last: float
+    """Seconds since the reload command started, of the first and the last failure."""
+    event: str | None
+    from_event: float | None
+    """Of the first failure."""
+
+    def text(self) -> str:
+        """``3 x HTTP 502 at +1.23..+1.41 s (0.02 s after uwsgi_vassal_02 triggered)``."""
+        when = (
+            f"{self.first:+.2f} s" if self.count == 1 else f"{self.first:+.2f}..{self.last:+.2f} s"
+        )
+        what = self.kind if self.count == 1 else f"{self.count} x {self.kind}"
+        near = self.near()
+        return f"{what} at {when}" + ("" if near is None else f" ({near})")
+
+    def near(self) -> str | None:
+        """``0.02 s after uwsgi_vassal_02 triggered``; None without a timeline."""
+        if self.event is None or self.from_event is None:
+            return None
+        return f"{_relative(self.from_event)} {self.event}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "count": self.count,
+            "first_s_after_reload_start": round(self.first, 3),
+            "last_s_after_reload_start": round(self.last, 3),
+            "nearest_event": self.event,
+            "s_from_event": None if self.from_event is None else round(self.from_event, 3),
+            "text": self.text(),
+        }
+
+
+def group_failures(failures: Sequence[FailureAt], gap: float = BURST_GAP_S) -> list[FailureGroup]:
+    """Consecutive failures of one kind near the same event, none ``gap`` s after the last."""
+    groups: list[list[FailureAt]] = []
+    for failure in sorted(failures, key=lambda f: f.at):
+        last = groups[-1][-1] if groups else None
+        if (
+            last is None
+            or failure.kind != last.kind
+            or failure.event != last.event
+            or failure.at - last.at > gap
+        ):
+            groups.append([failure])
+        else:
+            groups[-1].append(failure)
+    return [
+        FailureGroup(g[0].kind, len(g), g[0].at, g[-1].at, g[0].event, g[0].from_event)
+        for g in groups
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +366,46 @@ class ReloadRun:
         """The observer went longer than ``MAX_OBSERVER_GAP`` without a sample."""
         return self.observer.max_gap > MAX_OBSERVER_GAP
 
+    # -- failed requests -------------------------------------------------------------------
+
+    def events(self) -> list[ReloadEvent]:
+        """Every vassal's trigger and back from the tool's timeline, in time order."""
+        events = []
+        for span in self.timeline:
+            if span.triggered is not None:
+                events.append(ReloadEvent(span.triggered, f"{span.name} triggered"))
+            if span.back is not None:
+                events.append(ReloadEvent(span.back, f"{span.name} back"))
+        return sorted(events, key=lambda e: e.at)
+
+    def failures(self) -> list[FailureAt]:
+        """Each failed request the load report kept, with its kind and when it failed: seconds
+        since the reload command started (since the load started if it never did), and from
+        the nearest vassal trigger or back."""
+        reload = self.load.reload
+        t0 = self.load.started if reload is None else reload.started
+        events = self.events()
+        placed = []
+        for failed in self.load.failed:
+            event, offset = _from_event(failed.end, events)
+            placed.append(FailureAt(failed.kind, failed.end - t0, failed.latency_ms, event, offset))
+        return placed
+
+    def failure_groups(self) -> list[FailureGroup]:
+        return group_failures(self.failures())
+
+    def failures_text(self, limit: int = 3) -> str:
+        """The failed requests in a few words, for a table cell; "-" when none failed."""
+        groups = self.failure_groups()
+        if not groups and not self.load.total.failures:
+            return "-"
+        parts = [g.text() for g in groups[:limit]]
+        if len(groups) > limit:
+            parts.append(f"{len(groups) - limit} more bursts")
+        if self.load.failed_dropped:
+            parts.append(f"{self.load.failed_dropped} more not kept")
+        return "; ".join(parts)
+
     # -- the workers -----------------------------------------------------------------------
 
     def replaced(self) -> list[str]:
@@ -270,7 +425,10 @@ class ReloadRun:
         if load.reload is None or load.reload.ended is None:
             return ["the reload command did not finish while the load ran"]
         if load.total.failures:
-            problems.append(f"{load.total.failures} failed requests {load.total.failures_by_kind}")
+            problems.append(
+                f"{load.total.failures} failed requests {load.total.failures_by_kind}: "
+                f"{self.failures_text()}"
+            )
         if load.during.requests < MIN_REQUESTS_DURING:
             problems.append(f"only {load.during.requests} requests during the reload")
         if self.blind:
@@ -284,18 +442,20 @@ class ReloadRun:
 
     def row(self, name: str, minimum: int) -> dict[str, object]:
         during = self.load.during
+        took = self.command_seconds
         return {
             "test": name,
             "minimum": minimum,
             "users": self.users,
             "exit": self.returncode,
-            "reload s": round(self.reload_ended - self.reload_started, 2),
+            "reload s": None if took is None else round(took, 2),
             "requests during": during.requests,
             "failed": self.load.total.failures,
             "observer min": self.observer.min_live,
             "observer gap ms": round(self.observer.max_gap * 1000),
             "max ms during": round(during.max_ms),
             "p99 ms before": round(self.load.before.p99, 1),
+            "failed when (s after the reload started)": self.failures_text(limit=2),
         }
 
     def as_json(self) -> dict[str, Any]:
@@ -311,6 +471,9 @@ class ReloadRun:
             "requests_during": load.during.requests,
             "failures": load.total.failures,
             "failures_by_kind": load.total.failures_by_kind,
+            "failure_groups": [g.as_json() for g in self.failure_groups()],
+            "failed_requests": [f.as_json() for f in self.failures()],
+            "failed_requests_not_kept": load.failed_dropped,
             "p99_ms_before": load.before.p99,
             "p99_ms_steady": load.steady.p99,
             "p99_ms_during": load.during.p99,

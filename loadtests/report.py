@@ -15,6 +15,9 @@ percentiles include failed requests (a request that hangs 2 s and then fails is 
 waiting). ``rps`` is the phase's request count divided by its window: ``before`` is
 [load start, command start], ``during`` [command start, command end], ``after`` [command end,
 load end].
+
+Every failed request is also kept on its own (start, latency, kind; the first
+``MAX_FAILED_KEPT``), so a report can say when each failed against the reload's events.
 """
 
 from __future__ import annotations
@@ -27,13 +30,16 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUCKET_S = 0.1
 PHASES = ("before", "during", "after")
 #: Seconds at the start of the load left out of the ``steady`` phase: the users connect and
 #: spawn then, and those first requests are the slowest of a quiet run (up to 70 ms against a
 #: p50 of 13 ms, measured on the demo stack).
 WARMUP_S = 1.0
+#: Failed requests kept one by one in a report (a run that fails half its requests for seconds
+#: would otherwise write megabytes); the phases count them all.
+MAX_FAILED_KEPT = 5000
 
 
 class ReportError(Exception):
@@ -51,6 +57,20 @@ class RequestRecord(NamedTuple):
 
     @property
     def end(self) -> float:
+        return self.start + self.latency_ms / 1000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FailedRequest:
+    """One failed request: wall-clock start, latency, and its kind (``"HTTP 502"``...)."""
+
+    start: float
+    latency_ms: float
+    kind: str
+
+    @property
+    def end(self) -> float:
+        """When it failed."""
         return self.start + self.latency_ms / 1000.0
 
 
@@ -129,6 +149,10 @@ class LoadReport:
     reload: ReloadInfo | None
     bucket_s: float
     series: list[SeriesBucket]
+    failed: list[FailedRequest]
+    """The failed requests by start, the first ``MAX_FAILED_KEPT`` of them."""
+    failed_dropped: int
+    """Failed requests left out of ``failed`` (beyond ``MAX_FAILED_KEPT``)."""
 
     def phase(self, name: str) -> PhaseStats:
         return {
@@ -149,6 +173,7 @@ class LoadReport:
             phases = data["phases"]
             reload = data["reload"]
             series = data["series"]
+            failed = data["failed_requests"]
             return cls(
                 started=float(data["started"]),
                 ended=float(data["ended"]),
@@ -172,6 +197,11 @@ class LoadReport:
                     )
                     for b in series["buckets"]
                 ],
+                failed=[
+                    FailedRequest(float(f["start"]), float(f["latency_ms"]), str(f["kind"]))
+                    for f in failed["kept"]
+                ],
+                failed_dropped=int(failed["dropped"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ReportError(f"malformed load report: {type(exc).__name__}: {exc}") from None
@@ -336,6 +366,7 @@ def build_report(
     steady_start = min(started + WARMUP_S, before_end)
     steady = [r for r in by_phase["before"] if r.start >= steady_start]
     phases["steady"] = phase_stats(steady, steady_start, before_end)
+    failed = sorted((r for r in records if r.failure is not None), key=lambda r: r.start)
     return {
         "schema": SCHEMA_VERSION,
         "host": host,
@@ -349,6 +380,13 @@ def build_report(
             "bucket_s": bucket_s,
             "t0": started,
             "buckets": time_series(records, started, ended, bucket_s),
+        },
+        "failed_requests": {
+            "kept": [
+                {"start": r.start, "latency_ms": round(r.latency_ms, 3), "kind": r.failure}
+                for r in failed[:MAX_FAILED_KEPT]
+            ],
+            "dropped": max(0, len(failed) - MAX_FAILED_KEPT),
         },
     }
 

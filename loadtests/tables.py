@@ -16,8 +16,12 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .report import PHASES, LoadReport
+
+if TYPE_CHECKING:
+    from .measure import FailureGroup
 
 # ---------------------------------------------------------------------------------------------
 # Where the numbers come from
@@ -156,3 +160,19 @@ def phase_rows(load: LoadReport) -> list[list[str]]:
             ]
         )
     return rows
+
+
+FAILURE_HEADERS = (
+    "kind",
+    "failed",
+    "first s after the reload started",
+    "last s",
+    "nearest vassal event",
+)
+
+
+def failure_rows(groups: Sequence[FailureGroup]) -> list[list[str]]:
+    """One row per burst of failed requests: kind, count, when, and the event nearest to it."""
+    return [
+        [g.kind, str(g.count), f"{g.first:+.2f}", f"{g.last:+.2f}", g.near() or "-"] for g in groups
+    ]
