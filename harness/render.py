@@ -208,6 +208,12 @@ def subscription_key(vassal_ini_text: str) -> str:
     return keys.pop()
 
 
+def with_subscription_key(vassal_ini_text: str, key: str) -> str:
+    """The vassal config subscribing under ``key`` instead of its own key."""
+    own = subscription_key(vassal_ini_text)
+    return vassal_ini_text.replace(f"key={own}", f"key={key}")
+
+
 def shell_assignments(text: str) -> dict[str, str]:
     """``NAME=value`` lines of a conf.d (shell) file; quotes handled as the shell would."""
     values = {}

@@ -82,6 +82,13 @@ class StackConfig:
     start_delay: float = 0.0
     #: seconds the demo app's view sleeps per request (a slow endpoint: requests queue in sockets)
     request_delay: float = 0.0
+    #: More vassals under other fastrouter keys: ``(("other.test", 2),)`` adds two vassals whose
+    #: config is the vassal config subscribing under ``other.test`` instead of its own key.
+    extra_keys: tuple[tuple[str, int], ...] = ()
+    #: Seconds added to now for the links' own mtime before the emperor starts: a positive value
+    #: gives configs "from the future" (copied with preserved timestamps, a skewed clock), so the
+    #: emperor's ``last_mod`` is ahead of the clock and a plain ``touch`` is ignored.
+    link_mtime_offset: float = 0.0
     #: Recorded for tests that want to deploy a broken version (``stack.deploy(broken=True)``).
     broken_deploy: bool = False
     keep: bool = False
@@ -95,6 +102,8 @@ class StackConfig:
         """Raise ValueError on a combination the harness cannot honour."""
         if self.vassals < 1:
             raise ValueError(f"vassals must be >= 1, not {self.vassals}")
+        if any(count < 1 for _, count in self.extra_keys):
+            raise ValueError(f"every extra key needs >= 1 vassal: {self.extra_keys}")
         if self.start_delay < 0:
             raise ValueError(f"start delay must be >= 0, not {self.start_delay}")
         if self.request_delay < 0:
@@ -223,6 +232,8 @@ class Stack:
     logs: dict[str, Path]
     xprocess: Any
     host: str = KEY  # the fastrouter key: nginx requests carry it as Host
+    #: Vassal ids by fastrouter key: :attr:`host` first, then ``StackConfig.extra_keys``.
+    keys: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     #: pid of each process xprocess started: ``emperor`` (the uWSGI master) and ``nginx``.
     pids: dict[str, int] = dataclasses.field(default_factory=dict)
     stopped: bool = False
@@ -277,10 +288,18 @@ class Stack:
     def emperor_vassals(self) -> dict[str, EmperorVassal]:
         return parse_emperor_stats(read_stats(self.emperor_stats))
 
-    def live_node_vassals(self) -> list[str]:
-        """Vassal names (socket stems) of the live nodes for :attr:`host`."""
+    def live_node_vassals(self, key: str | None = None) -> list[str]:
+        """Vassal names (socket stems) of the live nodes for ``key`` (default :attr:`host`)."""
+        return self.live_by_key().get(key or self.host, [])
+
+    def live_by_key(self) -> dict[str, list[str]]:
+        """Vassal names (socket stems) of the live nodes, by fastrouter key."""
         nodes = parse_fastrouter_stats(read_stats(self.fastrouter_stats))
-        return sorted(node_vassal_name(n.name) for n in nodes if n.key == self.host and n.live)
+        live: dict[str, list[str]] = {}
+        for node in nodes:
+            if node.live:
+                live.setdefault(node.key, []).append(node_vassal_name(node.name))
+        return {key: sorted(names) for key, names in live.items()}
 
     def live_nodes(self) -> int:
         return len(self.live_node_vassals())
@@ -295,11 +314,13 @@ class Stack:
         kids = children(set(masters.values()))
         return {vid: kids[pid] for vid, pid in masters.items()}
 
-    def get(self, path: str | None = None, timeout: float = 10.0) -> requests.Response:
-        """GET ``path`` (default: the health path) through nginx with the fastrouter key as Host."""
+    def get(
+        self, path: str | None = None, timeout: float = 10.0, host: str | None = None
+    ) -> requests.Response:
+        """GET ``path`` (default: the health path) through nginx, a fastrouter key as Host."""
         path = self.config.health_path if path is None else path
         return requests.get(
-            self.url + path.lstrip("/"), headers={"Host": self.host}, timeout=timeout
+            self.url + path.lstrip("/"), headers={"Host": host or self.host}, timeout=timeout
         )
 
     def status(self, through_nginx: bool = True) -> tuple[bool, str]:
@@ -307,23 +328,29 @@ class Stack:
         try:
             vassals = self.emperor_vassals()
             accepting = sorted(vid for vid, v in vassals.items() if v.accepting)
-            live = self.live_node_vassals()
+            live = self.live_by_key()
         except StatsError as exc:
             return False, str(exc)
-        stems = sorted(node_vassal_name(vid) for vid in self.vassal_ids)
-        summary = (
-            f"{len(accepting)}/{len(self.vassal_ids)} vassals accepting, "
-            f"{len(live)}/{len(self.vassal_ids)} live nodes for {self.host}"
+        expected = {
+            key: sorted(node_vassal_name(vid) for vid in ids) for key, ids in self.keys.items()
+        }
+        live_counts = ", ".join(
+            f"{len(live.get(key, []))}/{len(stems)} live nodes for {key}"
+            for key, stems in expected.items()
         )
-        if accepting != sorted(self.vassal_ids) or live != stems:
+        summary = f"{len(accepting)}/{len(self.vassal_ids)} vassals accepting, {live_counts}"
+        if accepting != sorted(self.vassal_ids) or live != expected:
             return False, summary
         if not through_nginx:
             return True, summary
-        try:
-            code: object = self.get(timeout=2.0).status_code
-        except requests.RequestException as exc:
-            code = type(exc).__name__
-        return code == 200, f"{summary}, nginx answered {code}"
+        codes: list[object] = []
+        for key in self.keys:
+            try:
+                codes.append(self.get(timeout=2.0, host=key).status_code)
+            except requests.RequestException as exc:
+                codes.append(type(exc).__name__)
+        answered = ", ".join(map(str, codes))
+        return all(code == 200 for code in codes), f"{summary}, nginx answered {answered}"
 
     def all_live(self) -> bool:
         return self.status()[0]
@@ -482,10 +509,26 @@ def prepare(config: StackConfig, uwsgi: str) -> Stack:
         python_built_in=render.python_built_in(uwsgi),
     )
     files = render.render_examples(layout, subs, vassal_config=config.vassal_config)
-    ids = vassal_ids(config.vassals)
-    for vid in ids:
-        # As the original README: ln -s .../uwsgi_vassal.ini /etc/uwsgi.d/uwsgi_vassal_NN.ini
-        (layout.vassals_dir / vid).symlink_to(files[render.VASSAL_INI])
+    vassal_text = files[render.VASSAL_INI].read_text()
+    host = render.subscription_key(vassal_text)
+    counts = [(host, config.vassals), *config.extra_keys]
+    ids = vassal_ids(sum(count for _, count in counts))
+    keys: dict[str, list[str]] = {}
+    targets: dict[str, Path] = {host: files[render.VASSAL_INI]}
+    unassigned = iter(ids)
+    for key, count in counts:
+        if key not in targets:
+            targets[key] = layout.rendered(f"uwsgi_vassal.{key}.ini")
+            targets[key].write_text(render.with_subscription_key(vassal_text, key))
+        keys.setdefault(key, []).extend(next(unassigned) for _ in range(count))
+    mtime = time.time() + config.link_mtime_offset
+    for key, key_ids in keys.items():
+        for vid in key_ids:
+            # As the original README: ln -s .../uwsgi_vassal.ini /etc/uwsgi.d/uwsgi_vassal_NN.ini
+            link = layout.vassals_dir / vid
+            link.symlink_to(targets[key])
+            if config.link_mtime_offset:
+                os.utime(link, (mtime, mtime), follow_symlinks=False)
     layout.nginx_conf.write_text(
         render.nginx_config(
             files[render.NGINX_FRAGMENT].read_text(), layout, run_as_root=os.geteuid() == 0
@@ -509,7 +552,8 @@ def prepare(config: StackConfig, uwsgi: str) -> Stack:
         **{node_vassal_name(vid): layout.run_dir / f"{node_vassal_name(vid)}.log" for vid in ids},
     }
     return Stack(
-        host=render.subscription_key(files[render.VASSAL_INI].read_text()),
+        host=host,
+        keys=keys,
         name=f"uwsgi-reload-{layout.base.name}",
         config=config,
         layout=layout,
@@ -589,7 +633,7 @@ def start_stack(xprocess: Any, config: StackConfig) -> Stack:
             emperor_cmd,
             env,
             emperor_ready,
-            f"{n} vassals accepting and {n} live nodes for {stack.host}",
+            f"{n} vassals accepting and live in the router",
         )
         nginx_cmd = [
             nginx,

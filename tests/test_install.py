@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 FLASK_APP = REPO / "tests" / "flask_app"
-ONE_BY_ONE = REPO / "tests" / "one_by_one.py"
+PROCEDURES = REPO / "tests" / "reload_procedures.py"
 #: What the wheel is built from: the files a clean checkout has, no build or cache dirs.
 SOURCES = (
     "uwsgi_reload.py",
@@ -147,6 +147,12 @@ def test_with_the_harness_other_projects_stay_green(
     assert "--uwsgi-app-dir" in options.stdout
 
 
+def procedure_template(mode: str) -> str:
+    """``--reload-command`` for one of the foreign procedures of ``reload_procedures.py``."""
+    fields = "{emperor_path} {emperor_stats} {fastrouter_stats} --minimum {minimum}"
+    return f"--reload-command={{python}} {PROCEDURES} {mode} {fields}"
+
+
 def shipped_checks(python: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     args = ["-m", "pytest", "-q", "-p", "no:randomly", "--pyargs"]
     return run([str(python), *args, "uwsgi_reload_harness.zero_downtime", *FLASK_ARGS, *extra], cwd)
@@ -156,13 +162,7 @@ def shipped_checks(python: Path, cwd: Path, *extra: str) -> subprocess.Completed
     "procedure",
     [
         pytest.param([], id="this tool"),
-        pytest.param(
-            [
-                f"--reload-command={{python}} {ONE_BY_ONE} {{emperor_path}} {{emperor_stats}} "
-                "{fastrouter_stats}"
-            ],
-            id="a foreign procedure",
-        ),
+        pytest.param([procedure_template("one-by-one")], id="a foreign procedure"),
     ],
 )
 def test_a_flask_app_with_its_own_config_reloads_with_zero_downtime(
@@ -179,10 +179,7 @@ def test_a_flask_app_with_its_own_config_reloads_with_zero_downtime(
 def test_the_shipped_checks_catch_a_wrong_foreign_procedure(
     harness_python: Path, unrelated_project: Path
 ) -> None:
-    wrong = (
-        f"--reload-command={{python}} {ONE_BY_ONE} {{emperor_path}} {{emperor_stats}} "
-        "{fastrouter_stats} --together"
-    )
+    wrong = procedure_template("together")
     done = shipped_checks(harness_python, unrelated_project, wrong, "-k", "request[1]")
     print(done.stdout[-3000:])
     assert done.returncode == 1, done.stdout[-5000:]

@@ -1,15 +1,21 @@
-"""A correct reload procedure that is not this project's tool: one vassal at a time.
+"""Reload procedures that are not this project's tool: one correct, the others wrong on purpose.
 
-It shares no code with ``uwsgi_reload.py``: it is what a team might write, and the suite must
-pass it through ``--reload-command``. For each config link of the emperor dir, in order: move
-the link's own mtime past the emperor's ``last_mod`` (whole seconds), wait until the emperor
-registered the reload and reports the vassal accepting, then until the fastrouter has its node
-live again. With one vassal out at a time, any minimum below the number of vassals holds.
+They share no code with ``uwsgi_reload.py``: each is what a team might write, run by the suite
+through ``--reload-command`` (a foreign procedure) or as a control. The correct one must pass the
+suite; every wrong one must make it fail, and a test shows that it does.
 
-``--together`` makes it wrong on purpose, a control: it touches every link first and only then
-waits for each, so the router has no live node for a while. The suite must fail on it.
+    reload_procedures.py MODE EMPEROR_DIR EMPEROR_STATS FASTROUTER_STATS [--minimum M] [--timeout S]
 
-    one_by_one.py EMPEROR_DIR EMPEROR_STATS FASTROUTER_STATS [--timeout S] [--together]
+Modes:
+- ``one-by-one`` (correct): for each config link in order, move the link's own mtime past the
+  emperor's ``last_mod`` (whole seconds), wait until the emperor registered the reload and reports
+  the vassal accepting, then until the fastrouter has its node live again.
+- ``together``: touch every link at once, then wait for each: the router has no live node.
+- ``plain-touch``: one by one, but ``touch`` sets the mtime to now: ignored by the emperor when a
+  config's mtime is ahead of the clock (or was set in the same second).
+- ``one-fewer``: waves of N - M + 1 vassals: one live vassal fewer than the minimum M.
+- ``all-keys``: waves of N - M vassals counted over every fastrouter key together, not per key.
+- ``early-exit``: one by one, but it does not wait for the last vassal to come back.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+MODES = ("one-by-one", "together", "plain-touch", "one-fewer", "all-keys", "early-exit")
 
 
 def read_json(address: str) -> Any:
@@ -61,16 +69,17 @@ def node_live(router_address: str, stem: str) -> bool:
 def wait(what: str, done: Any, deadline: float) -> None:
     while not done():
         if time.monotonic() > deadline:
-            raise SystemExit(f"one_by_one: timed out waiting for {what}")
+            raise SystemExit(f"reload_procedures: timed out waiting for {what}")
         time.sleep(0.05)
 
 
-def trigger(link: Path, emperor: str) -> dict[str, Any]:
+def trigger(link: Path, emperor: str, *, plain: bool = False) -> dict[str, Any]:
     """Touch ``link`` so that the emperor reloads its vassal; the vassal's stats before."""
     before = vassal(emperor, link.name)
     if before is None:
-        raise SystemExit(f"one_by_one: the emperor does not know {link.name}")
-    mtime = max(int(time.time()), int(before["last_mod"]) + 1)
+        raise SystemExit(f"reload_procedures: the emperor does not know {link.name}")
+    now = int(time.time())
+    mtime = now if plain else max(now, int(before["last_mod"]) + 1)
     os.utime(link, (mtime, mtime), follow_symlinks=False)
     return before
 
@@ -90,21 +99,33 @@ def wait_back(
 
     wait(f"{link.name} to accept again", registered_and_accepting, deadline)
     wait(f"{link.name} to be live in the router", lambda: node_live(router, link.stem), deadline)
-    print(f"one_by_one: {link.name} reloaded", flush=True)
+    print(f"reload_procedures: {link.name} reloaded", flush=True)
+
+
+def waves(mode: str, links: list[Path], minimum: int) -> list[list[Path]]:
+    """The links to reload together, wave after wave."""
+    size = {"together": len(links), "one-fewer": len(links) - minimum + 1}.get(mode, 1)
+    if mode == "all-keys":
+        size = len(links) - minimum
+    size = max(1, size)
+    return [links[i : i + size] for i in range(0, len(links), size)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="one_by_one.py")
+    parser = argparse.ArgumentParser(prog="reload_procedures.py")
+    parser.add_argument("mode", choices=MODES)
     parser.add_argument("emperor_dir", type=Path)
     parser.add_argument("emperor_stats")
     parser.add_argument("fastrouter_stats")
+    parser.add_argument("--minimum", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=60.0)
-    parser.add_argument("--together", action="store_true", help="wrong on purpose: a control")
     args = parser.parse_args(argv)
     links = sorted(args.emperor_dir.glob("*.ini"))
-    waves = [links] if args.together else [[link] for link in links]
-    for wave in waves:
-        triggered = [(link, trigger(link, args.emperor_stats)) for link in wave]
+    for number, wave in enumerate(waves(args.mode, links, args.minimum), 1):
+        plain = args.mode == "plain-touch"
+        triggered = [(link, trigger(link, args.emperor_stats, plain=plain)) for link in wave]
+        if args.mode == "early-exit" and number == len(links):
+            return 0
         for link, before in triggered:
             wait_back(link, before, args.emperor_stats, args.fastrouter_stats, args.timeout)
     return 0
