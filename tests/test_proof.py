@@ -1,4 +1,4 @@
-"""Proof power: traps a wrong reload procedure falls into, controls the suite must catch, lock scope.
+"""Proof power: traps for wrong reload procedures, controls the suite must catch, lock scope.
 
 Every wrong procedure lives in ``tests/reload_procedures.py`` (a small script a team might have
 written); each control test runs it under load and shows that the suite's one check fails on it.
