@@ -106,10 +106,7 @@ def failures_table(
     """Each burst of failed requests: its kind and when, against the reload's events."""
     if not run.load.total.failures:
         return "no failed request"
-    text = table(FAILURE_HEADERS, failure_rows(run.failure_groups()))
-    if run.load.failed_dropped:
-        text += f"\n\n({run.load.failed_dropped} more failed requests not kept one by one)"
-    return text
+    return table(FAILURE_HEADERS, failure_rows(run.failure_groups()))
 
 
 def markdown_report(

@@ -178,48 +178,17 @@ def _relative(seconds: float) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class FailureAt:
-    """One failed request placed against the reload."""
+    """Failed requests of one kind, at one moment (to ``FAILED_BUCKET_S``), placed against the
+    reload."""
 
     kind: str
+    count: int
     at: float
-    """When it failed (its start + its latency), seconds since the reload command started."""
-    latency_ms: float
+    """When they failed (start + latency), seconds since the reload command started."""
     event: str | None
     """The nearest vassal trigger or back (None: no timeline, a foreign command)."""
     from_event: float | None
     """Seconds from ``event`` to the failure; negative: before it."""
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "s_after_reload_start": round(self.at, 3),
-            "latency_ms": self.latency_ms,
-            "nearest_event": self.event,
-            "s_from_event": None if self.from_event is None else round(self.from_event, 3),
-        }
-
-
-@dataclasses.dataclass(frozen=True)
-class FailureGroup:
-    """Failed requests of one kind in one burst, near the same event."""
-
-    kind: str
-    count: int
-    first: float
-    last: float
-    """Seconds since the reload command started, of the first and the last failure."""
-    event: str | None
-    from_event: float | None
-    """Of the first failure."""
-
-    def text(self) -> str:
-        """``3 x HTTP 502 at +1.23..+1.41 s (0.02 s after uwsgi_vassal_02 triggered)``."""
-        when = (
-            f"{self.first:+.2f} s" if self.count == 1 else f"{self.first:+.2f}..{self.last:+.2f} s"
-        )
-        what = self.kind if self.count == 1 else f"{self.count} x {self.kind}"
-        near = self.near()
-        return f"{what} at {when}" + ("" if near is None else f" ({near})")
 
     def near(self) -> str | None:
         """``0.02 s after uwsgi_vassal_02 triggered``; None without a timeline."""
@@ -231,32 +200,64 @@ class FailureGroup:
         return {
             "kind": self.kind,
             "count": self.count,
-            "first_s_after_reload_start": round(self.first, 3),
-            "last_s_after_reload_start": round(self.last, 3),
+            "s_after_reload_start": round(self.at, 3),
             "nearest_event": self.event,
             "s_from_event": None if self.from_event is None else round(self.from_event, 3),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class FailureGroup:
+    """A burst of failed requests of one kind: none more than ``BURST_GAP_S`` after the last."""
+
+    kind: str
+    count: int
+    first: FailureAt
+    last: FailureAt
+
+    def near(self) -> str | None:
+        """Where the burst starts and ends against the nearest vassal events:
+        ``0.02 s after v1 triggered``, or ``0.02 s after v1 triggered to 0.01 s before v2 back``;
+        None without a timeline."""
+        start, end = self.first.near(), self.last.near()
+        if start is None or end is None:
+            return None
+        return start if self.first is self.last else f"{start} to {end}"
+
+    def text(self) -> str:
+        """``3 x HTTP 502 at +1.23..+1.41 s (0.02 s after uwsgi_vassal_02 triggered to ...)``."""
+        if self.first is self.last:
+            when = f"{self.first.at:+.2f} s"
+        else:
+            when = f"{self.first.at:+.2f}..{self.last.at:+.2f} s"
+        near = self.near()
+        return f"{self.count} x {self.kind} at {when}" + ("" if near is None else f" ({near})")
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "count": self.count,
+            "first": self.first.as_json(),
+            "last": self.last.as_json(),
             "text": self.text(),
         }
 
 
 def group_failures(failures: Sequence[FailureAt], gap: float = BURST_GAP_S) -> list[FailureGroup]:
-    """Consecutive failures of one kind near the same event, none ``gap`` s after the last."""
-    groups: list[list[FailureAt]] = []
+    """Bursts: failures of one kind, each at most ``gap`` s after the one before."""
+    bursts: dict[str, list[list[FailureAt]]] = {}
     for failure in sorted(failures, key=lambda f: f.at):
-        last = groups[-1][-1] if groups else None
-        if (
-            last is None
-            or failure.kind != last.kind
-            or failure.event != last.event
-            or failure.at - last.at > gap
-        ):
-            groups.append([failure])
+        of_kind = bursts.setdefault(failure.kind, [])
+        if of_kind and failure.at - of_kind[-1][-1].at <= gap:
+            of_kind[-1].append(failure)
         else:
-            groups[-1].append(failure)
-    return [
-        FailureGroup(g[0].kind, len(g), g[0].at, g[-1].at, g[0].event, g[0].from_event)
-        for g in groups
+            of_kind.append([failure])
+    groups = [
+        FailureGroup(burst[0].kind, sum(f.count for f in burst), burst[0], burst[-1])
+        for of_kind in bursts.values()
+        for burst in of_kind
     ]
+    return sorted(groups, key=lambda g: (g.first.at, g.kind))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,16 +380,16 @@ class ReloadRun:
         return sorted(events, key=lambda e: e.at)
 
     def failures(self) -> list[FailureAt]:
-        """Each failed request the load report kept, with its kind and when it failed: seconds
-        since the reload command started (since the load started if it never did), and from
-        the nearest vassal trigger or back."""
+        """The failed requests by kind and when they failed: seconds since the reload command
+        started (since the load started if it never did), and from the nearest vassal trigger
+        or back."""
         reload = self.load.reload
         t0 = self.load.started if reload is None else reload.started
         events = self.events()
         placed = []
         for failed in self.load.failed:
-            event, offset = _from_event(failed.end, events)
-            placed.append(FailureAt(failed.kind, failed.end - t0, failed.latency_ms, event, offset))
+            event, offset = _from_event(failed.at, events)
+            placed.append(FailureAt(failed.kind, failed.count, failed.at - t0, event, offset))
         return placed
 
     def failure_groups(self) -> list[FailureGroup]:
@@ -397,13 +398,12 @@ class ReloadRun:
     def failures_text(self, limit: int = 3) -> str:
         """The failed requests in a few words, for a table cell; "-" when none failed."""
         groups = self.failure_groups()
-        if not groups and not self.load.total.failures:
+        if not groups:
             return "-"
         parts = [g.text() for g in groups[:limit]]
         if len(groups) > limit:
-            parts.append(f"{len(groups) - limit} more bursts")
-        if self.load.failed_dropped:
-            parts.append(f"{self.load.failed_dropped} more not kept")
+            rest = sum(g.count for g in groups[limit:])
+            parts.append(f"{rest} more in {len(groups) - limit} more bursts")
         return "; ".join(parts)
 
     # -- the workers -----------------------------------------------------------------------
@@ -473,7 +473,6 @@ class ReloadRun:
             "failures_by_kind": load.total.failures_by_kind,
             "failure_groups": [g.as_json() for g in self.failure_groups()],
             "failed_requests": [f.as_json() for f in self.failures()],
-            "failed_requests_not_kept": load.failed_dropped,
             "p99_ms_before": load.before.p99,
             "p99_ms_steady": load.steady.p99,
             "p99_ms_during": load.during.p99,

@@ -167,12 +167,22 @@ FAILURE_HEADERS = (
     "failed",
     "first s after the reload started",
     "last s",
-    "nearest vassal event",
+    "first: nearest vassal event",
+    "last: nearest vassal event",
 )
 
 
 def failure_rows(groups: Sequence[FailureGroup]) -> list[list[str]]:
-    """One row per burst of failed requests: kind, count, when, and the event nearest to it."""
+    """One row per burst of failed requests: kind, count, when it started and ended, and the
+    vassal trigger or back nearest to its first and to its last failure."""
     return [
-        [g.kind, str(g.count), f"{g.first:+.2f}", f"{g.last:+.2f}", g.near() or "-"] for g in groups
+        [
+            g.kind,
+            str(g.count),
+            f"{g.first.at:+.2f}",
+            f"{g.last.at:+.2f}",
+            g.first.near() or "-",
+            g.last.near() or "-",
+        ]
+        for g in groups
     ]

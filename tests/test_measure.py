@@ -8,11 +8,7 @@ from typing import Any
 
 import pytest
 from uwsgi_reload_loadtests import report as report_module
-from uwsgi_reload_loadtests.measure import (
-    ReloadRun,
-    group_failures,
-    tool_report,
-)
+from uwsgi_reload_loadtests.measure import FailureAt, ReloadRun, group_failures, tool_report
 from uwsgi_reload_loadtests.observer import RouterObserver, Sample
 from uwsgi_reload_loadtests.report import LoadReport, ReloadInfo, RequestRecord, build_report
 
@@ -33,10 +29,10 @@ TOOL_JSON: dict[str, Any] = {
 OK = [RequestRecord(LOAD_STARTED + i * 0.01, 2.0, None) for i in range(800)]
 FAILED = [
     RequestRecord(999.5, 1.0, "HTTP 502"),  # before the reload: fails 0.80 s before v1's trigger
-    RequestRecord(1000.33, 10.0, "HTTP 502"),  # fails 1000.34: 0.04 s after v1 triggered
-    RequestRecord(1000.35, 10.0, "HTTP 502"),
-    RequestRecord(1000.40, 10.0, "HTTP 502"),
-    RequestRecord(1002.05, 250.0, "ConnectionResetError"),  # fails 1002.30: near v2's trigger
+    RequestRecord(1000.333, 10.0, "HTTP 502"),  # fails 1000.343: 0.04 s after v1 triggered
+    RequestRecord(1000.353, 10.0, "HTTP 502"),
+    RequestRecord(1000.403, 10.0, "HTTP 502"),
+    RequestRecord(1002.053, 250.0, "ConnectionResetError"),  # fails 1002.303: near v2's trigger
 ]
 
 
@@ -81,24 +77,36 @@ def make_run(
     )
 
 
-def test_the_report_keeps_every_failed_request_with_its_time_and_kind() -> None:
+def test_the_report_counts_every_failed_request_by_when_it_failed_and_its_kind() -> None:
     load = load_report(OK + FAILED)
-    assert [(f.start, f.kind) for f in load.failed] == [(r.start, r.failure) for r in FAILED]
-    assert load.failed_dropped == 0
+    assert [(round(f.at, 2), f.kind, f.count) for f in load.failed] == [
+        (999.5, "HTTP 502", 1),
+        (1000.34, "HTTP 502", 1),
+        (1000.36, "HTTP 502", 1),
+        (1000.41, "HTTP 502", 1),
+        (1002.3, "ConnectionResetError", 1),
+    ]
     assert load.total.failures == len(FAILED)
 
 
-def test_the_report_keeps_the_first_failures_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(report_module, "MAX_FAILED_KEPT", 2)
-    load = load_report(OK + FAILED)
-    assert [f.start for f in load.failed] == [999.5, 1000.33]
-    assert load.failed_dropped == 3
-    assert load.total.failures == 5
+def test_failures_in_the_same_bucket_are_counted_together() -> None:
+    records = [
+        RequestRecord(10.001, 1.0, "HTTP 502"),
+        RequestRecord(10.003, 2.0, "HTTP 502"),
+        RequestRecord(10.004, 2.0, "ConnectionResetError"),
+        RequestRecord(10.000, 30.0, "HTTP 502"),  # ends in the bucket from 10.03
+        RequestRecord(10.002, 1.0, None),
+    ]
+    assert report_module.failed_buckets(records, 0.01) == [
+        {"at": 10.0, "kind": "ConnectionResetError", "count": 1},
+        {"at": 10.0, "kind": "HTTP 502", "count": 2},
+        {"at": 10.03, "kind": "HTTP 502", "count": 1},
+    ]
 
 
 def test_failures_are_placed_against_the_reload_and_the_nearest_vassal_event() -> None:
     failures = make_run().failures()
-    assert [f.kind for f in failures] == [r.failure for r in FAILED]
+    assert [(f.kind, f.count) for f in failures] == [(r.failure, 1) for r in FAILED]
     assert [round(f.at, 2) for f in failures] == [-0.5, 0.34, 0.36, 0.41, 2.3]
     assert [f.event for f in failures] == [
         "v1 triggered",
@@ -110,15 +118,19 @@ def test_failures_are_placed_against_the_reload_and_the_nearest_vassal_event() -
     assert [round(f.from_event or 0, 2) for f in failures] == [-0.8, 0.04, 0.06, 0.11, 0.05]
 
 
-def test_bursts_are_one_kind_near_one_event() -> None:
+def test_bursts_are_failures_of_one_kind_close_together() -> None:
     groups = make_run().failure_groups()
     # the failure before the reload is 0.84 s before the next, within BURST_GAP_S
-    assert [(g.kind, g.count, g.event) for g in groups] == [
-        ("HTTP 502", 4, "v1 triggered"),
-        ("ConnectionResetError", 1, "v2 triggered"),
+    assert [(g.kind, g.count, g.first.event, g.last.event) for g in groups] == [
+        ("HTTP 502", 4, "v1 triggered", "v1 triggered"),
+        ("ConnectionResetError", 1, "v2 triggered", "v2 triggered"),
     ]
-    assert [(round(g.first, 2), round(g.last, 2)) for g in groups] == [(-0.5, 0.41), (2.3, 2.3)]
-    assert round(groups[0].from_event or 0, 2) == -0.8
+    assert [(round(g.first.at, 2), round(g.last.at, 2)) for g in groups] == [
+        (-0.5, 0.41),
+        (2.3, 2.3),
+    ]
+    assert round(groups[0].first.from_event or 0, 2) == -0.8
+    assert round(groups[0].last.from_event or 0, 2) == 0.11
 
 
 def test_a_pause_longer_than_the_gap_starts_a_new_burst() -> None:
@@ -127,13 +139,33 @@ def test_a_pause_longer_than_the_gap_starts_a_new_burst() -> None:
     assert [g.count for g in group_failures(failures, gap=0.03)] == [2, 1]
 
 
+def test_a_burst_spans_events_and_other_kinds_in_between() -> None:
+    failures = [
+        FailureAt("HTTP 502", 5, 0.3, "v1 triggered", 0.0),
+        FailureAt("HTTP 502", 5, 0.8, "v1 triggered", 0.5),
+        FailureAt("ConnectionResetError", 1, 0.9, "v1 triggered", 0.6),
+        FailureAt("HTTP 502", 5, 1.5, "v2 back", -0.1),
+    ]
+    [outage, reset] = group_failures(failures)
+    assert (outage.kind, outage.count, outage.first.at, outage.last.at) == (
+        "HTTP 502",
+        15,
+        0.3,
+        1.5,
+    )
+    assert (outage.first.event, outage.last.event) == ("v1 triggered", "v2 back")
+    assert (reset.kind, reset.count, reset.first is reset.last) == ("ConnectionResetError", 1, True)
+
+
 def test_every_burst_is_in_the_table_cell_and_the_json() -> None:
     run = make_run()
     groups = run.failure_groups()
     assert run.failures_text(limit=len(groups)) == "; ".join(g.text() for g in groups)
     data = run.as_json()
     assert [g["count"] for g in data["failure_groups"]] == [g.count for g in groups]
-    assert [f["kind"] for f in data["failed_requests"]] == [r.failure for r in FAILED]
+    assert [(f["kind"], f["count"]) for f in data["failed_requests"]] == [
+        (r.failure, 1) for r in FAILED
+    ]
     assert data["failed_requests"][1]["s_after_reload_start"] == pytest.approx(0.34)
     assert data["failed_requests"][1]["s_from_event"] == pytest.approx(0.04)
     assert run.row("point", 1)["failed when (s after the reload started)"] == run.failures_text(2)

@@ -11,7 +11,7 @@ from typing import Any, cast
 import pytest
 from uwsgi_reload_loadtests.measure import ATTEMPTS, MAX_OBSERVER_GAP, ReloadRun, observed
 from uwsgi_reload_loadtests.observer import RouterObserver, Sample
-from uwsgi_reload_loadtests.report import FailedRequest, LoadReport, ReloadInfo
+from uwsgi_reload_loadtests.report import FailedRequests, LoadReport, ReloadInfo
 
 
 def _phase(requests: int, failures: int = 0) -> Any:
@@ -30,13 +30,12 @@ def scripted_run(
     # every 5 ms, but for one gap from 0.5 s
     times = [n * 0.005 for n in range(201) if not 0.5 < n * 0.005 < 0.5 + gap - 1e-9]
     observer._samples = [Sample(t, live, t) for t in times]
-    failed = [FailedRequest(0.5, 1.0, "502")] * during_failures
-    failed += [FailedRequest(0.95, 1.0, "502")] * after_failures
+    failed = [FailedRequests(0.5, "502", during_failures)] if during_failures else []
+    failed += [FailedRequests(0.95, "502", after_failures)] if after_failures else []
     load = types.SimpleNamespace(
         started=0.0,
         ended=1.0,
         failed=failed,
-        failed_dropped=0,
         reload=ReloadInfo("reload", started=0.1, ended=0.9, returncode=0, stdout="", stderr=""),
         total=_phase(1000, during_failures + after_failures),
         before=_phase(300),
