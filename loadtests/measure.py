@@ -33,6 +33,7 @@ from typing import Any
 from uwsgi_reload_harness.stack import Stack
 
 from .observer import ObserverError, RouterObserver, Sample
+from .report import FailureAt, FailureGroup, ReloadEvent, group_failures, place_failures
 from .runner import LoadReport, run_load
 
 USERS = 8
@@ -44,8 +45,6 @@ MAX_OBSERVER_GAP = 0.025
 ATTEMPTS = 3
 #: Seconds locust may run on top of ``reload_at + after_reload`` before the command is killed.
 COMMAND_GRACE_S = 90.0
-#: Failed requests further apart than this are two bursts in ``failure_groups``.
-BURST_GAP_S = 1.0
 
 
 def reload_command(stack: Stack, template: str, minimum: int, timeout: float = 60) -> list[str]:
@@ -148,116 +147,6 @@ def read_cpu_seconds(cpu_file: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return float(data["user"]) + float(data["system"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Failed requests against the reload's events
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ReloadEvent:
-    """A vassal's trigger or back, from the tool's timeline (wall clock)."""
-
-    at: float
-    what: str
-    """``"uwsgi_vassal_02 triggered"``, ``"uwsgi_vassal_02 back"``."""
-
-
-def _from_event(t: float, events: Sequence[ReloadEvent]) -> tuple[str | None, float | None]:
-    """The event nearest to ``t`` (the earlier one on a tie), and ``t`` minus its time."""
-    if not events:
-        return None, None
-    nearest = min(events, key=lambda e: (abs(t - e.at), e.at))
-    return nearest.what, t - nearest.at
-
-
-def _relative(seconds: float) -> str:
-    return f"{abs(seconds):.2f} s {'before' if seconds < 0 else 'after'}"
-
-
-@dataclasses.dataclass(frozen=True)
-class FailureAt:
-    """Failed requests of one kind, at one moment (to ``FAILED_BUCKET_S``), placed against the
-    reload."""
-
-    kind: str
-    count: int
-    at: float
-    """When they failed (start + latency), seconds since the reload command started."""
-    event: str | None
-    """The nearest vassal trigger or back (None: no timeline, a foreign command)."""
-    from_event: float | None
-    """Seconds from ``event`` to the failure; negative: before it."""
-
-    def near(self) -> str | None:
-        """``0.02 s after uwsgi_vassal_02 triggered``; None without a timeline."""
-        if self.event is None or self.from_event is None:
-            return None
-        return f"{_relative(self.from_event)} {self.event}"
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "count": self.count,
-            "s_after_reload_start": round(self.at, 3),
-            "nearest_event": self.event,
-            "s_from_event": None if self.from_event is None else round(self.from_event, 3),
-        }
-
-
-@dataclasses.dataclass(frozen=True)
-class FailureGroup:
-    """A burst of failed requests of one kind: none more than ``BURST_GAP_S`` after the last."""
-
-    kind: str
-    count: int
-    first: FailureAt
-    last: FailureAt
-
-    def near(self) -> str | None:
-        """Where the burst starts and ends against the nearest vassal events:
-        ``0.02 s after v1 triggered``, or ``0.02 s after v1 triggered to 0.01 s before v2 back``;
-        None without a timeline."""
-        start, end = self.first.near(), self.last.near()
-        if start is None or end is None:
-            return None
-        return start if self.first is self.last else f"{start} to {end}"
-
-    def text(self) -> str:
-        """``3 x HTTP 502 at +1.23..+1.41 s (0.02 s after uwsgi_vassal_02 triggered to ...)``."""
-        if self.first is self.last:
-            when = f"{self.first.at:+.2f} s"
-        else:
-            when = f"{self.first.at:+.2f}..{self.last.at:+.2f} s"
-        near = self.near()
-        return f"{self.count} x {self.kind} at {when}" + ("" if near is None else f" ({near})")
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "count": self.count,
-            "first": self.first.as_json(),
-            "last": self.last.as_json(),
-            "text": self.text(),
-        }
-
-
-def group_failures(failures: Sequence[FailureAt], gap: float = BURST_GAP_S) -> list[FailureGroup]:
-    """Bursts: failures of one kind, each at most ``gap`` s after the one before."""
-    bursts: dict[str, list[list[FailureAt]]] = {}
-    for failure in sorted(failures, key=lambda f: f.at):
-        of_kind = bursts.setdefault(failure.kind, [])
-        if of_kind and failure.at - of_kind[-1][-1].at <= gap:
-            of_kind[-1].append(failure)
-        else:
-            of_kind.append([failure])
-    groups = [
-        FailureGroup(burst[0].kind, sum(f.count for f in burst), burst[0], burst[-1])
-        for of_kind in bursts.values()
-        for burst in of_kind
-    ]
-    return sorted(groups, key=lambda g: (g.first.at, g.kind))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,14 +272,7 @@ class ReloadRun:
         """The failed requests by kind and when they failed: seconds since the reload command
         started (since the load started if it never did), and from the nearest vassal trigger
         or back."""
-        reload = self.load.reload
-        t0 = self.load.started if reload is None else reload.started
-        events = self.events()
-        placed = []
-        for failed in self.load.failed:
-            event, offset = _from_event(failed.at, events)
-            placed.append(FailureAt(failed.kind, failed.count, failed.at - t0, event, offset))
-        return placed
+        return place_failures(self.load, self.events())
 
     def failure_groups(self) -> list[FailureGroup]:
         return group_failures(self.failures())

@@ -33,7 +33,9 @@ from .report import (
     ReloadInfo,
     ReportError,
     SeriesBucket,
+    group_failures,
     load_report,
+    place_failures,
 )
 
 __all__ = [
@@ -283,6 +285,9 @@ def format_report(report: LoadReport) -> str:
     title = f"{report.host}" + (f" (Host: {report.host_header})" if report.host_header else "")
     title += f", {report.users} users, {report.ended - report.started:.1f} s of load"
     out = [title, *lines]
+    since = "the reload command started" if report.reload is not None else "the load started"
+    for burst in group_failures(place_failures(report)):
+        out.append(f"failed: {burst.text()} after {since}")
     reload = report.reload
     if reload is not None:
         if reload.duration is None:

@@ -16,12 +16,8 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .report import PHASES, LoadReport
-
-if TYPE_CHECKING:
-    from .measure import FailureGroup
+from .report import PHASES, FailureGroup, LoadReport
 
 # ---------------------------------------------------------------------------------------------
 # Where the numbers come from

@@ -227,6 +227,10 @@ def test_format_report_has_one_row_per_phase() -> None:
     rows = {line.split()[0]: line.split() for line in lines[3:7]}
     assert set(rows) == {"total", "before", "during", "after"}
     assert rows["during"][1:3] == ["200", "100"]
+    # the failures as one burst, timed from the reload command's start: 110.05 to 111.04
+    [burst] = [line.split() for line in lines if line.startswith("failed:")]
+    assert burst[1:4] == ["100", "x", "HTTP"]
+    assert burst[6] == "+0.05..+1.04"
     assert "exited 0 after 2.00 s" in lines[-1]
 
 

@@ -8,9 +8,16 @@ from typing import Any
 
 import pytest
 from uwsgi_reload_loadtests import report as report_module
-from uwsgi_reload_loadtests.measure import FailureAt, ReloadRun, group_failures, tool_report
+from uwsgi_reload_loadtests.measure import ReloadRun, tool_report
 from uwsgi_reload_loadtests.observer import RouterObserver, Sample
-from uwsgi_reload_loadtests.report import LoadReport, ReloadInfo, RequestRecord, build_report
+from uwsgi_reload_loadtests.report import (
+    FailureAt,
+    LoadReport,
+    ReloadInfo,
+    RequestRecord,
+    build_report,
+    group_failures,
+)
 
 LOAD_STARTED, LOAD_ENDED = 998.0, 1006.0
 RELOAD = ReloadInfo("reload", started=1000.0, ended=1004.5, returncode=0, stdout="", stderr="")
