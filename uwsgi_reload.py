@@ -39,6 +39,9 @@ EXIT_USAGE = 2
 EXIT_LOCKED = 3
 EXIT_INTERRUPTED = 130
 
+#: The vassals the final error line names, at most.
+MISSED_SHOWN = 10
+
 #: Seconds between polls while a drained vassal is out of the router and not yet reloading
 #: (see ``Rollout.watch_closely``); ``--check-interval`` otherwise.
 CLOSE_WATCH_INTERVAL = 0.01
@@ -98,7 +101,7 @@ def read_stats(address: str, timeout: float = 5.0) -> dict[str, Any]:
     raw = b"".join(chunks)
     try:
         data = json.loads(raw.decode("utf-8", "replace"))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise StatsError(
             f"stats socket {address} did not answer with JSON (is it a uWSGI stats server?)"
         ) from None
@@ -139,45 +142,94 @@ class Node:
         return not self.death_mark
 
 
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def _int_field(raw: Mapping[str, Any], field: str, what: str) -> int:
+    """An integer field of a stats entry (0 when absent); a ``StatsError`` when it is not one."""
+    value = raw.get(field, 0)
+    try:
+        if isinstance(value, (str, bytes)) or value is None:
+            raise TypeError
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise StatsError(f"{what} has {field} {_shown(value)}, not a number") from None
+
+
+def _objects(value: object, what: str) -> list[Mapping[str, Any]]:
+    """``value`` if it is a list of objects; a ``StatsError`` saying what is wrong otherwise."""
+    if not isinstance(value, list):
+        raise StatsError(f"{what} is {_shown(value)}, not a list")
+    for i, entry in enumerate(value):
+        if not isinstance(entry, Mapping):
+            raise StatsError(f"{what}[{i}] is {_shown(entry)}, not an object")
+    return value
+
+
+def _text(raw: Mapping[str, Any], field: str, what: str, default: str | None = None) -> str:
+    value = raw.get(field, default)
+    if not isinstance(value, str) or (default is None and not value):
+        raise StatsError(f"{what} has {field} {_shown(value)}, not a name")
+    return value
+
+
 def parse_emperor_stats(data: Mapping[str, Any]) -> dict[str, EmperorVassal]:
-    """Vassals by id (the config file name, e.g. ``vassal_01.ini``)."""
-    if not isinstance(data.get("vassals"), list):
+    """Vassals by id (the config file name, e.g. ``vassal_01.ini``).
+
+    Anything but the shape an emperor's stats server writes is a ``StatsError``.
+    """
+    if not isinstance(data, Mapping) or not isinstance(data.get("vassals"), list):
         raise StatsError("emperor stats have no 'vassals' list (is it an emperor stats server?)")
     vassals = {}
-    for raw in data["vassals"]:
+    for i, raw in enumerate(_objects(data["vassals"], "emperor stats: vassals")):
+        what = f"emperor stats: vassals[{i}]"
+        vid = _text(raw, "id", what)
+        what = f"emperor stats: vassal {vid}"
         vassal = EmperorVassal(
-            id=str(raw["id"]),
-            pid=int(raw.get("pid", 0)),
-            respawns=int(raw.get("respawns", 0)),
-            last_mod=int(raw.get("last_mod", 0)),
-            accepting=bool(raw.get("accepting", 0)),
-            ready=bool(raw.get("ready", 0)),
+            id=vid,
+            pid=_int_field(raw, "pid", what),
+            respawns=_int_field(raw, "respawns", what),
+            last_mod=_int_field(raw, "last_mod", what),
+            accepting=bool(_int_field(raw, "accepting", what)),
+            ready=bool(_int_field(raw, "ready", what)),
         )
         vassals[vassal.id] = vassal
     return vassals
 
 
 def parse_fastrouter_stats(data: Mapping[str, Any]) -> list[Node]:
-    """Every node of every subscription key."""
-    if not isinstance(data.get("subscriptions"), list):
+    """Every node of every subscription key.
+
+    Anything but the shape a fastrouter's stats server writes is a ``StatsError``.
+    """
+    if not isinstance(data, Mapping) or not isinstance(data.get("subscriptions"), list):
         raise StatsError(
             "fastrouter stats have no 'subscriptions' list (is it a fastrouter stats server?)"
         )
-    return [
-        Node(
-            key=str(sub.get("key", "")),
-            name=str(node.get("name", "")),
-            death_mark=bool(node.get("death_mark", 0)),
-            ref=int(node.get("ref", 0)),
-            modifier1=int(node.get("modifier1", 0)),
-            modifier2=int(node.get("modifier2", 0)),
-            cores=int(node.get("cores", 0)),
-            load=int(node.get("load", 0)),
-            weight=int(node.get("weight", 0)),
-        )
-        for sub in data["subscriptions"]
-        for node in sub.get("nodes", [])
-    ]
+    nodes = []
+    subscribed = _objects(data["subscriptions"], "fastrouter stats: subscriptions")
+    for i, sub in enumerate(subscribed):
+        key = _text(sub, "key", f"fastrouter stats: subscriptions[{i}]", default="")
+        where = f"fastrouter stats: key {key!r}: nodes"
+        for j, node in enumerate(_objects(sub.get("nodes", []), where)):
+            name = _text(node, "name", f"{where}[{j}]")
+            what = f"{where}: {name}"
+            nodes.append(
+                Node(
+                    key=key,
+                    name=name,
+                    death_mark=bool(_int_field(node, "death_mark", what)),
+                    ref=_int_field(node, "ref", what),
+                    modifier1=_int_field(node, "modifier1", what),
+                    modifier2=_int_field(node, "modifier2", what),
+                    cores=_int_field(node, "cores", what),
+                    load=_int_field(node, "load", what),
+                    weight=_int_field(node, "weight", what),
+                )
+            )
+    return nodes
 
 
 def strip_suffix(name: str, suffix: str) -> str:
@@ -523,7 +575,7 @@ IN_FLIGHT = frozenset(
     }
 )
 #: Phases in which a vassal counts as live when the stats show it live: untouched, or reloaded.
-COUNTS_LIVE = frozenset({Phase.PENDING, Phase.BACK, Phase.NOT_STARTED})
+COUNTS_LIVE = frozenset({Phase.PENDING, Phase.BACK, Phase.NOT_STARTED, Phase.TOUCH_FAILED})
 
 
 class NotStarted(enum.Enum):
@@ -531,7 +583,7 @@ class NotStarted(enum.Enum):
 
     UNKNOWN = enum.auto()  # the emperor does not run it
     MINIMUM = enum.auto()  # reloading it would take a key below the minimum
-    STOPPED = enum.auto()  # a failed probe stopped the rollout (``Rollout.stopped_by``)
+    STOPPED = enum.auto()  # a failed probe or touch stopped the rollout (``Rollout.stopped_by``)
     ABANDONED = enum.auto()  # the driver gave the run up (``Rollout.abandoned``)
 
 
@@ -705,7 +757,7 @@ class Rollout:
         self.drain_timeout = drain_timeout
         self.probe = probe
         self.lowest_live: dict[str, int] = {}
-        #: the vassal whose failed probe stopped the rollout: nothing more starts
+        #: the vassal whose failed probe or touch stopped the rollout: nothing more starts
         self.stopped_by: VassalReload | None = None
         #: why the caller gave the run up (``abandon``)
         self.abandoned: str | None = None
@@ -842,7 +894,8 @@ class Rollout:
                 continue
             if now - v.triggered >= self.timeout:
                 v.stalled_in, v.phase = v.phase, Phase.TIMED_OUT
-                events.append(_event(v, EventKind.TIMED_OUT, now))
+                back = self._put_back(v) if v.stalled_in is Phase.RELOADING else ()
+                events.append(_event(v, EventKind.TIMED_OUT, now, send=back))
         return probes
 
     def _back(self, v: VassalReload, now: float) -> Event:
@@ -883,9 +936,19 @@ class Rollout:
         return [_event(v, EventKind.FAILED, now, send=send, result=result)]
 
     def touch_failed(self, v: VassalReload, error: str, now: float) -> list[Event]:
-        """The caller could not touch the config of a vassal an event triggered."""
+        """The caller could not touch the config of a vassal an event triggered: it stays as it
+        was (subscribed again if it was drained), and nothing more starts (the next touch would
+        most likely fail the same way)."""
         v.touch_error, v.phase = error, Phase.TOUCH_FAILED
-        return [_event(v, EventKind.FAILED, now)]
+        if self.stopped_by is None:
+            self.stopped_by = v
+        return [_event(v, EventKind.FAILED, now, send=self._put_back(v))]
+
+    def _put_back(self, v: VassalReload) -> tuple[Subscription, ...]:
+        """Subscribe again a vassal this run drained whose old instance still serves."""
+        if not self.subscriptions or v.drain_started is None:
+            return ()
+        return subscriptions(Command.SUBSCRIBE, (n for n in v.nodes if n.live))
 
     def _unsubscribe_again(self, v: VassalReload, snapshot: Snapshot, now: float) -> list[Event]:
         """Its master re-announces every subscribe-freq cycles (core/master.c), undoing our
@@ -934,8 +997,7 @@ class Rollout:
         events = []
         for v in self.draining():
             v.phase, v.not_started = Phase.NOT_STARTED, NotStarted.STOPPED
-            send = subscriptions(Command.SUBSCRIBE, (n for n in v.nodes if n.live))
-            events.append(_event(v, EventKind.NOT_STARTED, now, send=send))
+            events.append(_event(v, EventKind.NOT_STARTED, now, send=self._put_back(v)))
         for v in self.pending():
             v.phase, v.not_started = Phase.NOT_STARTED, NotStarted.STOPPED
             events.append(_event(v, EventKind.NOT_STARTED, now))
@@ -964,16 +1026,16 @@ class Rollout:
         Returns the packets that put draining (untouched) vassals back into rotation.
         """
         self.abandoned = reason
-        back: list[Node] = []
+        back: list[Subscription] = []
         for v in self.in_flight():
             if v.phase is Phase.DRAINING:
                 v.phase, v.not_started = Phase.NOT_STARTED, NotStarted.ABANDONED
-                back += [n for n in v.nodes if n.live]
+                back += self._put_back(v)
             else:
                 v.stalled_in, v.phase = v.phase, Phase.ABANDONED
         for v in self.pending():
             v.phase, v.not_started = Phase.NOT_STARTED, NotStarted.ABANDONED
-        return subscriptions(Command.SUBSCRIBE, back)
+        return tuple(back)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1020,7 +1082,10 @@ def vassal_detail(v: VassalReload, rollout: Rollout) -> str:
         return HOW_FAR[v.stalled_in]
     if v.phase is Phase.PROBE_FAILED:
         assert v.probe_result is not None
-        return f"probe failed: {v.probe_result.detail}"
+        detail = f"probe failed: {v.probe_result.detail}"
+        if rollout.subscriptions and v.nodes:
+            detail += "; left unsubscribed from the fastrouter until its master announces it again"
+        return detail
     if v.phase is Phase.TOUCH_FAILED:
         return f"cannot touch: {v.touch_error}"
     if v.phase is not Phase.NOT_STARTED:
@@ -1031,7 +1096,8 @@ def vassal_detail(v: VassalReload, rollout: Rollout) -> str:
         return f"reloading it would leave fewer than {rollout.minimum} live"
     if v.not_started is NotStarted.STOPPED:
         assert rollout.stopped_by is not None
-        reason = f"the probe of {rollout.stopped_by.name} failed"
+        failed = "touch" if rollout.stopped_by.phase is Phase.TOUCH_FAILED else "probe"
+        reason = f"the {failed} of {rollout.stopped_by.name} failed"
     else:
         reason = str(rollout.abandoned)
     return reason if v.drain_started is None else f"{reason} (was draining, not touched)"
@@ -1074,14 +1140,15 @@ def event_text(event: Event, rollout: Rollout) -> str:
         assert v.triggered is not None
         return f"back after {event.at - v.triggered:.2f}s"
     if kind is EventKind.TIMED_OUT:
-        return f"timed out after {rollout.timeout:g}s: {vassal_detail(v, rollout)}"
+        what = f"timed out after {rollout.timeout:g}s: {vassal_detail(v, rollout)}"
+        return f"{what}; subscribed again" if event.send else what
     if kind is EventKind.FAILED:
-        what = f"failed: {vassal_detail(v, rollout)}"
-        if event.phase is Phase.PROBE_FAILED:
-            what += "; nothing more starts"
-            if event.send:
-                what += "; unsubscribed to keep it out of rotation"
-        return what
+        if event.phase is Phase.TOUCH_FAILED:
+            what = f"failed: {vassal_detail(v, rollout)}; nothing more starts"
+            return f"{what}; subscribed again" if event.send else what
+        assert event.result is not None
+        what = f"failed: probe failed: {event.result.detail}; nothing more starts"
+        return f"{what}; unsubscribed to keep it out of rotation" if event.send else what
     assert kind is EventKind.NOT_STARTED
     what = f"not started: {vassal_detail(v, rollout)}"
     return what if v.drain_started is None else f"{what}; subscribed again"
@@ -1098,11 +1165,17 @@ def find_configs(emperor_path: str, suffix: str) -> list[str]:
         raise ReloadError(f"emperor path {emperor_path} does not exist")
     if not os.path.isdir(emperor_path):
         raise ReloadError(f"emperor path {emperor_path} is not a directory")
-    configs = sorted(
-        os.path.join(emperor_path, entry.name)
-        for entry in os.scandir(emperor_path)
-        if entry.name.endswith(suffix) and not entry.is_dir()
-    )
+    try:
+        with os.scandir(emperor_path) as entries:
+            configs = sorted(
+                os.path.join(emperor_path, entry.name)
+                for entry in entries
+                if entry.name.endswith(suffix) and not entry.is_dir()
+            )
+    except OSError as exc:
+        raise ReloadError(
+            f"cannot read emperor path {emperor_path}: {exc.strerror or exc}"
+        ) from None
     if not configs:
         raise ReloadError(f"no vassal config ending in {suffix!r} in {emperor_path}")
     return configs
@@ -1201,7 +1274,12 @@ def emperor_lock(emperor_path: str) -> Iterator[None]:
     No lock file is created, so nothing in a world-writable directory can be swapped for a
     symlink; the kernel drops the lock when the process exits, however it exits.
     """
-    fd = os.open(emperor_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(emperor_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ReloadError(
+            f"cannot lock emperor path {emperor_path}: {exc.strerror or exc}"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1237,7 +1315,10 @@ class Reporter:
         self.line(f"{event.at:8.2f}s  {event.vassal.name}: {text}")
 
     def error(self, text: str) -> None:
-        print(f"uwsgi-reload: error: {text}", file=self.errors, flush=True)
+        print(f"uwsgi-reload: error: {' '.join(text.split())}", file=self.errors, flush=True)
+
+    def warning(self, text: str) -> None:
+        print(f"uwsgi-reload: warning: {' '.join(text.split())}", file=self.errors, flush=True)
 
 
 @dataclasses.dataclass
@@ -1282,10 +1363,13 @@ def describe_plan(fleet: Sequence[VassalReload], snapshot: Snapshot, options: Op
         at_once = count - options.minimum_active_vassals
         if options.max_parallel is not None:
             at_once = min(at_once, options.max_parallel)
-        lines.append(
-            f"key {key!r}: {count} live, minimum {options.minimum_active_vassals}: up to "
-            f"{at_once} reloading at once, about {math.ceil(count / at_once)} reload times"
-        )
+        head = f"key {key!r}: {count} live, minimum {options.minimum_active_vassals}: "
+        if at_once > 0:
+            rounds = math.ceil(count / at_once)
+            tail = f"up to {at_once} reloading at once, about {rounds} reload times"
+        else:
+            tail = "its live vassals wait until the not-live ones are back"
+        lines.append(head + tail)
     if options.subscription_server:
         lines.append(
             f"drain: each live vassal is unsubscribed via {options.subscription_server} and "
@@ -1378,17 +1462,50 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
     try:
         with emperor_lock(options.emperor_path), io.probe_pool() as pool:
             probes = _Probes(pool, options, io)
-            exit_code = _drive(rollout, options, reporter, first, started, interrupted, probes)
+            exit_code = _drive_to_the_end(
+                rollout, options, reporter, first, started, interrupted, probes
+            )
+        elapsed = io.clock() - started
+        details = _details(rollout)
+        try:
+            _summarise(rollout, details, reporter, elapsed, exit_code)
+            if options.json:
+                report = report_json(
+                    fleet, options, started_wall, elapsed, exit_code, rollout, details
+                )
+                print(json.dumps(report), flush=True)
+        except OSError:
+            pass  # stdout or stderr closed (a pipe whose reader went): the exit code still tells
     finally:
+        # restored only now: a SIGINT while the summary is written must not look like one
+        # before the run (main's KeyboardInterrupt)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    elapsed = io.clock() - started
-    details = _details(rollout)
-    _summarise(rollout, details, reporter, elapsed, exit_code)
-    if options.json:
-        report = report_json(fleet, options, started_wall, elapsed, exit_code, rollout, details)
-        print(json.dumps(report))
     return exit_code
+
+
+def _drive_to_the_end(
+    rollout: Rollout,
+    options: Options,
+    reporter: Reporter,
+    current: Snapshot | None,
+    started: float,
+    interrupted: _Interrupted,
+    probes: _Probes,
+) -> int:
+    """``_drive``; on any exception, give the run up with the fleet put back as it was: the
+    vassals drained and not touched are subscribed again before the error is reported."""
+    try:
+        return _drive(rollout, options, reporter, current, started, interrupted, probes)
+    except BaseException as exc:
+        stopped = isinstance(exc, KeyboardInterrupt)
+        reason = "interrupted" if stopped else f"unexpected {type(exc).__name__}: {exc}"
+        _send(rollout.abandon(reason), options, reporter, probes.io)
+        if stopped:
+            return EXIT_INTERRUPTED
+        if isinstance(exc, Exception):
+            return EXIT_NOT_ALL_RELOADED
+        raise
 
 
 class _Probes:
@@ -1485,11 +1602,11 @@ def _send(packets: Sequence[Subscription], options: Options, reporter: Reporter,
     for packet in packets:
         try:
             io.send(options.subscription_server, packet.packet())
-        except OSError as exc:
-            reason = exc.strerror or str(exc) or type(exc).__name__
+        except Exception as exc:  # a packet not sent must not keep the others from going out
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             problems.append(f"cannot {packet.describe()}: {reason}")
     for problem in problems:
-        reporter.error(f"subscription server {options.subscription_server}: {problem}")
+        reporter.warning(f"subscription server {options.subscription_server}: {problem}")
     return "; ".join(problems)
 
 
@@ -1517,23 +1634,30 @@ def _summarise(
     elapsed: float,
     exit_code: int,
 ) -> None:
+    """What became of each vassal that did not come back, then one line: on stderr (the only
+    line there) when not all came back."""
     vassals = list(rollout.vassals.values())
     for v in vassals:
         if v.drain_left is not None:
             reporter.line(f"{v.name}: {drain_timeout_text(v, rollout)}: triggered anyway")
-    done = sum(1 for v in vassals if v.phase is Phase.BACK)
+    missed = [v for v in vassals if v.phase is not Phase.BACK]
+    for v in missed:
+        reporter.line(f"{v.name}: {outcome(v.phase).value}: {details[v.id]}")
     lowest = ", ".join(f"{k}: {n}" for k, n in sorted(rollout.lowest_live.items())) or "none"
     summary = (
-        f"reloaded {done} of {len(vassals)} vassals in {elapsed:.2f}s "
+        f"reloaded {len(vassals) - len(missed)} of {len(vassals)} vassals in {elapsed:.2f}s "
         f"(minimum {rollout.minimum}; fewest live seen per key: {lowest})"
     )
     if exit_code == EXIT_OK:
         reporter.line(summary)
         return
-    reporter.error(summary)
-    for v in vassals:
-        if v.phase is not Phase.BACK:
-            reporter.error(f"{v.name}: {outcome(v.phase).value}: {details[v.id]}")
+    if rollout.abandoned is not None:
+        summary = f"{rollout.abandoned}: {summary}"
+    names = [v.name for v in missed]
+    shown = ", ".join(names[:MISSED_SHOWN])
+    if len(names) > MISSED_SHOWN:
+        shown += f" and {len(names) - MISSED_SHOWN} more"
+    reporter.error(f"{summary}; not reloaded: {shown}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1734,18 +1858,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, io: Io | None = None) -> int:
+    """The command line; ``io`` replaces what the run does to the world (tests)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     options = Options(**vars(args))
     reporter = Reporter(options.quiet, sys.stderr if options.json else sys.stdout, sys.stderr)
+    # Once the rollout has begun, run() reports every failure itself: what reaches here
+    # happened before anything was touched or drained.
     try:
-        return run(options, reporter)
+        return run(options, reporter, io)
     except ReloadError as exc:
         reporter.error(str(exc))
         return exc.exit_code
+    except KeyboardInterrupt:
+        reporter.error("interrupted before anything was touched")
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        reporter.error(f"unexpected {type(exc).__name__}: {exc} (nothing was touched)")
+        return EXIT_USAGE
 
 
 def cli() -> None:

@@ -717,6 +717,28 @@ def test_core_abandon_puts_draining_vassals_back() -> None:
     assert b.phase is ur.Phase.NOT_STARTED
 
 
+def test_core_puts_back_drained_vassals_whose_old_instance_still_serves() -> None:
+    """A touch refused, or one the emperor never registered: subscribed again."""
+    P, E, SUBSCRIBE = ur.Phase, ur.EventKind, ur.Command.SUBSCRIBE
+    rollout = ur.Rollout(fleet("a", "b", "c"), minimum=1, timeout=2, subscriptions=True)
+    a, b, c = rollout.vassals.values()
+    up, out = (0, True, True), (0, True, False)
+    rollout.step(rsnap(a=up, b=up, c=up), 0.0)
+    events = rollout.step(rsnap(a=out, b=out, c=up), 0.1)
+    assert [e.kind for e in events] == [E.TRIGGERED_DRAINED] * 2
+    (failed,) = rollout.touch_failed(a, "[Errno 1] Operation not permitted", 0.1)
+    assert (failed.kind, a.phase, rollout.stopped_by) == (E.FAILED, P.TOUCH_FAILED, a)
+    assert [(p.command, p.node.name) for p in failed.send] == [(SUBSCRIBE, "/run/a.sock")]
+    events = rollout.step(rsnap(a=up, b=out, c=up), 0.2)
+    assert [(e.vassal, e.kind) for e in events] == [(c, E.NOT_STARTED)]
+    assert c.not_started is ur.NotStarted.STOPPED
+    (timed_out,) = rollout.step(rsnap(a=up, b=out, c=up), 2.1)
+    assert (timed_out.kind, b.phase, b.stalled_in) == (E.TIMED_OUT, P.TIMED_OUT, P.RELOADING)
+    assert [(p.command, p.node.name) for p in timed_out.send] == [(SUBSCRIBE, "/run/b.sock")]
+    assert rollout.finished
+    assert ur.vassal_detail(c, rollout) == "the touch of a failed"
+
+
 def test_json_report_has_the_drain_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def busy(stack: RouterSim) -> None:
         stack.requests["vassal_01.ini"] = [0.5]
