@@ -873,8 +873,12 @@ class Rollout:
             if v.phase is Phase.PROBING:
                 continue  # its answer decides; the probe's own timeout bounds the wait
             if stage is Stage.TOUCHED:
-                v.phase = Phase.RELOADING
-                if self.subscriptions and v.drain_started is not None:
+                # Once the emperor registered the reload, a vassal never goes back to RELOADING:
+                # one that dies while starting (a broken deploy) vanishes from the emperor's
+                # stats until it is respawned, and is still a reload in flight, not the old
+                # instance (core/emperor.c removes a dead vassal, then spawns it again).
+                drained = self.subscriptions and v.drain_started is not None
+                if v.phase is Phase.RELOADING and drained:
                     # The old instance re-announced itself before the emperor acted on the touch.
                     events += self._unsubscribe_again(v, snapshot, now)
             elif stage is Stage.REGISTERED:
@@ -894,7 +898,7 @@ class Rollout:
                 continue
             if now - v.triggered >= self.timeout:
                 v.stalled_in, v.phase = v.phase, Phase.TIMED_OUT
-                back = self._put_back(v) if v.stalled_in is Phase.RELOADING else ()
+                back = self._put_back(v) if self._old_instance_serves(v, snapshot) else ()
                 events.append(_event(v, EventKind.TIMED_OUT, now, send=back))
         return probes
 
@@ -943,6 +947,19 @@ class Rollout:
         if self.stopped_by is None:
             self.stopped_by = v
         return [_event(v, EventKind.FAILED, now, send=self._put_back(v))]
+
+    @staticmethod
+    def _old_instance_serves(v: VassalReload, snapshot: Snapshot) -> bool:
+        """The emperor never acted on the touch and the instance from before it still accepts:
+        only then may a drained vassal go back into rotation on a timeout."""
+        current = snapshot.vassals.get(v.id)
+        return (
+            v.stalled_in is Phase.RELOADING
+            and v.baseline is not None
+            and current is not None
+            and current.accepting
+            and not reload_registered(v.baseline, current)
+        )
 
     def _put_back(self, v: VassalReload) -> tuple[Subscription, ...]:
         """Subscribe again a vassal this run drained whose old instance still serves."""

@@ -850,3 +850,40 @@ def test_dry_run_describes_drain_and_probe(
     assert "drain: each live vassal is unsubscribed via ss.sock" in out.getvalue()
     assert "probe: GET /ready" in out.getvalue()
     assert stack.packets == [] and stack.touched == [] and stack.probes == []
+
+
+class VanishingSim(RouterSim):
+    """A broken deploy: once the emperor acted on the touch, the new instance dies while starting
+    and the vassal is missing from the emperor's stats (core/emperor.c removes a dead vassal and
+    throttles its respawn) for the rest of the run."""
+
+    def snapshot(self, options: ur.Options) -> ur.Snapshot:
+        snap = super().snapshot(options)
+        gone = {vid for vid in self.never_back if self.vassals[vid].down_until is not None}
+        return ur.Snapshot({k: v for k, v in snap.vassals.items() if k not in gone}, snap.nodes)
+
+
+def test_a_broken_vassal_that_vanished_is_not_put_back_in_rotation(tmp_path: Path) -> None:
+    """Registered, then gone from the stats: still a reload in flight, never the old instance.
+
+    Subscribing its node again on the timeout would route requests to a dead socket (the broken
+    deploy run of tests/test_drain.py lost every request after the timeout that way).
+    """
+    broken = {"vassal_01.ini", "vassal_02.ini"}
+    stack = VanishingSim([f"vassal_{i:02d}.ini" for i in range(1, 5)])
+    stack.never_back = set(broken)
+    code, out = run_on(
+        stack,
+        tmp_path,
+        None,
+        minimum_active_vassals=2,
+        timeout=3.0,
+        subscription_server="ss.sock",
+        drain_timeout=5.0,
+        probe=None,
+    )
+    assert code == ur.EXIT_NOT_ALL_RELOADED, out
+    for vid in sorted(broken):
+        assert stack.sent(vid, ur.Command.SUBSCRIBE) == [], out
+        assert not stack.in_router[vid]
+    assert stack.fewest_in_router >= 2, out
