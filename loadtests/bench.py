@@ -38,9 +38,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-from uwsgi_reload_harness.stack import StackConfig, running_stack
-
 from uwsgi_reload import rounds_needed
+from uwsgi_reload_harness.stack import StackConfig, running_stack
 
 from .cli import (
     EXIT_OK,

@@ -38,9 +38,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from uwsgi_reload_harness.stack import Stack, StackConfig, StackTimeout, running_stack
-
 from uwsgi_reload import non_negative_float, non_negative_int, positive_int, rounds_needed
+from uwsgi_reload_harness.stack import Stack, StackConfig, StackTimeout, running_stack
 
 from .cli import (
     EXIT_OK,

@@ -13,10 +13,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+from uwsgi_reload import non_negative_float, positive_int
 from uwsgi_reload_harness import render
 from uwsgi_reload_harness.stack import Proc, Stack, StackError
-
-from uwsgi_reload import non_negative_float, positive_int
 
 from .runner import LoadRunError
 from .tables import command_line, environment, environment_lines

@@ -28,9 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
-from uwsgi_reload_harness.stack import Proc, StackConfig, running_stack
-
 from uwsgi_reload import non_negative_int
+from uwsgi_reload_harness.stack import Proc, StackConfig, running_stack
 
 from .cli import (
     EXIT_OK,

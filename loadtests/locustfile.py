@@ -32,6 +32,7 @@ import gevent.subprocess
 from locust import FastHttpUser, events, task
 from locust.env import Environment
 from locust.runners import LocalRunner
+
 from uwsgi_reload_loadtests.pacing import Pacer, user_interval
 from uwsgi_reload_loadtests.report import (
     ReloadInfo,

@@ -14,4 +14,6 @@ from uwsgi_reload_harness.plugin import foreign_procedure
 def tool_only(request: pytest.FixtureRequest) -> None:
     """Skip a test of this tool's own contract when another procedure is under test."""
     if foreign_procedure(request.config):
-        pytest.skip("tests uwsgi_reload.py's own contract; --reload-command names another procedure")
+        pytest.skip(
+            "tests uwsgi_reload.py's own contract; --reload-command names another procedure"
+        )

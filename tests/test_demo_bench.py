@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from uwsgi_reload_harness.stack import Proc
 
 REPO_DIR = Path(__file__).resolve().parent.parent

@@ -13,7 +13,13 @@ from collections.abc import Callable
 import pytest
 
 from uwsgi_reload_harness.stack import Stack
-from uwsgi_reload_loadtests.measure import FreshStacks, ReloadRun, again, observed, reload_under_load
+from uwsgi_reload_loadtests.measure import (
+    FreshStacks,
+    ReloadRun,
+    again,
+    observed,
+    reload_under_load,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+
 from uwsgi_reload_harness import render
 from uwsgi_reload_harness.render import Layout, Substitution
 from uwsgi_reload_harness.stack import ProcessExitedWithError, Stack, StackConfig

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+from uwsgi_reload import StatsError, read_stats
 from uwsgi_reload_loadtests.observer import ObserverError, RouterObserver, count_live
 from uwsgi_reload_loadtests.report import (
     SCHEMA_VERSION,
@@ -46,8 +48,6 @@ from uwsgi_reload_loadtests.runner import (
     main,
     run_load,
 )
-
-from uwsgi_reload import StatsError, read_stats
 
 START_TIMEOUT = 15.0
 

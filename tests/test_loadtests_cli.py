@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from uwsgi_reload_harness.stack import StackError
 from uwsgi_reload_loadtests.cli import (
     EXIT_ERROR,

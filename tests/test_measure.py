@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+
 from uwsgi_reload_loadtests import report as report_module
 from uwsgi_reload_loadtests.measure import ReloadRun, tool_report
 from uwsgi_reload_loadtests.observer import RouterObserver, Sample

@@ -9,6 +9,7 @@ import types
 from typing import Any, cast
 
 import pytest
+
 from uwsgi_reload_loadtests.measure import ATTEMPTS, MAX_OBSERVER_GAP, ReloadRun, observed
 from uwsgi_reload_loadtests.observer import RouterObserver, Sample
 from uwsgi_reload_loadtests.report import FailedRequests, LoadReport, ReloadInfo

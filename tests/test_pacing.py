@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from uwsgi_reload_loadtests.pacing import Pacer, user_interval
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from uwsgi_reload_harness import render
 from uwsgi_reload_harness.stack import Stack
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import pytest
 import requests
+
+from tests.procedures import FAULTS, with_fault
 from uwsgi_reload_harness.stack import Stack
 from uwsgi_reload_harness.zero_downtime import reload_loses_no_request
 from uwsgi_reload_loadtests.measure import (
@@ -23,8 +25,6 @@ from uwsgi_reload_loadtests.measure import (
     reload_command,
     reload_under_load,
 )
-
-from tests.procedures import FAULTS, with_fault
 
 pytestmark = pytest.mark.e2e
 
