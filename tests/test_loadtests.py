@@ -28,6 +28,7 @@ from typing import Any, Callable
 import pytest
 
 from uwsgi_reload import StatsError, read_stats
+from uwsgi_reload_harness.render import find_uwsgi
 from uwsgi_reload_loadtests.observer import ObserverError, RouterObserver, count_live
 from uwsgi_reload_loadtests.report import (
     SCHEMA_VERSION,
@@ -393,7 +394,7 @@ class Uwsgi:
         self.logfile = os.path.join(base, f"{name}.log")
         with open(self.logfile, "wb") as log:
             self.proc = subprocess.Popen(
-                ["uwsgi", "--master", "--need-app", *args],
+                [find_uwsgi(), "--master", "--need-app", *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
