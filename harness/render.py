@@ -198,7 +198,7 @@ _SUBSCRIBE_KEY = re.compile(r"^\s*subscribe2\s*=.*?\bkey=([^,\s]+)", re.MULTILIN
 
 def subscription_key(vassal_ini_text: str) -> str:
     """The fastrouter key a vassal config subscribes under (its ``subscribe2 = ...,key=K``)."""
-    keys = set(_SUBSCRIBE_KEY.findall(vassal_ini_text))
+    keys: set[str] = set(_SUBSCRIBE_KEY.findall(vassal_ini_text))
     if len(keys) != 1:
         found = ", ".join(sorted(keys)) or "none"
         raise ValueError(

@@ -13,10 +13,16 @@ check of :mod:`uwsgi_reload_loadtests.measure`: zero failed requests, load reall
 the reload, every vassal's worker replaced, and an observer of the router never saw fewer live
 nodes than the minimum. Only what holds for any correct reload procedure is checked here; the
 contract of this project's own tool (exit codes, reports, faults) is tested in its repository.
+
+Two traps catch procedures that touch configs with a plain ``touch``: the emperor reloads a
+vassal only when its config's whole-second mtime moves past the ``last_mod`` it recorded, so a
+touch is silently ignored when a config's mtime is in the future (copied with preserved
+timestamps, a skewed clock) or when it was already touched in the same second.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Callable
 
 import pytest
@@ -32,18 +38,65 @@ if TYPE_CHECKING:
 MINIMUMS = (1, 2, 3)
 
 
+Record = Callable[[dict[str, object]], None]
+#: How long a procedure may take per vassal in the traps (a trapped one waits for nothing).
+TRAP_TIMEOUT = 30
+
+
 def reload_loses_no_request(
-    stack: Stack, template: str, record: Callable[[dict[str, object]], None], minimum: int
+    stack: Stack, template: str, record: Record, minimum: int, name: str | None = None
 ) -> ReloadRun:
     """Reload ``stack`` under load with the procedure ``template`` at ``minimum``; check it."""
     from uwsgi_reload_loadtests.measure import again, observed, reload_command
 
     command = reload_command(stack, template, minimum)
-    run = observed(again(stack, command), f"minimum {minimum}", minimum, record)
+    run = observed(again(stack, command), name or f"minimum {minimum}", minimum, record)
     assert run.returncode == 0, f"the reload command exited {run.returncode}\n{run.output}"
     assert run.check(minimum) == [], run.output
     assert run.min_live_during() >= minimum
     return run
+
+
+def respawns(stack: Stack) -> dict[str, int]:
+    """The emperor's reload count of each vassal, read with the observer's own parser."""
+    from uwsgi_reload_loadtests.observer import read_document
+
+    vassals = read_document(stack.emperor_stats)["vassals"]
+    return {str(v["id"]): int(v["respawns"]) for v in vassals}
+
+
+def reloads_twice_in_one_second(
+    stack: Stack, template: str, record: Record, name: str = "trap: same second"
+) -> tuple[ReloadRun, list[str]]:
+    """The first vassal is reloaded by a plain touch that opens a second; the procedure under
+    test starts at once and must reload every vassal, that one a second time. The run, and the
+    vassals the emperor did not reload as often as it should have."""
+    from uwsgi_reload_loadtests.measure import observed, reload_command, reload_under_load
+
+    first = stack.vassal_links[0]
+    procedure = reload_command(stack, template, 1, timeout=TRAP_TIMEOUT)
+    command = [sys.executable, "-m", f"{__package__}.traps", "same-second", str(first), "--"]
+    reloads: dict[str, int] = {}
+
+    def attempt() -> ReloadRun:
+        stack.wait_all_live(timeout=30)
+        before = respawns(stack)
+        run = reload_under_load(stack, [*command, *procedure])
+        after = respawns(stack)
+        reloads.clear()
+        reloads.update({vid: after.get(vid, 0) - count for vid, count in before.items()})
+        return run
+
+    def missed(run: ReloadRun) -> list[str]:
+        wanted = {vid: 2 if vid == first.name else 1 for vid in stack.vassal_ids}
+        return [
+            f"{vid} reloaded {reloads.get(vid, 0)} times, not {times}"
+            for vid, times in wanted.items()
+            if reloads.get(vid, 0) < times
+        ]
+
+    run = observed(attempt, name, 1, record, verify=missed)
+    return run, missed(run)
 
 
 def skip_unless_below_vassals(config: pytest.Config, minimum: int) -> None:
@@ -62,3 +115,20 @@ def test_reload_loses_no_request(
 ) -> None:
     skip_unless_below_vassals(request.config, minimum)
     reload_loses_no_request(make_uwsgi_stack(), reload_template, record_reload, minimum)
+
+
+def test_configs_with_a_future_mtime_are_reloaded(
+    make_uwsgi_stack: Callable[..., Stack], reload_template: str, record_reload: Record
+) -> None:
+    """The emperor's ``last_mod`` is an hour ahead of the clock: a plain touch is ignored."""
+    stack = make_uwsgi_stack(link_mtime_offset=3600)
+    reload_loses_no_request(stack, reload_template, record_reload, 1, "trap: mtime in the future")
+
+
+def test_a_second_reload_within_one_second_is_not_lost(
+    make_uwsgi_stack: Callable[..., Stack], reload_template: str, record_reload: Record
+) -> None:
+    run, missed = reloads_twice_in_one_second(make_uwsgi_stack(), reload_template, record_reload)
+    assert run.returncode == 0, f"the reload command exited {run.returncode}\n{run.output}"
+    assert run.check(1) == [], run.output
+    assert missed == [], run.output

@@ -21,6 +21,7 @@ local runner, not ``--master``/``--worker`` (the report would only see one node'
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -66,8 +67,8 @@ def _add_arguments(parser: Any, **_: Any) -> None:
     group.add_argument(
         "--host-header",
         default="",
-        help="Host header to send (the fastrouter "
-        "routes by key, e.g. domain.tld); default: from --host",
+        help="Host header to send (the fastrouter routes by key, e.g. domain.tld); several, "
+        "comma-separated, are taken by the users in turn; default: from --host",
     )
     group.add_argument("--url-path", default="/", help="path to GET (default /)")
     group.add_argument(
@@ -202,6 +203,10 @@ _listen(events.test_stop, _on_test_stop)
 _listen(events.quitting, _on_quitting)
 
 
+#: Each user's number, so that users take the ``--host-header`` keys in turn.
+_USER_NUMBERS = itertools.count()
+
+
 class GetRoot(FastHttpUser):
     """One connection per user, keep-alive; no think time, or paced to ``--rate``."""
 
@@ -214,8 +219,8 @@ class GetRoot(FastHttpUser):
         # "http://127.0.0.1:8080/" + "/" would request "//"
         self.host = str(self.host or environment.host or "").rstrip("/")
         super().__init__(environment)
-        header = _option(environment, "host_header")
-        self._headers = {"Host": str(header)} if header else {}
+        hosts = [h for h in str(_option(environment, "host_header") or "").split(",") if h]
+        self._headers = {"Host": hosts[next(_USER_NUMBERS) % len(hosts)]} if hosts else {}
         self._path = str(_option(environment, "url_path") or "/")
         rate = float(_option(environment, "rate") or 0)
         users = int(_option(environment, "num_users") or 1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
 import os
 import shlex
@@ -32,6 +33,7 @@ from typing import Any
 
 from uwsgi_reload_harness.stack import Stack
 
+from .endstate import EndState, wrapped
 from .observer import ObserverError, RouterObserver, Sample
 from .report import FailureAt, FailureGroup, ReloadEvent, group_failures, place_failures
 from .runner import LoadReport, run_load
@@ -154,6 +156,28 @@ def read_cpu_seconds(cpu_file: Path) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
+class Broken(enum.Enum):
+    """What a reload under load can break: the kinds of problem ``ReloadRun.problems`` finds."""
+
+    NOT_FINISHED = enum.auto()
+    FAILED_REQUESTS = enum.auto()
+    LITTLE_LOAD = enum.auto()
+    OBSERVER_GAP = enum.auto()
+    BELOW_MINIMUM = enum.auto()
+    NOT_REPLACED = enum.auto()
+    END_STATE = enum.auto()
+    """The command exited 0 with a vassal not accepting, not live, or on an old worker."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    kind: Broken
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
 @dataclasses.dataclass
 class ReloadRun:
     """One reload command run under load, with everything measured around it."""
@@ -169,6 +193,8 @@ class ReloadRun:
     for a command that printed none."""
     cpu_seconds: float | None = None
     """User + system seconds of the command's process tree, when measured."""
+    end_state: EndState | None = None
+    """The stack at the moment the command exited (read by ``endstate.py``)."""
 
     # -- the command -----------------------------------------------------------------------
 
@@ -291,35 +317,77 @@ class ReloadRun:
     # -- the workers -----------------------------------------------------------------------
 
     def replaced(self) -> list[str]:
-        """Vassals none of whose workers from before the reload is still there."""
+        """Vassals serving from new workers only: none of their workers from before the reload
+        is still there, and they have a worker (a dead or missing vassal is not replaced)."""
         return [
             vid
             for vid, before in self.workers_before.items()
-            if not set(before) & set(self.workers_after.get(vid, []))
+            if self.workers_after.get(vid) and not set(before) & set(self.workers_after[vid])
         ]
+
+    def end_state_problems(self) -> list[str]:
+        """What was wrong at the moment the command exited 0: each vassal must be accepting,
+        live in the router and served by a worker started by this reload."""
+        state = self.end_state
+        if state is None or state.exit_code != 0:
+            return []
+        if state.error is not None:
+            return [f"stats unreadable at exit: {state.error}"]
+        live = state.live_vassals()
+        wrong = []
+        for vid, before in sorted(self.workers_before.items()):
+            stem = Path(vid).stem
+            if vid not in state.accepting:
+                wrong.append(f"{stem} missing")
+            elif not state.accepting[vid]:
+                wrong.append(f"{stem} not accepting")
+            elif stem not in live:
+                wrong.append(f"{stem} not live in the router")
+            elif not state.workers.get(vid) or set(before) & set(state.workers[vid]):
+                wrong.append(f"{stem} on an old worker")
+        return wrong
 
     # -- judging and reporting -------------------------------------------------------------
 
     def check(self, minimum: int, *, all_replaced: bool = True) -> list[str]:
-        """What broke the zero-downtime promise; empty when nothing did."""
+        """What broke the zero-downtime promise, as text; empty when nothing did."""
+        return [p.text for p in self.problems(minimum, all_replaced=all_replaced)]
+
+    def problems(self, minimum: int, *, all_replaced: bool = True) -> list[Problem]:
+        """What broke the zero-downtime promise; empty when nothing did.
+
+        The minimum holds per fastrouter key: the observer counts the key with fewest nodes.
+        """
         problems = []
         load = self.load
         if load.reload is None or load.reload.ended is None:
-            return ["the reload command did not finish while the load ran"]
+            text = "the reload command did not finish while the load ran"
+            return [Problem(Broken.NOT_FINISHED, text)]
         if load.total.failures:
-            problems.append(
+            text = (
                 f"{load.total.failures} failed requests {load.total.failures_by_kind}: "
                 f"{self.failures_text()}"
             )
+            problems.append(Problem(Broken.FAILED_REQUESTS, text))
         if load.during.requests < MIN_REQUESTS_DURING:
-            problems.append(f"only {load.during.requests} requests during the reload")
+            text = f"only {load.during.requests} requests during the reload"
+            problems.append(Problem(Broken.LITTLE_LOAD, text))
         if self.blind:
-            problems.append(f"observer gap {self.observer.max_gap * 1000:.0f} ms")
+            text = f"observer gap {self.observer.max_gap * 1000:.0f} ms"
+            problems.append(Problem(Broken.OBSERVER_GAP, text))
         if self.observer.min_live < minimum:
-            problems.append(f"observer saw {self.observer.min_live} live nodes (minimum {minimum})")
+            per_key = ", ".join(f"{k} {n}" for k, n in self.observer.min_live_by_key().items())
+            text = (
+                f"observer saw {self.observer.min_live} live nodes (minimum {minimum}; {per_key})"
+            )
+            problems.append(Problem(Broken.BELOW_MINIMUM, text))
         not_replaced = sorted(set(self.workers_before) - set(self.replaced()))
         if all_replaced and not_replaced:
-            problems.append(f"workers not replaced: {', '.join(not_replaced)}")
+            text = f"workers not replaced: {', '.join(not_replaced)}"
+            problems.append(Problem(Broken.NOT_REPLACED, text))
+        if wrong := self.end_state_problems():
+            text = f"exited 0 before the stack was back: {', '.join(wrong)}"
+            problems.append(Problem(Broken.END_STATE, text))
         return problems
 
     def row(self, name: str, minimum: int) -> dict[str, object]:
@@ -415,17 +483,23 @@ def reload_under_load(
     """
     workers_before = stack.worker_pids()
     observer = RouterObserver(
-        stack.fastrouter_stats, key=stack.host, interval=observer_interval, readers=observer_readers
+        stack.fastrouter_stats,
+        keys=list(stack.keys) or [stack.host],
+        interval=observer_interval,
+        readers=observer_readers,
     )
     shown = progress(observer, len(stack.vassal_ids)) if show_progress else contextlib.nullcontext()
     with tempfile.TemporaryDirectory(prefix="ur-measure-") as tmp:
         cpu_file = Path(tmp, "cpu.json")
+        end_file = Path(tmp, "end-state.json")
         run_command = cpu_measured(command, cpu_file) if measure_cpu else list(command)
+        run_command = wrapped(run_command, stack.emperor_stats, stack.fastrouter_stats, end_file)
         with observer, shown:
             try:
                 load = run_load(
                     stack.url,
-                    host_header=stack.host,
+                    # users take the keys in turn: every key is under load
+                    host_header=",".join(stack.keys or [stack.host]),
                     url_path=stack.config.health_path,
                     users=users,
                     rate=rate,
@@ -444,6 +518,9 @@ def reload_under_load(
                 stop_reload_commands(stack)
                 raise
         cpu_seconds = read_cpu_seconds(cpu_file) if measure_cpu else None
+        end_state = (
+            EndState.from_json(json.loads(end_file.read_text())) if end_file.exists() else None
+        )
     return ReloadRun(
         load,
         observer,
@@ -453,6 +530,7 @@ def reload_under_load(
         command=list(command),
         tool_json=None if load.reload is None else tool_report(load.reload.stdout),
         cpu_seconds=cpu_seconds,
+        end_state=end_state,
     )
 
 
@@ -519,17 +597,21 @@ def observed(
     *,
     all_replaced: bool = True,
     failures_allowed: bool = False,
+    expected_exit: int | None = 0,
+    verify: Callable[[ReloadRun], list[str]] | None = None,
 ) -> ReloadRun:
     """``attempt()`` again, up to ``ATTEMPTS`` runs, while the observer's gap is its only problem.
 
     The machine can stall every process at once for 20-30 ms, the observer's threads included
     (measured on a 2-core VM: a real-time process pinned to each core was late at the same
     moments as the observer's largest gaps). A run the observer watched that coarsely proves
-    nothing either way, so it is measured again. Any other problem ends the retries: a run that
-    lost a request or was seen below the minimum is returned at once for the test to fail on, as
-    is the last attempt. ``failures_allowed``: failed requests during the reload are what the
-    test measures (it asserts on them), so they alone do not end the retries; failures before
-    or after the reload still do. Every attempt gets its row in the table.
+    nothing either way, so it is measured again. Any other problem ends the retries and the run
+    is returned at once for the test to fail on, as is the last attempt: a lost request, a
+    minimum broken, a worker not replaced, a wrong end state, an exit code other than
+    ``expected_exit`` (None: any), or a complaint of the test's own ``verify``.
+    ``failures_allowed``: failed requests during the reload are what the test measures (it
+    asserts on them), so they alone do not end the retries; failures before or after the reload
+    still do. Every attempt gets its row in the table.
     """
     number = 0
     while True:
@@ -539,11 +621,15 @@ def observed(
         record(run.row(label, minimum))
         others = [
             problem
-            for problem in run.check(minimum, all_replaced=all_replaced)
-            if not problem.startswith("observer gap")
-            and not (failures_allowed and _only_during(run) and "failed requests" in problem)
+            for problem in run.problems(minimum, all_replaced=all_replaced)
+            if problem.kind is not Broken.OBSERVER_GAP
+            and not (
+                failures_allowed and _only_during(run) and problem.kind is Broken.FAILED_REQUESTS
+            )
         ]
-        if not run.blind or others or number == ATTEMPTS:
+        wrong_exit = expected_exit is not None and run.returncode != expected_exit
+        complaints = verify(run) if verify is not None else []
+        if not run.blind or others or wrong_exit or complaints or number == ATTEMPTS:
             return run
         print(f"{label}: observer gap {run.observer.max_gap * 1000:.0f} ms, measuring again")
 

@@ -4,6 +4,10 @@ A node is live when it is subscribed with ``death_mark == 0`` (see UWSGI_FACTS.m
 stats). The observer proves a "never fewer than N live" claim only as finely as it sampled, so it
 also reports its largest gap between samples: a test asserts on ``max_gap`` before trusting
 ``min_live``.
+
+The observer is the judge of the tool, so it shares none of the tool's code: it reads the stats
+socket and parses the document with its own few lines (:func:`read_document`,
+:func:`live_by_key`). A parsing bug in the tool cannot blind the tool and its judge together.
 """
 
 from __future__ import annotations
@@ -11,17 +15,21 @@ from __future__ import annotations
 import bisect
 import contextlib
 import gc
+import json
 import math
 import os
+import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Callable, NamedTuple
 
-from uwsgi_reload import StatsError, parse_fastrouter_stats, read_stats
-
 StatsReader = Callable[[str], Mapping[str, Any]]
+
+
+class StatsReadError(Exception):
+    """The stats socket could not be read or did not hold a fastrouter document."""
 
 
 class ObserverError(Exception):
@@ -32,24 +40,62 @@ class Sample(NamedTuple):
     t: float
     """Wall clock (``time.time()``) when the read started, comparable with a load report's."""
     live: int
+    """Live nodes of the observed key; with several keys, of the key that had fewest."""
     done: float
     """Wall clock when the read returned. The router rendered ``live`` at some moment between
     ``t`` and ``done``: a read kept waiting (a busy router, or a reader thread waiting for the
     GIL) can report a change that happened after ``t``."""
+    by_key: tuple[tuple[str, int], ...] = ()
+    """Live nodes of every key the router listed, sorted by key."""
 
 
-def _read_with_timeout(timeout: float) -> StatsReader:
-    def read(address: str) -> Mapping[str, Any]:
-        return read_stats(address, timeout=timeout)
+def read_document(address: str, timeout: float = 1.0) -> Mapping[str, Any]:
+    """Connect to a uWSGI stats server (unix path, or ``host:port``), read to EOF, parse JSON."""
+    if address.startswith("/") or ":" not in address:
+        family, target = socket.AF_UNIX, address
+    else:
+        host, _, port = address.rpartition(":")
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        target = (host.strip("[]"), int(port))  # type: ignore[assignment]
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(target)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        data = json.loads(b"".join(chunks))
+    except (OSError, ValueError) as exc:
+        raise StatsReadError(f"{address}: {exc}") from None
+    if not isinstance(data, dict):
+        raise StatsReadError(f"{address}: not a stats document")
+    return data
 
-    return read
+
+def live_by_key(data: Mapping[str, Any]) -> dict[str, int]:
+    """Live nodes (``death_mark`` 0) per key of one fastrouter stats document."""
+    subscriptions = data.get("subscriptions")
+    if not isinstance(subscriptions, list):
+        raise StatsReadError("no subscriptions list: not a fastrouter stats document")
+    live: dict[str, int] = {}
+    for subscription in subscriptions:
+        key = str(subscription["key"])
+        nodes = subscription.get("nodes") or []
+        live[key] = live.get(key, 0) + sum(1 for n in nodes if n.get("death_mark") == 0)
+    return live
 
 
 def count_live(data: Mapping[str, Any], key: str | None = None) -> int:
     """Live nodes in one fastrouter stats document, for ``key`` or over all keys."""
-    return sum(
-        1 for node in parse_fastrouter_stats(data) if node.live and (key is None or node.key == key)
-    )
+    live = live_by_key(data)
+    return live.get(key, 0) if key is not None else sum(live.values())
+
+
+def _read_with_timeout(timeout: float) -> StatsReader:
+    def read(address: str) -> Mapping[str, Any]:
+        return read_document(address, timeout=timeout)
+
+    return read
 
 
 def _raise_thread_priority(niceness: int = -10) -> None:
@@ -69,6 +115,10 @@ class RouterObserver:
     router does not stop the others from sampling on time. Use as a context manager (or
     ``start()``/``stop()``). A failed read (socket briefly missing, refused, or not JSON) is
     counted in ``errors`` and leaves a gap in the timeline; it never stops a thread.
+
+    What a sample's ``live`` counts: the nodes of ``key``; with ``keys``, the fewest nodes any of
+    those keys had (a key with no node left counts 0), so ``min_live`` is held against a minimum
+    per key; with neither, every live node.
     """
 
     def __init__(
@@ -81,9 +131,11 @@ class RouterObserver:
         reader: StatsReader | None = None,
         clock: Callable[[], float] = time.time,
         readers: int = 2,
+        keys: Sequence[str] = (),
     ) -> None:
         self.address = fastrouter_stats_address
         self.key = key
+        self.keys = tuple(keys) or ((key,) if key is not None else ())
         self.interval = interval
         self._read = reader if reader is not None else _read_with_timeout(read_timeout)
         self._clock = clock
@@ -143,14 +195,16 @@ class RouterObserver:
         """Read the stats once and record the sample (or the error)."""
         t = self._clock()
         try:
-            live = count_live(self._read(self.address), self.key)
-        except StatsError as exc:
+            by_key = live_by_key(self._read(self.address))
+        except StatsReadError as exc:
             self._failed(t, str(exc))
             return None
         except Exception as exc:  # a half-written or odd document: a gap, not a dead thread
             self._failed(t, f"{type(exc).__name__}: {exc}")
             return None
-        sample = Sample(t, live, self._clock())
+        observed = [by_key.get(key, 0) for key in self.keys] or [sum(by_key.values())]
+        live = min(observed)
+        sample = Sample(t, live, self._clock(), tuple(sorted(by_key.items())))
         with self._lock:
             self._samples.append(sample)
         return sample
@@ -220,6 +274,14 @@ class RouterObserver:
         end = self._stopped if self._stopped is not None else self._clock()
         points = [self._started, *(s.t for s in self.timeline), end]
         return max(b - a for a, b in zip(points, points[1:]))
+
+    def min_live_by_key(self) -> dict[str, int]:
+        """Fewest live nodes seen per observed key (every key seen, without ``keys``)."""
+        timeline = self.timeline
+        if not timeline:
+            raise ObserverError(f"no sample of {self.address} ({self.errors} failed reads)")
+        keys = self.keys or sorted({k for s in timeline for k, _ in s.by_key})
+        return {key: min(dict(s.by_key).get(key, 0) for s in timeline) for key in keys}
 
     def min_live_between(self, t0: float, t1: float) -> int:
         """Fewest live nodes at any time in ``[t0, t1]`` (wall clock).

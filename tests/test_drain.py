@@ -114,7 +114,7 @@ def test_broken_deploy_with_drain_loses_nothing(
         )
 
     name = f"broken deploy, drain on #{attempt}"
-    run = observed(broken_deploy, name, 2, record_reload, all_replaced=False)
+    run = observed(broken_deploy, name, 2, record_reload, all_replaced=False, expected_exit=1)
     print(f"broken deploy, drain on #{attempt}: {summary(run)}")
     assert run.returncode == 1, run.output
     assert "timed out after 5s" in run.output
@@ -137,7 +137,9 @@ def test_failing_probe_stops_the_rollout(
             stack.reload_command("--minimum-active-vassals", "2", "--timeout", "30", *extra),
         )
 
-    run = observed(failing_probe, "probe answers 404", 2, record_reload, all_replaced=False)
+    run = observed(
+        failing_probe, "probe answers 404", 2, record_reload, all_replaced=False, expected_exit=1
+    )
     print(f"failing probe: {summary(run)}")
     assert run.returncode == 1, run.output
     assert "answered 404" in run.output

@@ -357,7 +357,7 @@ def test_observer_sample_records_when_the_read_returned() -> None:
         reader=lambda address: _fastrouter_doc(("k", 0)),
         clock=lambda: next(clock),
     )
-    assert observer.sample_once() == (5.0, 1, 5.3)
+    assert observer.sample_once() == (5.0, 1, 5.3, (("k", 1),))
 
 
 def test_observer_thread_survives_a_missing_socket() -> None:

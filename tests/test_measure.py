@@ -3,12 +3,15 @@ failed request placed against the reload's events (pure: no stack, no load)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from uwsgi_reload_loadtests import observer as observer_module
 from uwsgi_reload_loadtests import report as report_module
+from uwsgi_reload_loadtests.endstate import EndState
 from uwsgi_reload_loadtests.measure import ReloadRun, tool_report
 from uwsgi_reload_loadtests.observer import RouterObserver, Sample
 from uwsgi_reload_loadtests.report import (
@@ -239,3 +242,79 @@ def test_no_sample_before_the_reload_is_no_answer() -> None:
 )
 def test_the_tools_report_is_the_last_json_with_vassals(stdout: str, found: bool) -> None:
     assert (tool_report(stdout) == TOOL_JSON) is found
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge's own reading of the router, and the state at the command's exit
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_observer_counts_live_nodes_per_key_with_its_own_parser() -> None:
+    document = {
+        "subscriptions": [
+            {"key": "a", "nodes": [{"name": "/r/1.sock", "death_mark": 0}]},
+            {"key": "b", "nodes": [{"name": "/r/2.sock", "death_mark": 1}]},
+            {"key": "a", "nodes": [{"name": "/r/3.sock", "death_mark": 0}]},
+        ]
+    }
+    assert observer_module.live_by_key(document) == {"a": 2, "b": 0}
+    with pytest.raises(observer_module.StatsReadError):
+        observer_module.live_by_key({"vassals": []})  # an emperor's document, not a router's
+
+
+def test_with_several_keys_a_sample_counts_the_key_with_fewest_nodes() -> None:
+    documents = iter(
+        [
+            {"subscriptions": [{"key": "a", "nodes": [{"death_mark": 0}] * 3}]},  # b is gone
+            {"subscriptions": [{"key": k, "nodes": [{"death_mark": 0}] * 2} for k in "ab"]},
+        ]
+    )
+    watched = RouterObserver("/nowhere", keys=["a", "b"], reader=lambda address: next(documents))
+    first, second = watched.sample_once(), watched.sample_once()
+    assert first is not None and second is not None
+    assert (first.live, second.live) == (0, 2)
+    assert watched.min_live_by_key() == {"a": 2, "b": 0}
+
+
+def end_state(**changes: Any) -> EndState:
+    state = EndState(
+        exit_code=0,
+        at=1.0,
+        accepting={"v_01.ini": True, "v_02.ini": True},
+        workers={"v_01.ini": [11], "v_02.ini": [12]},
+        live_nodes={"k": ["/run/v_01.sock", "/run/v_02.sock"]},
+    )
+    return dataclasses.replace(state, **changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "wrong"),
+    [
+        ({}, []),
+        ({"exit_code": 1, "live_nodes": {}}, []),  # only an exit 0 claims the end state
+        ({"live_nodes": {"k": ["/run/v_01.sock"]}}, ["v_02 not live in the router"]),
+        ({"accepting": {"v_01.ini": True, "v_02.ini": False}}, ["v_02 not accepting"]),
+        ({"accepting": {"v_01.ini": True}}, ["v_02 missing"]),
+        ({"workers": {"v_01.ini": [11], "v_02.ini": [2]}}, ["v_02 on an old worker"]),
+        ({"error": "ConnectionRefusedError"}, ["stats unreadable at exit: ConnectionRefusedError"]),
+    ],
+)
+def test_the_end_state_at_exit_0(changes: dict[str, Any], wrong: list[str]) -> None:
+    run = ReloadRun(
+        cast(LoadReport, None),
+        RouterObserver("/nowhere"),
+        workers_before={"v_01.ini": [1], "v_02.ini": [2]},
+        workers_after={"v_01.ini": [11], "v_02.ini": [12]},
+        end_state=end_state(**changes),
+    )
+    assert run.end_state_problems() == wrong
+
+
+def test_a_vassal_missing_after_the_reload_was_not_replaced() -> None:
+    run = ReloadRun(
+        cast(LoadReport, None),
+        RouterObserver("/nowhere"),
+        workers_before={"v_01.ini": [1], "v_02.ini": [2]},
+        workers_after={"v_01.ini": [11]},
+    )
+    assert run.replaced() == ["v_01.ini"]

@@ -23,7 +23,12 @@ def _phase(requests: int, failures: int = 0) -> Any:
 
 
 def scripted_run(
-    *, gap: float = 0.005, live: int = 2, during_failures: int = 0, after_failures: int = 0
+    *,
+    gap: float = 0.005,
+    live: int = 2,
+    during_failures: int = 0,
+    after_failures: int = 0,
+    returncode: int = 0,
 ) -> ReloadRun:
     """A clean run of 1 s, but for what the arguments change."""
     observer = RouterObserver("/nowhere", key="k")
@@ -37,7 +42,9 @@ def scripted_run(
         started=0.0,
         ended=1.0,
         failed=failed,
-        reload=ReloadInfo("reload", started=0.1, ended=0.9, returncode=0, stdout="", stderr=""),
+        reload=ReloadInfo(
+            "reload", started=0.1, ended=0.9, returncode=returncode, stdout="", stderr=""
+        ),
         total=_phase(1000, during_failures + after_failures),
         before=_phase(300),
         during=_phase(400, during_failures),
@@ -94,3 +101,19 @@ def test_failures_allowed_during_the_reload_only() -> None:
     assert run is clean and len(rows) == 2
     after = scripted_run(gap=BLIND, after_failures=3)
     assert run_observed([after, clean], failures_allowed=True) == (after, ["point"])
+
+
+def test_a_blind_run_with_the_wrong_exit_code_is_not_measured_again() -> None:
+    wrong = scripted_run(gap=BLIND, returncode=1)
+    assert run_observed([wrong, scripted_run()]) == (wrong, ["point"])
+    # an exit code the test expects does not stop the retries
+    expected = scripted_run(gap=BLIND, returncode=130)
+    clean = scripted_run(returncode=130)
+    result = run_observed([expected, clean], expected_exit=130)
+    assert result == (clean, ["point", "point (attempt 2)"])
+
+
+def test_a_blind_run_the_test_itself_rejects_is_not_measured_again() -> None:
+    blind = scripted_run(gap=BLIND)
+    run, rows = run_observed([blind, scripted_run()], verify=lambda run: ["not what I expected"])
+    assert (run, rows) == (blind, ["point"])

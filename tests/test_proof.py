@@ -17,10 +17,124 @@ import pytest
 
 from uwsgi_reload_harness import render
 from uwsgi_reload_harness.stack import Stack
+from uwsgi_reload_harness.zero_downtime import (
+    reload_loses_no_request,
+    reloads_twice_in_one_second,
+)
+from uwsgi_reload_loadtests.measure import Broken, ReloadRun, reload_under_load
 
 pytestmark = [pytest.mark.e2e]
 
 MakeStack = Callable[..., Stack]
+Record = Callable[[dict[str, object]], None]
+PROCEDURES = Path(__file__).with_name("reload_procedures.py")
+#: seconds a wrong procedure waits for a reload the emperor never started
+GIVE_UP = 3
+#: a stack with two fastrouter keys, not as many vassals under each
+TWO_KEYS = {"vassals": 3, "extra_keys": (("other.test", 2),)}
+
+
+def procedure(stack: Stack, mode: str, minimum: int, timeout: float = 60) -> list[str]:
+    """One of ``tests/reload_procedures.py``'s procedures, for this stack."""
+    stats = [stack.emperor_stats, stack.fastrouter_stats]
+    limits = ["--minimum", str(minimum), "--timeout", f"{timeout:g}"]
+    return [sys.executable, str(PROCEDURES), mode, str(stack.emperor_path), *stats, *limits]
+
+
+def template(mode: str, timeout: float = 60) -> str:
+    """The same, as a ``--reload-command`` template."""
+    fields = "{emperor_path} {emperor_stats} {fastrouter_stats} --minimum {minimum}"
+    return f"{{python}} {PROCEDURES} {mode} {fields} --timeout {timeout:g}"
+
+
+def kinds(run: ReloadRun, minimum: int) -> set[Broken]:
+    return {problem.kind for problem in run.problems(minimum)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Controls: each wrong procedure fails the check
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_control_plain_touch_falls_into_the_future_mtime_trap(
+    make_uwsgi_stack: MakeStack, record_reload: Record
+) -> None:
+    stack = make_uwsgi_stack(vassals=2, link_mtime_offset=3600)
+    run = reload_under_load(stack, procedure(stack, "plain-touch", 1, timeout=GIVE_UP))
+    record_reload(run.row("control: plain touch, mtime in the future", 1))
+    assert run.returncode != 0, run.output  # it waited for a reload that never came
+    assert Broken.NOT_REPLACED in kinds(run, 1), run.check(1)
+
+
+@pytest.mark.slow
+def test_control_plain_touch_falls_into_the_same_second_trap(
+    make_uwsgi_stack: MakeStack, record_reload: Record
+) -> None:
+    stack = make_uwsgi_stack(vassals=2)
+    wrong = template("plain-touch", timeout=GIVE_UP)
+    run, missed = reloads_twice_in_one_second(stack, wrong, record_reload, "control: same second")
+    assert run.returncode != 0, run.output
+    assert missed, run.output  # the first vassal was reloaded once, not twice
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("minimum", [2, 3])
+def test_control_one_fewer_than_the_minimum_is_caught(
+    make_uwsgi_stack: MakeStack, record_reload: Record, minimum: int
+) -> None:
+    """A dip that stays above zero: no request need fail, only the observer sees it."""
+    stack = make_uwsgi_stack(vassals=4)
+    run = reload_under_load(stack, procedure(stack, "one-fewer", minimum))
+    record_reload(run.row(f"control: one fewer than {minimum}", minimum))
+    assert run.returncode == 0, run.output
+    assert Broken.BELOW_MINIMUM in kinds(run, minimum), run.check(minimum)
+    assert run.observer.min_live == minimum - 1
+
+
+@pytest.mark.slow
+def test_control_exit_before_the_last_vassal_is_back_is_caught(
+    make_uwsgi_stack: MakeStack, record_reload: Record
+) -> None:
+    stack = make_uwsgi_stack(vassals=3)
+    run = reload_under_load(stack, procedure(stack, "early-exit", 1))
+    record_reload(run.row("control: exit before back", 1))
+    assert run.returncode == 0, run.output
+    assert Broken.END_STATE in kinds(run, 1), run.check(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several fastrouter keys: the minimum holds per key
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("minimum", [1, 2])
+def test_several_keys_each_keep_the_minimum(
+    make_uwsgi_stack: MakeStack, reload_template: str, record_reload: Record, minimum: int
+) -> None:
+    stack = make_uwsgi_stack(**TWO_KEYS)
+    name = f"two keys (3 + 2 vassals), minimum {minimum}"
+    run = reload_loses_no_request(stack, reload_template, record_reload, minimum, name)
+    seen = run.observer.min_live_by_key()
+    assert set(seen) == {"domain.tld", "other.test"}
+    assert min(seen.values()) >= minimum, seen
+
+
+@pytest.mark.slow
+def test_control_minimum_counted_over_all_keys_together_is_caught(
+    make_uwsgi_stack: MakeStack, record_reload: Record
+) -> None:
+    stack = make_uwsgi_stack(**TWO_KEYS)
+    run = reload_under_load(stack, procedure(stack, "all-keys", 1))
+    record_reload(run.row("control: minimum over all keys", 1))
+    assert Broken.BELOW_MINIMUM in kinds(run, 1), run.check(1)
+    assert run.observer.min_live_by_key()["domain.tld"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Lock scope
+# ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
