@@ -496,9 +496,16 @@ def reload_stage(
     return Stage.BACK
 
 
-def touch_mtime(now: float, last_mod: int) -> int:
-    """A whole-second mtime the emperor will see as newer: it compares ``st_mtime > last_mod``."""
-    return max(int(now), last_mod + 1)
+def touch_mtime(now: float, last_mod: int, current: float | None = None) -> int:
+    """A whole-second mtime the emperor will see as newer: it compares ``st_mtime > last_mod``.
+
+    ``current``: the config's own mtime. When someone else touched it in the same second and the
+    emperor has not rescanned yet, ``last_mod`` is the old one and ``last_mod + 1`` may equal
+    that pending mtime: the emperor would then register one reload, for the other touch, and
+    ours would be lost. Past both, the reload it registers comes after our touch.
+    """
+    newest = last_mod if current is None else max(last_mod, int(current))
+    return max(int(now), newest + 1)
 
 
 def pick_reloads(
@@ -1249,6 +1256,12 @@ def check_fleet(fleet: Sequence[VassalReload], snapshot: Snapshot, minimum: int)
             )
 
 
+#: Reads of the emperor's stats, this far apart, before a link whose mtime the emperor has not
+#: taken counts as followed (it may be a touch the emperor has not rescanned yet).
+FOLLOW_RECHECKS = 10
+FOLLOW_RECHECK_INTERVAL = 0.1
+
+
 def emperor_follows_link(config: str, vassal: EmperorVassal) -> bool:
     """True when the emperor's last_mod is the link target's mtime, not the link's own.
 
@@ -1265,7 +1278,9 @@ def emperor_follows_link(config: str, vassal: EmperorVassal) -> bool:
 
 
 def touch(config: str, mtime: int) -> None:
-    """Set the mtime of the config itself: a link is touched, never its target."""
+    """Set the mtime of the config itself: a link is touched, never its target. The mtime also
+    moves past the config's current one (``touch_mtime``): a touch pending in the same second."""
+    mtime = touch_mtime(mtime, mtime - 1, os.lstat(config).st_mtime)
     os.utime(config, ns=(mtime * 10**9, mtime * 10**9), follow_symlinks=False)
 
 
@@ -1456,6 +1471,16 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
     configs = find_configs(options.emperor_path, options.vassal_config_file_suffix)
     fleet = plan_fleet(configs, options.vassal_config_file_suffix)
     first = io.snapshot(options)
+    for _ in range(FOLLOW_RECHECKS):
+        if not any(
+            v.id in first.vassals and emperor_follows_link(v.config, first.vassals[v.id])
+            for v in fleet
+        ):
+            break
+        # A link touched a moment ago (another deploy step) looks the same as a followed link
+        # until the emperor rescans; each stats read makes it rescan (core/emperor.c).
+        io.sleep(FOLLOW_RECHECK_INTERVAL)
+        first = io.snapshot(options)
     check_fleet(fleet, first, options.minimum_active_vassals)
     started_wall, started = io.wall_clock(), io.clock()
     if options.dry_run:

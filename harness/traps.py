@@ -21,6 +21,9 @@ import sys
 import time
 from collections.abc import Sequence
 
+#: What the wrapper prints (on stderr) before the command's output, with the trap's second.
+TRAP_LINE = "same-second trap: config touched at "
+
 
 def same_second(link: str, command: Sequence[str]) -> int:
     now = time.time()
@@ -29,6 +32,7 @@ def same_second(link: str, command: Sequence[str]) -> int:
     time.sleep(math.ceil(now) - now + 0.001)
     second = int(time.time())
     os.utime(link, (second, second), follow_symlinks=False)
+    print(f"{TRAP_LINE}{second}", file=sys.stderr, flush=True)
     child = subprocess.Popen(command)
 
     def forward(signum: int, frame: object) -> None:

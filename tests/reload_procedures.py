@@ -79,7 +79,10 @@ def trigger(link: Path, emperor: str, *, plain: bool = False) -> dict[str, Any]:
     if before is None:
         raise SystemExit(f"reload_procedures: the emperor does not know {link.name}")
     now = int(time.time())
-    mtime = now if plain else max(now, int(before["last_mod"]) + 1)
+    # past what the emperor registered and past the link's own mtime: a touch it has not
+    # rescanned yet (someone else's, in this same second) would otherwise swallow this one
+    newest = max(int(before["last_mod"]), int(link.lstat().st_mtime))
+    mtime = now if plain else max(now, newest + 1)
     os.utime(link, (mtime, mtime), follow_symlinks=False)
     return before
 

@@ -17,9 +17,13 @@ import pytest
 
 from uwsgi_reload_harness import render
 from uwsgi_reload_harness.stack import Stack
-from uwsgi_reload_harness.zero_downtime import (
+
+# The traps ship with the package (any procedure must pass them); collected here as well.
+from uwsgi_reload_harness.zero_downtime import (  # noqa: F401
     reload_loses_no_request,
     reloads_twice_in_one_second,
+    test_a_second_reload_within_one_second_is_not_lost,
+    test_configs_with_a_future_mtime_are_reloaded,
 )
 from uwsgi_reload_loadtests.measure import Broken, ReloadRun, reload_under_load
 
@@ -31,7 +35,7 @@ PROCEDURES = Path(__file__).with_name("reload_procedures.py")
 #: seconds a wrong procedure waits for a reload the emperor never started
 GIVE_UP = 3
 #: a stack with two fastrouter keys, not as many vassals under each
-TWO_KEYS = {"vassals": 3, "extra_keys": (("other.test", 2),)}
+TWO_KEYS = {"vassals": 4, "extra_keys": (("other.test", 3),)}
 
 
 def procedure(stack: Stack, mode: str, minimum: int, timeout: float = 60) -> list[str]:
@@ -73,9 +77,10 @@ def test_control_plain_touch_falls_into_the_same_second_trap(
 ) -> None:
     stack = make_uwsgi_stack(vassals=2)
     wrong = template("plain-touch", timeout=GIVE_UP)
-    run, missed = reloads_twice_in_one_second(stack, wrong, record_reload, "control: same second")
-    assert run.returncode != 0, run.output
-    assert missed, run.output  # the first vassal was reloaded once, not twice
+    run, lost = reloads_twice_in_one_second(stack, wrong, record_reload, "control: same second")
+    # Fooled, it may even exit 0: the emperor's registration of the trap's own touch looks like
+    # the reload it asked for. Only the registered mtime tells.
+    assert lost, run.output
 
 
 @pytest.mark.slow
@@ -114,7 +119,7 @@ def test_several_keys_each_keep_the_minimum(
     make_uwsgi_stack: MakeStack, reload_template: str, record_reload: Record, minimum: int
 ) -> None:
     stack = make_uwsgi_stack(**TWO_KEYS)
-    name = f"two keys (3 + 2 vassals), minimum {minimum}"
+    name = f"two keys (4 + 3 vassals), minimum {minimum}"
     run = reload_loses_no_request(stack, reload_template, record_reload, minimum, name)
     seen = run.observer.min_live_by_key()
     assert set(seen) == {"domain.tld", "other.test"}

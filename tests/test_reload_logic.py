@@ -93,6 +93,34 @@ def test_touch_mtime_moves_past_last_mod(now: float, last_mod: int, expected: in
     assert ur.touch_mtime(now, last_mod) > last_mod
 
 
+@pytest.mark.parametrize(
+    ("now", "last_mod", "current", "expected"),
+    [
+        (1000.2, 990, 1000.0, 1001),  # touched by someone else this second, not yet registered
+        (1000.2, 1000, 1000.0, 1001),  # registered: the same as without ``current``
+        (2000.7, 1000, 1000.0, 2000),
+        (999.0, 1000, 5000.0, 5001),  # a pending mtime from the future
+    ],
+)
+def test_touch_mtime_moves_past_a_pending_touch(
+    now: float, last_mod: int, current: float, expected: int
+) -> None:
+    assert ur.touch_mtime(now, last_mod, current) == expected
+
+
+def test_touch_moves_the_link_past_its_own_mtime(tmp_path: Path) -> None:
+    """Someone touched the config at second S and the emperor has not rescanned: our touch,
+    computed from the old ``last_mod``, would also be S and be lost."""
+    target = tmp_path / "vassal.ini"
+    target.write_text("[uwsgi]\n")
+    link = tmp_path / "vassal_01.ini"
+    link.symlink_to(target)
+    os.utime(link, (1000, 1000), follow_symlinks=False)
+    ur.touch(str(link), ur.touch_mtime(1000.2, 990))
+    assert link.lstat().st_mtime == 1001
+    assert target.stat().st_mtime != 1001  # the link, never its target
+
+
 K = frozenset({"k"})
 K2 = frozenset({"k2"})
 BOTH = frozenset({"k", "k2"})
