@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,32 +18,15 @@ from typing import Any
 import pytest
 
 import uwsgi_reload as ur
+from tests.stats_servers import StatsServer
 
 
-class CannedStats:
+class CannedStats(StatsServer):
     """A stats server: accept, write the payload, close."""
 
     def __init__(self, path: str, payload: bytes) -> None:
         self.path, self.payload = path, payload
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(16)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(self.payload)
-
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(5)
+        super().__init__(path, lambda: payload)
 
 
 def emperor_payload(ids: list[str], accepting: bool = True) -> dict[str, Any]:
