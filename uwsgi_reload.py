@@ -17,6 +17,8 @@ import dataclasses
 import enum
 import errno
 import fcntl
+import functools
+import ipaddress
 import json
 import math
 import os
@@ -136,6 +138,8 @@ class Node:
     cores: int = 0
     load: int = 0
     weight: int = 0
+    #: the fastrouter stats socket it was read from (``""``: the only one)
+    router: str = ""
 
     @property
     def live(self) -> bool:
@@ -199,8 +203,8 @@ def parse_emperor_stats(data: Mapping[str, Any]) -> dict[str, EmperorVassal]:
     return vassals
 
 
-def parse_fastrouter_stats(data: Mapping[str, Any]) -> list[Node]:
-    """Every node of every subscription key.
+def parse_fastrouter_stats(data: Mapping[str, Any], router: str = "") -> list[Node]:
+    """Every node of every subscription key (tagged with ``router``).
 
     Anything but the shape a fastrouter's stats server writes is a ``StatsError``.
     """
@@ -227,6 +231,7 @@ def parse_fastrouter_stats(data: Mapping[str, Any]) -> list[Node]:
                     cores=_int_field(node, "cores", what),
                     load=_int_field(node, "load", what),
                     weight=_int_field(node, "weight", what),
+                    router=router,
                 )
             )
     return nodes
@@ -244,6 +249,181 @@ def node_vassal_name(node_name: str) -> str:
     base = node_name.rstrip("/").rsplit("/", 1)[-1]
     stem, dot, _ = base.rpartition(".")
     return stem if dot else base
+
+
+# ---------------------------------------------------------------------------------------------
+# Which node is which vassal: the socket its master really listens on (/proc), or its name
+# ---------------------------------------------------------------------------------------------
+
+#: /proc/net/tcp{,6} state of a listening socket (include/net/tcp_states.h: TCP_LISTEN)
+TCP_LISTEN = "0A"
+#: /proc/net/unix flag of a listening socket (__SO_ACCEPTCON, include/linux/net.h)
+UNIX_ACCEPTCON = 0x10000
+
+
+def _host_port_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def canonical_address(name: str) -> str:
+    """A node or socket address in one spelling: ``127.0.0.2:3121``, ``[::1]:3121``; a unix
+    path (or anything that is not an IP and a port) as it is."""
+    if not _is_host_port(name):
+        return name
+    host, port = _split_host_port(name)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return name
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return _host_port_text(ip.compressed, port)
+
+
+def _proc_ip(hex_address: str) -> str:
+    """An address of /proc/net/tcp{,6}: 32-bit words in host (little-endian) byte order."""
+    words = [int(hex_address[i : i + 8], 16) for i in range(0, len(hex_address), 8)]
+    raw = b"".join(struct.pack("<I", word) for word in words)
+    ip = ipaddress.ip_address(raw)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.compressed
+
+
+def parse_proc_net_tcp(text: str) -> dict[int, str]:
+    """Listening sockets of /proc/net/tcp or /proc/net/tcp6: inode -> ``host:port``."""
+    found = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10 or fields[3] != TCP_LISTEN:
+            continue
+        hex_address, _, hex_port = fields[1].partition(":")
+        try:
+            found[int(fields[9])] = _host_port_text(_proc_ip(hex_address), int(hex_port, 16))
+        except ValueError:
+            continue
+    return found
+
+
+def parse_proc_net_unix(text: str) -> dict[int, str]:
+    """Listening unix sockets with a name, of /proc/net/unix: inode -> path (``@name``: an
+    abstract one)."""
+    found = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        try:
+            flags, inode = int(fields[3], 16), int(fields[6])
+        except ValueError:
+            continue
+        if flags & UNIX_ACCEPTCON:
+            found[inode] = fields[7]
+    return found
+
+
+def socket_inode(link: str) -> int | None:
+    """The inode of an fd link that is a socket (``socket:[12345]``)."""
+    if link.startswith("socket:[") and link.endswith("]") and link[8:-1].isdigit():
+        return int(link[8:-1])
+    return None
+
+
+def listening_sockets(pid: int, proc: str = "/proc") -> tuple[str, ...]:
+    """The addresses a process listens on, as node names spell them; ``()`` when its fds cannot
+    be read (another user's process, or gone)."""
+    fd_dir = os.path.join(proc, str(pid), "fd")
+    inodes = set()
+    try:
+        for fd in os.listdir(fd_dir):
+            try:
+                inode = socket_inode(os.readlink(os.path.join(fd_dir, fd)))
+            except OSError:
+                continue  # closed meanwhile
+            if inode is not None:
+                inodes.add(inode)
+    except OSError:
+        return ()
+    table: dict[int, str] = {}
+    for name, parse in (("tcp", parse_proc_net_tcp), ("tcp6", parse_proc_net_tcp)):
+        table.update(_read_table(os.path.join(proc, "net", name), parse))
+    table.update(_read_table(os.path.join(proc, "net", "unix"), parse_proc_net_unix))
+    return tuple(sorted({table[i] for i in inodes if i in table}))
+
+
+def _read_table(path: str, parse: Callable[[str], dict[int, str]]) -> dict[int, str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return parse(f.read())
+    except OSError:
+        return {}
+
+
+def is_local_host(host: str) -> bool:
+    """An address of this machine: binding to it works (EADDRNOTAVAIL otherwise)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if ip.is_loopback:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _wildcard_port(address: str) -> tuple[int, int] | None:
+    """(IP version, port) of a bind on every address (``0.0.0.0:P``: 4, ``[::]:P``: 6)."""
+    if not _is_host_port(address):
+        return None
+    host, port = _split_host_port(address)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (ip.version, port) if ip.is_unspecified else None
+
+
+def node_addresses(
+    listening: Iterable[str], node_names: Iterable[str], is_local: Callable[[str], bool]
+) -> frozenset[str]:
+    """The node names a vassal listening on ``listening`` is announced as: each socket's own
+    address, and for a bind on every address (``0.0.0.0``, ``::``) the nodes on its port whose
+    host is an address of this machine (another host's node on the same port is not ours)."""
+    addresses = set()
+    wildcards = set()
+    for address in listening:
+        wildcard = _wildcard_port(address)
+        if wildcard is None:
+            addresses.add(canonical_address(address))
+        else:
+            wildcards.add(wildcard)
+    for name in node_names:
+        canonical = canonical_address(name)
+        if not wildcards or not _is_host_port(canonical):
+            continue
+        host, port = _split_host_port(canonical)
+        try:
+            version = ipaddress.ip_address(host).version
+        except ValueError:
+            continue
+        # a [::] bind takes IPv4 too unless IPV6_V6ONLY (the Linux default is dual-stack)
+        fits = (4, port) in wildcards if version == 4 else False
+        if (fits or (6, port) in wildcards) and is_local(host):
+            addresses.add(canonical)
+    return frozenset(addresses)
+
+
+def owns(name: str, addresses: frozenset[str], node_name: str) -> bool:
+    """The node is the vassal's: its address is one the vassal listens on (``addresses``, from
+    /proc), or, when those are not known, the node's socket is named after the vassal."""
+    if addresses:
+        return canonical_address(node_name) in addresses
+    return node_vassal_name(node_name) == name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +529,11 @@ class Subscription:
 
 
 def subscriptions(command: Command, nodes: Iterable[Node]) -> tuple[Subscription, ...]:
-    return tuple(Subscription(command, n) for n in nodes)
+    """One packet per (key, node name): the caller sends each to every subscription server."""
+    seen: dict[tuple[str, str], Node] = {}
+    for n in nodes:
+        seen.setdefault((n.key, n.name), n)
+    return tuple(Subscription(command, n) for n in seen.values())
 
 
 def send_datagram(address: str, data: bytes) -> None:
@@ -436,22 +620,56 @@ def probe_node(node_name: str, key: str, path: str, timeout: float) -> ProbeResu
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
-    """What the emperor and the fastrouter said in one poll."""
+    """What the emperor and the fastrouters said in one poll."""
 
     vassals: Mapping[str, EmperorVassal]
+    #: the nodes of every router (``Node.router`` says which)
     nodes: Sequence[Node]
+    #: the fastrouters read; a node is live only when it is live in every one of them
+    routers: tuple[str, ...] = ("",)
+    #: the routers that could not be read this time: nothing counts as live there
+    unreadable: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def live_nodes(self) -> tuple[Node, ...]:
+        """One node per (key, name) that is live in every router."""
+        if self.unreadable:
+            return ()
+        live_in: dict[tuple[str, str], set[str]] = {}
+        first: dict[tuple[str, str], Node] = {}
+        for node in self.nodes:
+            if node.live:
+                live_in.setdefault((node.key, node.name), set()).add(node.router)
+                first.setdefault((node.key, node.name), node)
+        every = set(self.routers)
+        return tuple(node for kn, node in first.items() if live_in[kn] >= every)
 
 
-def live_keys(vassal: EmperorVassal | None, name: str, nodes: Iterable[Node]) -> frozenset[str]:
+def live_keys(
+    vassal: EmperorVassal | None,
+    name: str,
+    nodes: Iterable[Node],
+    addresses: frozenset[str] = frozenset(),
+) -> frozenset[str]:
     """The fastrouter keys under which this vassal is live; empty when it is not live.
 
-    Live means the emperor says accepting and the vassal's node is subscribed with death_mark 0.
+    Live means the emperor says accepting and the vassal's node is subscribed with death_mark 0
+    (pass ``Snapshot.live_nodes``: live in every router). ``addresses``: see ``owns``.
     """
     if vassal is None or not vassal.accepting:
         return frozenset()
-    return frozenset(
-        node.key for node in nodes if node.live and node_vassal_name(node.name) == name
-    )
+    return frozenset(node.key for node in nodes if node.live and owns(name, addresses, node.name))
+
+
+def others_live(nodes: Iterable[Node], fleet: Iterable[VassalReload]) -> dict[str, int]:
+    """Per key, the live nodes that are no vassal of ``fleet``: other hosts' (or vassals of this
+    emperor this run does not reload). They count for the minimum and are never touched."""
+    mine = [(v.name, v.addresses) for v in fleet]
+    counts: dict[str, int] = {}
+    for node in nodes:
+        if node.live and not any(owns(name, addrs, node.name) for name, addrs in mine):
+            counts[node.key] = counts.get(node.key, 0) + 1
+    return counts
 
 
 def reload_registered(baseline: EmperorVassal, current: EmperorVassal | None) -> bool:
@@ -513,15 +731,17 @@ def pick_reloads(
     live: Mapping[str, frozenset[str]],
     minimum: int,
     free_slots: int | None,
+    others: Mapping[str, int] | None = None,
 ) -> list[str]:
     """Which of ``candidates`` (in order) may start reloading now.
 
     ``live`` maps every vassal counted as live (in-flight and timed-out ones already left out) to
     its keys. A vassal that is not live costs nothing and may always go; a live one may go only if
     every key it serves keeps at least ``minimum`` live vassals without it. Not-live vassals go
-    first. ``free_slots`` caps the number started (``None``: no cap).
+    first. ``free_slots`` caps the number started (``None``: no cap). ``others``: per key, the
+    live nodes that are not candidates' (other hosts'): they count for the minimum too.
     """
-    per_key: dict[str, int] = {}
+    per_key: dict[str, int] = dict(others or {})
     for keys in live.values():
         for key in keys:
             per_key[key] = per_key.get(key, 0) + 1
@@ -566,6 +786,9 @@ class Phase(enum.Enum):
     TIMED_OUT = enum.auto()
     PROBE_FAILED = enum.auto()
     TOUCH_FAILED = enum.auto()
+    #: drained, but a router still had its node live at the drain timeout: that router never
+    #: acted on the unsubscribe (UDP tells no error); not touched, and nothing more starts
+    DRAIN_IGNORED = enum.auto()
     NOT_STARTED = enum.auto()
     #: still in flight when the run was given up (interrupted, stats unreadable)
     ABANDONED = enum.auto()
@@ -582,7 +805,9 @@ IN_FLIGHT = frozenset(
     }
 )
 #: Phases in which a vassal counts as live when the stats show it live: untouched, or reloaded.
-COUNTS_LIVE = frozenset({Phase.PENDING, Phase.BACK, Phase.NOT_STARTED, Phase.TOUCH_FAILED})
+COUNTS_LIVE = frozenset(
+    {Phase.PENDING, Phase.BACK, Phase.NOT_STARTED, Phase.TOUCH_FAILED, Phase.DRAIN_IGNORED}
+)
 
 
 class NotStarted(enum.Enum):
@@ -613,6 +838,9 @@ class VassalReload:
     name: str
     config: str
     phase: Phase = Phase.PENDING
+    #: the node names it is announced as, from the sockets its master listens on (``owns``);
+    #: empty: a node is its when the node's socket is named after it
+    addresses: frozenset[str] = frozenset()
     #: the emperor's view when the run first saw it; ``baseline`` when it started reloading
     initial: EmperorVassal | None = None
     baseline: EmperorVassal | None = None
@@ -625,6 +853,8 @@ class VassalReload:
     drained: float | None = None
     #: requests still in flight when its drain timed out (``None``: it drained in time)
     drain_left: int | None = None
+    #: the routers that still had it live at the drain timeout (``Phase.DRAIN_IGNORED``)
+    ignored_by: tuple[str, ...] = ()
     #: its fastrouter nodes when it was picked: what the fast-return subscribe announces
     nodes: tuple[Node, ...] = ()
     #: the in-flight phase it was in when it timed out or the run was given up
@@ -717,16 +947,20 @@ def _event(v: VassalReload, kind: EventKind, now: float, **details: Any) -> Even
     return Event(now, v, kind, v.phase, **details)
 
 
-def nodes_of(name: str, nodes: Iterable[Node]) -> list[Node]:
-    """The fastrouter nodes of one vassal, live or not, under any key."""
-    return [n for n in nodes if node_vassal_name(n.name) == name]
+def nodes_of(
+    name: str, nodes: Iterable[Node], addresses: frozenset[str] = frozenset()
+) -> list[Node]:
+    """The fastrouter nodes of one vassal, live or not, under any key, in any router."""
+    return [n for n in nodes if owns(name, addresses, n.name)]
 
 
-def drain_done(name: str, nodes: Iterable[Node]) -> tuple[bool, int]:
+def drain_done(
+    name: str, nodes: Iterable[Node], addresses: frozenset[str] = frozenset()
+) -> tuple[bool, int]:
     """(drained, requests in flight): drained when no node of the vassal is live and none has a
-    request in flight through the router. An unsubscribed node with ``ref`` 0 is removed at once,
+    request in flight, in any router. An unsubscribed node with ``ref`` 0 is removed at once,
     one with requests in flight only death-marked (plugins/corerouter/cr_common.c)."""
-    mine = nodes_of(name, nodes)
+    mine = nodes_of(name, nodes, addresses)
     in_flight = sum(n.ref for n in mine)
     return not any(n.live for n in mine) and in_flight == 0, in_flight
 
@@ -770,6 +1004,8 @@ class Rollout:
         self.abandoned: str | None = None
         #: the last snapshot stepped on: what a probe's answer is weighed against
         self._last: Snapshot | None = None
+        #: per draining vassal, the routers seen without a live node of it since its unsubscribe
+        self._acted: dict[str, set[str]] = {}
 
     def in_phase(self, *phases: Phase) -> list[VassalReload]:
         return [v for v in self.vassals.values() if v.phase in phases]
@@ -805,7 +1041,8 @@ class Rollout:
         live = {}
         for v in self.vassals.values():
             if v.phase in COUNTS_LIVE:
-                keys = live_keys(snapshot.vassals.get(v.id), v.name, snapshot.nodes)
+                current = snapshot.vassals.get(v.id)
+                keys = live_keys(current, v.name, snapshot.live_nodes, v.addresses)
                 if keys:
                     live[v.id] = keys
         return live
@@ -813,7 +1050,8 @@ class Rollout:
     def _observe(self, v: VassalReload, snapshot: Snapshot) -> Stage:
         assert v.baseline is not None
         current = snapshot.vassals.get(v.id)
-        return reload_stage(v.baseline, current, live_keys(current, v.name, snapshot.nodes))
+        keys = live_keys(current, v.name, snapshot.live_nodes, v.addresses)
+        return reload_stage(v.baseline, current, keys)
 
     def step(self, snapshot: Snapshot, now: float) -> list[Event]:
         """Record who is back or timed out, drain, then mark the vassals that may start now.
@@ -830,10 +1068,15 @@ class Rollout:
         if probes or self.in_phase(Phase.PROBING):
             return events + probes
         events += self._keep_out(snapshot, now)
+        if snapshot.unreadable:
+            # Nothing is live there: no drain is done, nothing may start, no count is known.
+            return events
         for v in self.draining():
             events += self._drain(v, snapshot, now)
         live = self._live(snapshot)
+        others = others_live(snapshot.live_nodes, self.vassals.values())
         counts: dict[str, int] = dict.fromkeys(self.lowest_live, 0)
+        counts.update(others)
         for keys in live.values():
             for key in keys:
                 counts[key] = counts.get(key, 0) + 1
@@ -844,13 +1087,15 @@ class Rollout:
             return events
         free = None if self.max_parallel is None else self.max_parallel - len(self.in_flight())
         candidates = [v.id for v in self.pending() if v.id in snapshot.vassals]
-        for vassal_id in pick_reloads(candidates, live, self.minimum, free):
+        for vassal_id in pick_reloads(candidates, live, self.minimum, free, others):
             v = self.vassals[vassal_id]
             v.baseline = snapshot.vassals[vassal_id]
-            v.nodes = tuple(nodes_of(v.name, snapshot.nodes))
+            v.nodes = tuple(nodes_of(v.name, snapshot.nodes, v.addresses))
+            # live in any router: a node live in one router only is drained from it too
             live_nodes = tuple(n for n in v.nodes if n.live)
-            if self.subscriptions and vassal_id in live and live_nodes:
+            if self.subscriptions and v.baseline.accepting and live_nodes:
                 v.drain_started, v.phase = now, Phase.DRAINING
+                self._acted[v.id] = set()
                 send = subscriptions(Command.UNSUBSCRIBE, live_nodes)
                 events.append(_event(v, EventKind.DRAINING, now, send=send))
                 continue
@@ -916,7 +1161,8 @@ class Rollout:
     def _probe_target(self, v: VassalReload, snapshot: Snapshot) -> Node | None:
         """The node to probe: as it is in the router now, or as it was when the vassal was picked
         (the socket path is the same across a reload)."""
-        known = sorted(nodes_of(v.name, snapshot.nodes) or v.nodes, key=lambda n: (n.key, n.name))
+        mine = nodes_of(v.name, snapshot.nodes, v.addresses)
+        known = sorted(mine or v.nodes, key=lambda n: (n.key, n.name))
         return known[0] if known else None
 
     def _fast_return(
@@ -977,7 +1223,7 @@ class Rollout:
     def _unsubscribe_again(self, v: VassalReload, snapshot: Snapshot, now: float) -> list[Event]:
         """Its master re-announces every subscribe-freq cycles (core/master.c), undoing our
         unsubscribe: send it again whenever its node shows up live."""
-        again = [n for n in nodes_of(v.name, snapshot.nodes) if n.live]
+        again = [n for n in nodes_of(v.name, snapshot.nodes, v.addresses) if n.live]
         if not again:
             return []
         send = subscriptions(Command.UNSUBSCRIBE, again)
@@ -1001,9 +1247,17 @@ class Rollout:
             v.drained, v.triggered, v.phase = now - v.drain_started, now, Phase.STARTING
             pids = (v.baseline.pid, current.pid)
             return [_event(v, EventKind.RESTARTED, now, pids=pids)]
-        drained, in_flight = drain_done(v.name, snapshot.nodes)
-        events = [] if drained else self._unsubscribe_again(v, snapshot, now)
+        mine = nodes_of(v.name, snapshot.nodes, v.addresses)
+        acted = self._acted.setdefault(v.id, set())
+        live_in = {n.router for n in mine if n.live}
+        acted.update(r for r in snapshot.routers if r not in live_in)
+        drained, in_flight = drain_done(v.name, snapshot.nodes, v.addresses)
         took = now - v.drain_started
+        if not drained and took >= self.drain_timeout:
+            ignored = tuple(r for r in snapshot.routers if r in live_in and r not in acted)
+            if ignored:
+                return self._drain_ignored(v, ignored, now)
+        events = [] if drained else self._unsubscribe_again(v, snapshot, now)
         if drained:
             kind = EventKind.TRIGGERED_DRAINED
         elif took >= self.drain_timeout:
@@ -1015,6 +1269,21 @@ class Rollout:
         v.triggered, v.phase = now, Phase.RELOADING
         events.append(_event(v, kind, now))
         return events
+
+    def _drain_ignored(self, v: VassalReload, routers: tuple[str, ...], now: float) -> list[Event]:
+        """A router had the node live all along: it never acted on the unsubscribe (a
+        subscription server of another router, or none at that address: UDP tells no error).
+        Touching it would send requests into its restart; so it is not touched, it goes back
+        where it was taken out, and nothing more starts (the next drain would go the same way).
+        It still counts as live: the minimum holds as before."""
+        v.drained, v.ignored_by, v.phase = (
+            now - (v.drain_started or now),
+            routers,
+            Phase.DRAIN_IGNORED,
+        )
+        if self.stopped_by is None:
+            self.stopped_by = v
+        return [_event(v, EventKind.FAILED, now, send=self._put_back(v))]
 
     def _stop(self, now: float) -> list[Event]:
         """Nothing more starts: pending vassals are not started, drained ones go back untouched."""
@@ -1072,6 +1341,7 @@ _OUTCOMES = {
     Phase.TIMED_OUT: Outcome.TIMED_OUT,
     Phase.PROBE_FAILED: Outcome.FAILED,
     Phase.TOUCH_FAILED: Outcome.FAILED,
+    Phase.DRAIN_IGNORED: Outcome.FAILED,
     Phase.NOT_STARTED: Outcome.NOT_STARTED,
 }
 
@@ -1112,6 +1382,8 @@ def vassal_detail(v: VassalReload, rollout: Rollout) -> str:
         return detail
     if v.phase is Phase.TOUCH_FAILED:
         return f"cannot touch: {v.touch_error}"
+    if v.phase is Phase.DRAIN_IGNORED:
+        return drain_ignored_text(v, rollout)
     if v.phase is not Phase.NOT_STARTED:
         return ""
     if v.not_started is NotStarted.UNKNOWN:
@@ -1120,11 +1392,26 @@ def vassal_detail(v: VassalReload, rollout: Rollout) -> str:
         return f"reloading it would leave fewer than {rollout.minimum} live"
     if v.not_started is NotStarted.STOPPED:
         assert rollout.stopped_by is not None
-        failed = "touch" if rollout.stopped_by.phase is Phase.TOUCH_FAILED else "probe"
+        failed = _STOPPED_BY.get(rollout.stopped_by.phase, "probe")
         reason = f"the {failed} of {rollout.stopped_by.name} failed"
     else:
         reason = str(rollout.abandoned)
     return reason if v.drain_started is None else f"{reason} (was draining, not touched)"
+
+
+_STOPPED_BY = {Phase.TOUCH_FAILED: "touch", Phase.DRAIN_IGNORED: "drain"}
+
+
+def _router_name(router: str) -> str:
+    return f"fastrouter {router}" if router else "the fastrouter"
+
+
+def drain_ignored_text(v: VassalReload, rollout: Rollout) -> str:
+    routers = ", ".join(_router_name(r) for r in v.ignored_by)
+    return (
+        f"not drained: {routers} still had it live {rollout.drain_timeout:g}s after the "
+        "unsubscribe (is --subscription-server that router's subscription server?); not touched"
+    )
 
 
 def drain_timeout_text(v: VassalReload, rollout: Rollout) -> str:
@@ -1167,7 +1454,7 @@ def event_text(event: Event, rollout: Rollout) -> str:
         what = f"timed out after {rollout.timeout:g}s: {vassal_detail(v, rollout)}"
         return f"{what}; subscribed again" if event.send else what
     if kind is EventKind.FAILED:
-        if event.phase is Phase.TOUCH_FAILED:
+        if event.phase in (Phase.TOUCH_FAILED, Phase.DRAIN_IGNORED):
             what = f"failed: {vassal_detail(v, rollout)}; nothing more starts"
             return f"{what}; subscribed again" if event.send else what
         assert event.result is not None

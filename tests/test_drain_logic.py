@@ -27,7 +27,7 @@ from tests.test_reload_logic import SimStack, SimVassal, fleet, run_on, vassal
 KEY = "domain.tld"
 
 
-def node(name: str = "/run/a.sock", key: str = KEY, **fields: int) -> ur.Node:
+def node(name: str = "/run/a.sock", key: str = KEY, **fields: Any) -> ur.Node:
     return ur.Node(key=key, name=name, death_mark=bool(fields.pop("dead", 0)), ref=0, **fields)
 
 
