@@ -627,8 +627,8 @@ class Snapshot:
     nodes: Sequence[Node]
     #: the fastrouters read; a node is live only when it is live in every one of them
     routers: tuple[str, ...] = ("",)
-    #: the routers that could not be read this time: nothing counts as live there
-    unreadable: tuple[str, ...] = ()
+    #: the routers that could not be read this time, with why: nothing counts as live there
+    unreadable: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def live_nodes(self) -> tuple[Node, ...]:
@@ -841,6 +841,8 @@ class VassalReload:
     #: the node names it is announced as, from the sockets its master listens on (``owns``);
     #: empty: a node is its when the node's socket is named after it
     addresses: frozenset[str] = frozenset()
+    #: what /proc showed its master listening on when the run began (``locate``)
+    listening: tuple[str, ...] = ()
     #: the emperor's view when the run first saw it; ``baseline`` when it started reloading
     initial: EmperorVassal | None = None
     baseline: EmperorVassal | None = None
@@ -880,6 +882,7 @@ class VassalReload:
             "duration": _round(self.duration),
             "drain": _round(self.drained),
             "drain_timed_out": self.drain_left is not None,
+            "drain_ignored_by": list(self.ignored_by),
             "detail": detail,
         }
 
@@ -1507,22 +1510,40 @@ def check_fleet(fleet: Sequence[VassalReload], snapshot: Snapshot, minimum: int)
     if not known:
         ids = ", ".join(sorted(snapshot.vassals)) or "none"
         raise ReloadError(f"the emperor runs none of the configs found (its vassals: {ids})")
-    if minimum >= len(known):
+    others = others_live(snapshot.live_nodes, fleet)
+    most_others = max(others.values(), default=0)
+    if minimum >= len(known) + most_others:
+        elsewhere = f" and the router has {most_others} other live nodes" if most_others else ""
         raise ReloadError(
             f"--minimum-active-vassals {minimum} leaves nothing to reload: the emperor runs "
-            f"{len(known)} vassals and at least {minimum} must stay live"
+            f"{len(known)} vassals{elsewhere} and at least {minimum} must stay live"
         )
-    live = {v.id: live_keys(snapshot.vassals[v.id], v.name, snapshot.nodes) for v in known}
-    names = {v.name for v in fleet}
+    live = {
+        v.id: live_keys(snapshot.vassals[v.id], v.name, snapshot.live_nodes, v.addresses)
+        for v in known
+    }
     stray = sorted(
-        {n.name for n in snapshot.nodes if n.live and node_vassal_name(n.name) not in names}
+        {
+            n.name
+            for n in snapshot.nodes
+            if n.live and not any(owns(v.name, v.addresses, n.name) for v in fleet)
+        }
     )
-    unmatched = sorted(v.id for v in known if snapshot.vassals[v.id].accepting and not live[v.id])
+    unmatched = [
+        v
+        for v in known
+        if snapshot.vassals[v.id].accepting and not nodes_of(v.name, snapshot.nodes, v.addresses)
+    ]
     if stray and unmatched:
+        v = unmatched[0]
+        where = f"listens on {', '.join(v.listening)}" if v.listening else "has no socket in /proc"
+        more = f" (and {len(unmatched) - 1} more)" if len(unmatched) > 1 else ""
+        shown = ", ".join(stray[:3]) + (f" and {len(stray) - 3} more" if len(stray) > 3 else "")
         raise ReloadError(
-            f"cannot tell which fastrouter node is which vassal: {', '.join(unmatched)} accept "
-            f"but match no node, nodes {', '.join(stray)} match no vassal (each vassal's socket "
-            "must be named after its config, e.g. socket = /run/uwsgi/%n.sock)"
+            f"cannot tell which fastrouter node is which vassal: {v.id}{more} accepts but matches "
+            f"no node (its master {where}, and no node is named after it); nodes {shown} match "
+            "no vassal of this emperor (each vassal's node must be the address its master "
+            "listens on, or a socket named after its config, e.g. socket = /run/uwsgi/%n.sock)"
         )
     not_live = sum(1 for keys in live.values() if not keys)
     per_key: dict[str, int] = {}
@@ -1530,9 +1551,10 @@ def check_fleet(fleet: Sequence[VassalReload], snapshot: Snapshot, minimum: int)
         for key in keys:
             per_key[key] = per_key.get(key, 0) + 1
     for key, count in sorted(per_key.items()):
-        if count + not_live <= minimum:
+        if count + others.get(key, 0) + not_live <= minimum:
+            elsewhere = f" and {others[key]} other live nodes" if others.get(key) else ""
             raise ReloadError(
-                f"fastrouter key {key!r} has {count} live vassals: with "
+                f"fastrouter key {key!r} has {count} live vassals{elsewhere}: with "
                 f"--minimum-active-vassals {minimum} none of them could be reloaded"
             )
     for v in known:
@@ -1643,7 +1665,8 @@ class Reporter:
 @dataclasses.dataclass
 class Options:
     emperor_path: str
-    fastrouter_stats_socket: str
+    #: one address, or several (``--fastrouter-stats-socket`` given more than once)
+    fastrouter_stats_socket: str | Sequence[str]
     emperor_stats_socket: str
     vassal_config_file_suffix: str = ".ini"
     minimum_active_vassals: int = 1
@@ -1653,22 +1676,84 @@ class Options:
     dry_run: bool = False
     json: bool = False
     max_parallel: int | None = None
-    subscription_server: str | None = None
+    subscription_server: str | Sequence[str] | None = None
     drain_timeout: float = 5.0
     probe: str | None = None
     probe_timeout: float = 5.0
 
+    @property
+    def routers(self) -> tuple[str, ...]:
+        """Every fastrouter stats socket."""
+        return _several(self.fastrouter_stats_socket)
+
+    @property
+    def subscription_servers(self) -> tuple[str, ...]:
+        """Every subscription server (none: no drain)."""
+        return _several(self.subscription_server)
+
+
+def _several(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(dict.fromkeys(value))
+
 
 def take_snapshot(options: Options) -> Snapshot:
+    """The emperor's vassals and every router's nodes. A router that cannot be read is left out
+    (``Snapshot.unreadable``); a ``StatsError`` when the emperor or every router cannot be."""
     # The emperor rescans its directory after every event it handles, a stats connection
     # included (core/emperor.c), so polling it also makes it notice a touch at once.
     vassals = parse_emperor_stats(read_stats(options.emperor_stats_socket))
-    nodes = parse_fastrouter_stats(read_stats(options.fastrouter_stats_socket))
-    return Snapshot(vassals, nodes)
+    routers = options.routers
+    nodes: list[Node] = []
+    unreadable: dict[str, str] = {}
+    for router in routers:
+        try:
+            nodes += parse_fastrouter_stats(read_stats(router), router)
+        except StatsError as exc:
+            if len(routers) == 1:
+                raise
+            unreadable[router] = str(exc)
+    if len(unreadable) == len(routers):
+        raise StatsError("; ".join(unreadable.values()))
+    return Snapshot(vassals, nodes, routers, unreadable)
+
+
+def locate(
+    fleet: Sequence[VassalReload],
+    snapshot: Snapshot,
+    sockets: Callable[[int], tuple[str, ...]],
+    is_local: Callable[[str], bool],
+) -> list[VassalReload]:
+    """Each vassal with the node names it is announced as, from the sockets its master listens
+    on (``listening_sockets``). When those match no node but a node is named after the vassal
+    (``node_vassal_name``), or when they cannot be read, the name decides (``owns``)."""
+    names = sorted({n.name for n in snapshot.nodes})
+    located = []
+    for v in fleet:
+        current = snapshot.vassals.get(v.id)
+        listening: tuple[str, ...] = ()
+        if current is not None and current.pid > 0:
+            try:
+                listening = tuple(sockets(current.pid))
+            except OSError:
+                listening = ()
+        addresses = node_addresses(listening, names, is_local)
+        by_socket = any(owns(v.name, addresses, n) for n in names) if addresses else False
+        by_name = any(node_vassal_name(n) == v.name for n in names)
+        if not by_socket and by_name:
+            addresses = frozenset()
+        located.append(dataclasses.replace(v, addresses=addresses, listening=listening))
+    return located
 
 
 def describe_plan(fleet: Sequence[VassalReload], snapshot: Snapshot, options: Options) -> list[str]:
-    live = {v.id: live_keys(snapshot.vassals.get(v.id), v.name, snapshot.nodes) for v in fleet}
+    live = {
+        v.id: live_keys(snapshot.vassals.get(v.id), v.name, snapshot.live_nodes, v.addresses)
+        for v in fleet
+    }
+    others = others_live(snapshot.live_nodes, fleet)
+    routers = "router" if len(snapshot.routers) == 1 else f"{len(snapshot.routers)} routers"
     order = [v for v in fleet if not live[v.id]] + [v for v in fleet if live[v.id]]
     keys = sorted({k for ks in live.values() for k in ks})
     lines = [f"dry run: would reload {len(fleet)} vassals of {options.emperor_path}, order:"]
@@ -1679,7 +1764,8 @@ def describe_plan(fleet: Sequence[VassalReload], snapshot: Snapshot, options: Op
         lines.append(f"  {v.name} ({v.id}): {state}")
     for key in keys:
         count = sum(1 for ks in live.values() if key in ks)
-        at_once = count - options.minimum_active_vassals
+        total = count + others.get(key, 0)
+        at_once = min(count, total - options.minimum_active_vassals)
         if options.max_parallel is not None:
             at_once = min(at_once, options.max_parallel)
         head = f"key {key!r}: {count} live, minimum {options.minimum_active_vassals}: "
@@ -1688,12 +1774,17 @@ def describe_plan(fleet: Sequence[VassalReload], snapshot: Snapshot, options: Op
             tail = f"up to {at_once} reloading at once, about {rounds} reload times"
         else:
             tail = "its live vassals wait until the not-live ones are back"
-        lines.append(head + tail)
+        counted = (
+            f"; the {routers} count {total} live ({count} on this host, "
+            f"{total - count} on other hosts)"
+        )
+        lines.append(head + tail + counted)
     if options.subscription_server:
         lines.append(
-            f"drain: each live vassal is unsubscribed via {options.subscription_server} and "
-            f"touched once the router has no request in flight to it (at most "
-            f"{options.drain_timeout:g}s), then subscribed again as soon as it accepts"
+            f"drain: each live vassal is unsubscribed via "
+            f"{', '.join(options.subscription_servers)} and touched once no router has a "
+            f"request in flight to it (at most {options.drain_timeout:g}s), then subscribed "
+            "again as soon as it accepts"
         )
     if options.probe:
         lines.append(
@@ -1721,11 +1812,19 @@ def report_json(
         "elapsed": round(elapsed, 3),
         "exit_code": exit_code,
         "lowest_live": dict(rollout.lowest_live) if rollout else {},
-        "subscription_server": options.subscription_server,
+        "subscription_server": _one_or_all(options.subscription_servers),
+        "fastrouter_stats_socket": _one_or_all(options.routers),
         "drain_timeout": options.drain_timeout if options.subscription_server else None,
         "probe": options.probe,
         "vassals": [v.as_json((details or {}).get(v.id, "")) for v in fleet],
     }
+
+
+def _one_or_all(values: Sequence[str]) -> str | list[str] | None:
+    """As given: one address as a string (as before several were allowed), several as a list."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else list(values)
 
 
 class _Interrupted:
@@ -1751,6 +1850,10 @@ class Io:
     probe: Callable[[str, str, str, float], ProbeResult] = probe_node
     #: where probes run, so that the run goes on polling while a vassal takes its time to answer
     probe_pool: Callable[[], Executor] = lambda: ThreadPoolExecutor(thread_name_prefix="probe")
+    #: pid -> the addresses it listens on (read from /proc)
+    sockets: Callable[[int], tuple[str, ...]] = listening_sockets
+    #: is this IP address one of this machine's (a node of a vassal bound on 0.0.0.0 or ::)
+    is_local: Callable[[str], bool] = is_local_host
 
 
 def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
@@ -1768,6 +1871,9 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
         # until the emperor rescans; each stats read makes it rescan (core/emperor.c).
         io.sleep(FOLLOW_RECHECK_INTERVAL)
         first = io.snapshot(options)
+    if first.unreadable:
+        raise StatsError("; ".join(first.unreadable.values()))
+    fleet = locate(fleet, first, io.sockets, io.is_local)
     check_fleet(fleet, first, options.minimum_active_vassals)
     started_wall, started = io.wall_clock(), io.clock()
     if options.dry_run:
@@ -1871,15 +1977,25 @@ def _drive(
         touched = False
         now = io.clock() - started
         if current is None:
+            problem = ""
             try:
                 current = io.snapshot(options)
-                unreadable_since = None
+                # a router that cannot be read: nothing is live there, nothing may start
+                problem = "; ".join(current.unreadable.values())
             except StatsError as exc:
+                problem = str(exc)
+            if problem:
+                if unreadable_since is None and current is not None:
+                    reporter.line(
+                        f"{now:8.2f}s  {problem}: nothing counts as live there, nothing starts"
+                    )
                 unreadable_since = now if unreadable_since is None else unreadable_since
                 if now - unreadable_since >= options.timeout:
-                    reason = f"stats unreadable for {options.timeout:g}s: {exc}"
+                    reason = f"stats unreadable for {options.timeout:g}s: {problem}"
                     _send(rollout.abandon(reason), options, reporter, io)
                     return EXIT_NOT_ALL_RELOADED
+            else:
+                unreadable_since = None
         if interrupted.signal is not None:
             reason = f"interrupted by {signal.Signals(interrupted.signal).name}"
             _send(rollout.abandon(reason), options, reporter, io)
@@ -1924,18 +2040,21 @@ def _drive(
 
 
 def _send(packets: Sequence[Subscription], options: Options, reporter: Reporter, io: Io) -> str:
-    """Send packets to the subscription server; what went wrong, or ``""``."""
-    if not packets or options.subscription_server is None:
+    """Send packets to every subscription server; what went wrong, or ``""``."""
+    if not packets:
         return ""
     problems = []
-    for packet in packets:
-        try:
-            io.send(options.subscription_server, packet.packet())
-        except Exception as exc:  # a packet not sent must not keep the others from going out
-            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            problems.append(f"cannot {packet.describe()}: {reason}")
+    for server in options.subscription_servers:
+        for packet in packets:
+            try:
+                io.send(server, packet.packet())
+            except Exception as exc:  # a packet not sent must not keep the others from going
+                reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                problems.append(
+                    f"subscription server {server}: cannot {packet.describe()}: {reason}"
+                )
     for problem in problems:
-        reporter.warning(f"subscription server {options.subscription_server}: {problem}")
+        reporter.warning(problem)
     return "; ".join(problems)
 
 
@@ -2097,9 +2216,11 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--fastrouter-stats-socket",
         required=True,
+        action="append",
         default=argparse.SUPPRESS,
         metavar="<socket>",
-        help="Fastrouter statistics socket (unix path or host:port)",
+        help="Fastrouter statistics socket (unix path or host:port); give it once per router: "
+        "a node counts as live only when it is live in every router",
     )
     add(
         "--emperor-stats-socket",
@@ -2146,11 +2267,13 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--subscription-server",
         type=_subscription_server,
+        action="append",
         default=argparse.SUPPRESS,  # Options: None, off
         metavar="<socket>",
-        help="the fastrouter's subscription server (unix datagram path or host:port UDP): "
-        "drain each vassal before its reload (unsubscribe, wait until the router has no request "
-        "in flight to it) and subscribe it again as soon as it accepts (default: off)",
+        help="the fastrouter's subscription server (unix datagram path or host:port UDP), once "
+        "per router: drain each vassal before its reload (unsubscribe at every server, wait "
+        "until no router has a request in flight to it) and subscribe it again as soon as it "
+        "accepts (default: off)",
     )
     add(
         "--drain-timeout",
