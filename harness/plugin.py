@@ -3,6 +3,8 @@
 - ``uwsgi_stack``: a running :class:`uwsgi_reload_harness.stack.Stack` with the options' defaults.
 - ``make_uwsgi_stack``: ``make_uwsgi_stack(vassals=2, start_delay=1.0) -> Stack``; every stack it
   made is stopped (and its temp dir removed) when the test ends.
+- ``make_uwsgi_fleet`` / ``uwsgi_fleet``: a fleet of app hosts (an emperor each, on its own
+  loopback address), fastrouters and nginx (:mod:`uwsgi_reload_harness.fleet`).
 - ``reload_template``: the reload procedure under test (``--reload-command``).
 - ``record_reload``: adds a row to the table of reloads printed at the end of the run.
 
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pytest
 
 if TYPE_CHECKING:
+    from .fleet import Fleet
     from .stack import Stack, StackConfig
 
 STACKS = pytest.StashKey[list["Stack"]]()
@@ -201,6 +204,55 @@ def make_uwsgi_stack(request: pytest.FixtureRequest) -> Iterator[Callable[..., S
 def uwsgi_stack(make_uwsgi_stack: Callable[..., Stack]) -> Stack:
     """A running stack with the options' defaults."""
     return make_uwsgi_stack()
+
+
+@pytest.fixture
+def make_uwsgi_fleet(request: pytest.FixtureRequest) -> Iterator[Callable[..., Fleet]]:
+    """A factory of running fleets on this machine (app hosts on 127.0.0.2, 127.0.0.3, ...,
+    fastrouters and nginx on 127.0.0.1): ``make_uwsgi_fleet(hosts=2, vassals=2, routers=2)``,
+    :class:`uwsgi_reload_harness.fleet.FleetConfig` overrides. The app dir, wsgi file, health
+    path and demo delays come from the options, as for stacks. Every fleet it made is stopped
+    and its dirs removed when the test ends (``--uwsgi-keep-stack`` does not keep fleets).
+    """
+    from . import render
+    from .fleet import FleetConfig, start_fleet
+    from .stack import StackRuntime
+
+    defaults = stack_config(request.config)
+    made: list[Fleet] = []
+    runtime = StackRuntime()
+
+    def make(**overrides: Any) -> Fleet:
+        if "app_dir" in overrides:
+            overrides["app_dir"] = Path(overrides["app_dir"])
+        settings: dict[str, Any] = {
+            "vassals": defaults.vassals,
+            "app_dir": defaults.app_dir,
+            "wsgi_file": defaults.wsgi_file,
+            "health_path": defaults.health_path,
+            "start_delay": defaults.start_delay,
+            "request_delay": defaults.request_delay,
+            **overrides,
+        }
+        try:
+            fleet = start_fleet(runtime.xprocess, FleetConfig(**settings))
+        except render.MissingTool as exc:
+            pytest.fail(f"uwsgi-reload harness: {exc}", pytrace=False)
+        made.append(fleet)
+        return fleet
+
+    try:
+        yield make
+    finally:
+        for fleet in reversed(made):
+            fleet.stop()
+        runtime.close()
+
+
+@pytest.fixture
+def uwsgi_fleet(make_uwsgi_fleet: Callable[..., Fleet]) -> Fleet:
+    """A running fleet: 2 app hosts of ``--uwsgi-vassals`` vassals each (default 4), 1 router."""
+    return make_uwsgi_fleet(hosts=2)
 
 
 @pytest.fixture

@@ -1,0 +1,698 @@
+"""A fleet on one machine: H app hosts (an emperor each), one or two fastrouters, nginx in front.
+
+Rendered from ``examples/fleet/`` as :mod:`.render` renders ``examples/``: the harness keeps no
+copy of the configs, it substitutes the placeholders of the examples (the private addresses of a
+fleet) with loopback addresses and free ports. The whole of 127.0.0.0/8 is local on Linux, so
+each "host" binds an address of its own:
+
+=====================================  ========================================================
+example text                           rendered as
+=====================================  ========================================================
+everything :func:`.render.substitutions` substitutes (user, group, app dir, run dir, emperor
+dir and log, ``plugin = python3``, ``listen 80;``, ``uwsgi_params``)
+``10.0.0.2`` (an app host's address)   ``127.0.0.N``: host 1 is 127.0.0.2, host 2 127.0.0.3, ...
+``127.0.0.1:1716`` (emperor stats)     ``127.0.0.N:<free port>``: the hosts share one loopback
+``10.0.1.R:2626`` (subscriptions)      ``127.0.0.1:<free port>`` per router R (1 or 2); with one
+                                       router, lines naming router 2 are dropped
+``10.0.1.R:3031`` (router socket)      ``127.0.0.1:<free port>`` per router
+``10.0.1.1:1717`` (router stats)       ``127.0.0.1:<free port>`` (router R renders the router
+                                       config with its own ports: the example is router 1's)
+``/var/log/uwsgi-fastrouter``          ``<fleet dir>/fastrouter-R.log``
+=====================================  ========================================================
+
+Each vassal is a link named after its port (``38121.ini`` -> ``socket = 127.0.0.2:38121``); the
+routers list it by that address. Readiness is probed: every emperor reports every vassal
+accepting, every router has every node live, nginx answers 200. Stopping: nginx by SIGQUIT,
+emperors and routers by SIGINT (a uWSGI master's shutdown; SIGTERM would be a reload, see
+:mod:`.stack`), each as a process tree.
+
+Use :func:`running_fleet` outside pytest, the ``make_uwsgi_fleet`` fixture inside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+
+from uwsgi_reload import (
+    EmperorVassal,
+    StatsError,
+    parse_emperor_stats,
+    parse_fastrouter_stats,
+    read_stats,
+    touch,
+    touch_mtime,
+)
+
+from . import render
+from .render import KEY, Layout, Substitution
+from .stack import (
+    CONTROL_ENV,
+    POLL_INTERVAL,
+    STOP_TIMEOUT,
+    Proc,
+    ProcessExitedWithError,
+    StackRuntime,
+    StackTimeout,
+    _starter,
+    children,
+    log_tail,
+    process_tree,
+    write_atomically,
+)
+
+FLEET_DIR = render.EXAMPLES_DIR / "fleet"
+FLEET_VASSAL_INI = "fleet_vassal.ini"
+FLEET_CONF_D = "uwsgi.conf.d.fragment"
+ROUTER_INI = "fastrouter.ini"
+FLEET_NGINX_FRAGMENT = "nginx.conf.fragment"
+
+#: Placeholders of examples/fleet: an app host's private address, its emperor's stats server,
+#: the router hosts' private addresses and the ports of a router (socket, subscriptions, stats).
+HOST_ADDRESS = "10.0.0.2"
+EMPEROR_STATS = "127.0.0.1:1716"
+ROUTER_ADDRESSES = ("10.0.1.1", "10.0.1.2")
+ROUTER_PORT, SUBSCRIPTION_PORT, ROUTER_STATS_PORT = 3031, 2626, 1717
+#: Where the routers of the harness listen (the fleet's "private network").
+ROUTER_HOST = "127.0.0.1"
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetConfig:
+    """What a fleet is made of: ``hosts`` app hosts of ``vassals`` vassals, 1 or 2 routers."""
+
+    hosts: int = 3
+    vassals: int = 4
+    routers: int = 1
+    app_dir: Path = render.EXAMPLES_DIR
+    wsgi_file: str = render.DEFAULT_WSGI_FILE
+    health_path: str = "/"
+    #: demo app only: seconds it sleeps while loading / per request (see stack.StackConfig)
+    start_delay: float = 0.0
+    request_delay: float = 0.0
+    keep: bool = False
+    start_timeout: float = 60.0
+
+    @property
+    def demo_app(self) -> bool:
+        return self.app_dir.resolve() == render.EXAMPLES_DIR.resolve()
+
+    def check(self) -> None:
+        """Raise ValueError on a combination the harness cannot honour."""
+        if not 1 <= self.hosts <= 253:  # 127.0.0.2 .. 127.0.0.254
+            raise ValueError(f"hosts must be 1..253, not {self.hosts}")
+        if self.vassals < 1:
+            raise ValueError(f"vassals must be >= 1, not {self.vassals}")
+        if self.routers not in (1, 2):
+            raise ValueError(f"routers must be 1 or 2 (the examples name two), not {self.routers}")
+        if min(self.start_delay, self.request_delay) < 0:
+            raise ValueError("start delay and request delay must be >= 0")
+        if not (self.app_dir / self.wsgi_file).is_file():
+            raise ValueError(f"wsgi file {self.app_dir / self.wsgi_file} does not exist")
+        if not self.health_path.startswith("/"):
+            raise ValueError(f"health path must start with /, not {self.health_path!r}")
+        if not self.demo_app and (self.start_delay or self.request_delay):
+            raise ValueError(
+                f"start and request delay drive the demo app: {self.app_dir} is not it"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetRouter:
+    """One standalone fastrouter (a uWSGI master with a fastrouter gateway)."""
+
+    index: int  # 1 or 2: router R of the examples (10.0.1.R)
+    socket: str  # what nginx connects to
+    subscription_server: str  # where vassals announce themselves (UDP)
+    stats: str  # its stats server
+    config: Path  # the rendered router config
+    log: Path
+
+    @property
+    def name(self) -> str:
+        return f"router-{self.index}"
+
+    def live_by_key(self) -> dict[str, list[str]]:
+        """Names (``127.0.0.N:PORT``) of the live nodes, by key."""
+        live: dict[str, list[str]] = {}
+        for node in parse_fastrouter_stats(read_stats(self.stats)):
+            if node.live:
+                live.setdefault(node.key, []).append(node.name)
+        return {key: sorted(names) for key, names in live.items()}
+
+
+@dataclasses.dataclass
+class FleetHost:
+    """One app host: an emperor on its own address and dir, vassals on ``address:port``."""
+
+    index: int  # 1-based; its address is 127.0.0.(index + 1)
+    address: str
+    layout: Layout
+    emperor_stats: str
+    #: vassal id (the link's name, ``PORT.ini``) -> port
+    ports: dict[str, int]
+    routers: tuple[FleetRouter, ...]
+    substitutions: list[Substitution]
+
+    @property
+    def name(self) -> str:
+        return f"emperor-{self.index}"
+
+    @property
+    def emperor_path(self) -> Path:
+        return self.layout.vassals_dir
+
+    @property
+    def vassal_ids(self) -> list[str]:
+        return list(self.ports)
+
+    @property
+    def emperor_log(self) -> Path:
+        return self.layout.base / "emperor.log"
+
+    def node_name(self, vassal_id: str) -> str:
+        """How the routers list this vassal: its socket's address."""
+        return f"{self.address}:{self.ports[vassal_id]}"
+
+    def nodes(self) -> dict[str, str]:
+        """Node name -> vassal id."""
+        return {self.node_name(vid): vid for vid in self.ports}
+
+    def emperor_vassals(self) -> dict[str, EmperorVassal]:
+        return parse_emperor_stats(read_stats(self.emperor_stats))
+
+    def vassal_pids(self) -> dict[str, int]:
+        return {vid: v.pid for vid, v in self.emperor_vassals().items()}
+
+    def worker_pids(self) -> dict[str, list[int]]:
+        """Worker pids by vassal id: the children of each vassal master."""
+        masters = self.vassal_pids()
+        kids = children(set(masters.values()))
+        return {vid: kids[pid] for vid, pid in masters.items()}
+
+    def touch(self, vassal_id: str) -> int:
+        """Reload one vassal: move its link's own mtime past the emperor's ``last_mod``."""
+        last_mod = self.emperor_vassals()[vassal_id].last_mod
+        mtime = touch_mtime(time.time(), last_mod)
+        touch(str(self.emperor_path / vassal_id), mtime)
+        return mtime
+
+    def reload_command(self, *flags: str, drain: bool = True) -> list[str]:
+        """uwsgi_reload.py as it runs on this host: every router's stats (and subscription
+        server, with ``drain``), then ``flags``."""
+        routers = [a for r in self.routers for a in ("--fastrouter-stats-socket", r.stats)]
+        servers = [
+            a for r in self.routers for a in ("--subscription-server", r.subscription_server)
+        ]
+        return [
+            sys.executable,
+            str(render.RELOAD_TOOL),
+            "--emperor-path",
+            str(self.emperor_path),
+            "--emperor-stats-socket",
+            self.emperor_stats,
+            *routers,
+            *(servers if drain else []),
+            *flags,
+        ]
+
+
+@dataclasses.dataclass
+class Fleet:
+    """A running fleet (or one being started)."""
+
+    name: str
+    config: FleetConfig
+    layout: Layout  # routers' configs and logs, nginx, the demo app's control file
+    hosts: list[FleetHost]
+    routers: list[FleetRouter]
+    http_port: int
+    logs: dict[str, Path]
+    xprocess: Any
+    host: str = KEY  # the fastrouter key: nginx requests carry it as Host
+    #: pid of each process xprocess started: ``router-R``, ``emperor-H``, ``nginx``
+    pids: dict[str, int] = dataclasses.field(default_factory=dict)
+    stopped: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/"
+
+    @property
+    def base_dirs(self) -> list[Path]:
+        return [self.layout.base, *(h.layout.base for h in self.hosts)]
+
+    @property
+    def control_file(self) -> Path:
+        return self.layout.control_file
+
+    def expected_nodes(self) -> list[str]:
+        return sorted(name for h in self.hosts for name in h.nodes())
+
+    def node(self, name: str) -> tuple[FleetHost, str]:
+        """The host and vassal id of a node name (``127.0.0.3:38121``)."""
+        for host in self.hosts:
+            if name in host.nodes():
+                return host, host.nodes()[name]
+        raise KeyError(name)
+
+    # --- probes -------------------------------------------------------------------------------
+
+    def live_nodes(self) -> dict[str, dict[str, list[str]]]:
+        """Live node names by router stats address, then by key."""
+        return {r.stats: r.live_by_key() for r in self.routers}
+
+    def worker_pids(self) -> dict[str, dict[str, list[int]]]:
+        """Worker pids by host address, then by vassal id."""
+        return {h.address: h.worker_pids() for h in self.hosts}
+
+    def get(self, path: str | None = None, timeout: float = 10.0) -> requests.Response:
+        path = self.config.health_path if path is None else path
+        return requests.get(
+            self.url + path.lstrip("/"), headers={"Host": self.host}, timeout=timeout
+        )
+
+    def status(self, through_nginx: bool = True) -> tuple[bool, str]:
+        """(every vassal accepting, every node live in every router [, nginx 200], a summary)."""
+        expected = self.expected_nodes()
+        parts, ok = [], True
+        try:
+            for h in self.hosts:
+                accepting = [vid for vid, v in h.emperor_vassals().items() if v.accepting]
+                ok &= sorted(accepting) == sorted(h.vassal_ids)
+                parts.append(f"{h.address}: {len(accepting)}/{len(h.ports)} accepting")
+            for r in self.routers:
+                live = r.live_by_key().get(self.host, [])
+                ok &= live == expected
+                parts.append(f"{r.name}: {len(live)}/{len(expected)} live nodes")
+        except StatsError as exc:
+            return False, "; ".join([*parts, str(exc)])
+        if ok and through_nginx:
+            try:
+                code: object = self.get(timeout=2.0).status_code
+            except requests.RequestException as exc:
+                code = type(exc).__name__
+            ok = code == 200
+            parts.append(f"nginx answered {code}")
+        return ok, "; ".join(parts)
+
+    def check_running(self) -> None:
+        for name in self.pids:
+            if not self.xprocess.getinfo(self._xname(name)).isrunning():
+                raise ProcessExitedWithError(f"{name} of fleet {self.name} exited\n{self.report()}")
+
+    def wait_for(self, check: Callable[[], bool], what: str, timeout: float) -> None:
+        """Poll ``check`` until true; raise StackTimeout naming ``what`` (with log tails)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_running()
+            if check():
+                return
+            if time.monotonic() > deadline:
+                raise StackTimeout(f"waited {timeout:g} s for {what}\n{self.report()}")
+            time.sleep(POLL_INTERVAL)
+
+    def wait_all_live(self, timeout: float = 30.0) -> None:
+        last = [""]
+
+        def check() -> bool:
+            ok, last[0] = self.status()
+            return ok
+
+        what = f"{len(self.expected_nodes())} nodes live in {len(self.routers)} router(s)"
+        try:
+            self.wait_for(check, what, timeout)
+        except StackTimeout as exc:
+            raise StackTimeout(f"{exc.args[0]}\nlast status: {last[0]}") from None
+
+    # --- acting -------------------------------------------------------------------------------
+
+    def deploy(self, **changes: Any) -> dict[str, Any]:
+        """Rewrite the demo app's control file (version, start_delay, broken, request_delay)."""
+        control: dict[str, Any] = json.loads(self.control_file.read_text())
+        control.update({k: v for k, v in changes.items() if v is not None})
+        write_atomically(self.control_file, json.dumps(control))
+        return control
+
+    # --- logs and teardown --------------------------------------------------------------------
+
+    def report(self, lines: int = 15) -> str:
+        return "\n".join(
+            f"--- {name} ({path}) ---\n{log_tail(path, lines)}"
+            for name, path in self.logs.items()
+            if path.exists()
+        )
+
+    def processes(self) -> set[Proc]:
+        return set().union(*(process_tree(pid) for pid in self.pids.values()))
+
+    def _xname(self, name: str) -> str:
+        return f"{self.name}-{name}"
+
+    def stop(self) -> set[Proc]:
+        """Stop nginx, then the emperors and routers together (each as a tree); remove every dir.
+
+        Idempotent. Returns every process seen while stopping. An emperor takes ~4 s to bury its
+        vassals (its shutdown loop polls once a second), so the masters are stopped in parallel.
+        """
+        seen: set[Proc] = set()
+        if self.stopped:
+            return seen
+        self.stopped = True
+        masters = [*(h.name for h in self.hosts), *(r.name for r in self.routers)]
+        for names, sig in ((["nginx"], signal.SIGQUIT), (masters, signal.SIGINT)):
+            roots = [self.pids[name] for name in names if name in self.pids]
+            seen |= stop_trees(roots, sig)
+            for pid in roots:
+                self._reap(pid)
+        for name in ["nginx", *masters]:
+            shutil.rmtree(self.xprocess.getinfo(self._xname(name)).controldir, ignore_errors=True)
+        for base in self.base_dirs:
+            shutil.rmtree(base, ignore_errors=True)
+        return seen
+
+    def _reap(self, pid: int) -> None:
+        for resource in self.xprocess.resources:
+            popen = getattr(resource, "popen", None)
+            if popen is not None and popen.pid == pid:
+                popen.wait(STOP_TIMEOUT)
+
+
+def stop_trees(
+    roots: Sequence[int], sig: signal.Signals, timeout: float = STOP_TIMEOUT
+) -> set[Proc]:
+    """:func:`.stack.stop_tree` for several roots at once: ``sig`` to each root, wait for every
+    tree to go, SIGKILL what stays. Returns every process seen."""
+    seen: set[Proc] = set().union(*(process_tree(root) for root in roots))
+    for root in roots:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(root, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = seen.union(*(process_tree(root) for root in roots))
+        if not any(p.alive() for p in seen):
+            return seen
+        time.sleep(POLL_INTERVAL)
+    for proc in seen:
+        if proc.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_ports(address: str, count: int, taken: set[int]) -> list[int]:
+    """``count`` ports free on ``address``, none of them in ``taken`` (which they join)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as s:
+            s.bind((address, 0))
+            port = int(s.getsockname()[1])
+        if port not in taken:
+            taken.add(port)
+            ports.append(port)
+    return ports
+
+
+def router_substitutions(routers: Sequence[FleetRouter]) -> list[Substitution]:
+    """The router addresses in the vassal config and nginx: present ones, or lines dropped."""
+    subs = []
+    for i, placeholder in enumerate(ROUTER_ADDRESSES):
+        for port, attr, why in (
+            (SUBSCRIPTION_PORT, "subscription_server", "router's subscription server"),
+            (ROUTER_PORT, "socket", "router's socket"),
+        ):
+            old = f"{placeholder}:{port}"
+            new = getattr(routers[i], attr) if i < len(routers) else None
+            subs.append(Substitution(old, new, why if new else f"no router {i + 1}"))
+    return subs
+
+
+def own_router_substitutions(router: FleetRouter, log: Path) -> list[Substitution]:
+    """The router config (router 1's in the example) rendered for ``router``."""
+    placeholder = ROUTER_ADDRESSES[0]
+    return [
+        Substitution(f"{placeholder}:{ROUTER_PORT}", router.socket, "router's socket"),
+        Substitution(
+            f"{placeholder}:{SUBSCRIPTION_PORT}", router.subscription_server, "subscriptions"
+        ),
+        Substitution(f"{placeholder}:{ROUTER_STATS_PORT}", router.stats, "router's stats"),
+        Substitution("/var/log/uwsgi-fastrouter", str(log), "router's log"),
+    ]
+
+
+def prepare(config: FleetConfig, uwsgi: str) -> Fleet:
+    """Render examples/fleet into new short dirs: every file of the fleet, no process yet."""
+    config.check()
+    built_in = render.python_built_in(uwsgi)
+    layout = Layout(Path(tempfile.mkdtemp(prefix="ur-", dir="/tmp")))
+    fleet = Fleet(
+        name=f"uwsgi-fleet-{layout.base.name}",
+        config=config,
+        layout=layout,
+        hosts=[],
+        routers=[],
+        http_port=0,
+        logs={},
+        xprocess=None,
+    )
+    try:
+        _render(fleet, built_in)
+    except BaseException:
+        for base in fleet.base_dirs:
+            shutil.rmtree(base, ignore_errors=True)
+        raise
+    return fleet
+
+
+def _render(fleet: Fleet, built_in: bool) -> None:
+    config, layout = fleet.config, fleet.layout
+    layout.nginx_dir.mkdir()
+    taken: set[int] = set()
+    fleet.http_port = _free_ports("127.0.0.1", 1, taken)[0]
+    base_subs = render.substitutions(
+        layout,
+        http_port=fleet.http_port,
+        app_dir=config.app_dir.resolve(),
+        wsgi_file=config.wsgi_file,
+        python_built_in=built_in,
+    )
+    for i in range(1, config.routers + 1):
+        p, q, r = _free_ports(ROUTER_HOST, 3, taken)
+        router = FleetRouter(
+            index=i,
+            socket=f"{ROUTER_HOST}:{p}",
+            subscription_server=f"{ROUTER_HOST}:{q}",
+            stats=f"{ROUTER_HOST}:{r}",
+            config=layout.rendered(f"fastrouter-{i}.ini"),
+            log=layout.base / f"fastrouter-{i}.log",
+        )
+        subs = [*own_router_substitutions(router, router.log), *base_subs]
+        router.config.write_text(render.render_text((FLEET_DIR / ROUTER_INI).read_text(), subs))
+        fleet.routers.append(router)
+        fleet.logs[router.name] = router.log
+    routing = router_substitutions(fleet.routers)
+    nginx_text = render.render_text(
+        (FLEET_DIR / FLEET_NGINX_FRAGMENT).read_text(), [*routing, *base_subs]
+    )
+    layout.rendered(FLEET_NGINX_FRAGMENT).write_text(nginx_text)
+    layout.nginx_conf.write_text(
+        render.nginx_config(nginx_text, layout, run_as_root=os.geteuid() == 0)
+    )
+    fleet.logs["nginx"] = layout.nginx_dir / "error.log"
+    write_atomically(
+        layout.control_file,
+        json.dumps(
+            {
+                "version": "v1",
+                "start_delay": config.start_delay,
+                "broken": False,
+                "request_delay": config.request_delay,
+            }
+        ),
+    )
+    for index in range(1, config.hosts + 1):
+        address = f"127.0.0.{index + 1}"
+        ports = _free_ports(address, config.vassals + 1, taken)
+        host_layout = Layout(Path(tempfile.mkdtemp(prefix="ur-", dir="/tmp")))
+        subs = [
+            Substitution(HOST_ADDRESS, address, "this host's own loopback address"),
+            Substitution(
+                EMPEROR_STATS, f"{address}:{ports.pop()}", "hosts share the machine's loopback"
+            ),
+            *routing,
+            *render.substitutions(
+                host_layout,
+                http_port=fleet.http_port,
+                app_dir=config.app_dir.resolve(),
+                wsgi_file=config.wsgi_file,
+                python_built_in=built_in,
+            ),
+        ]
+        host = FleetHost(
+            index=index,
+            address=address,
+            layout=host_layout,
+            emperor_stats="",
+            ports={f"{port}.ini": port for port in ports},
+            routers=tuple(fleet.routers),
+            substitutions=subs,
+        )
+        fleet.hosts.append(host)  # listed: prepare() removes its dir if rendering fails
+        for directory in (host_layout.run_dir, host_layout.vassals_dir):
+            directory.mkdir()
+        for name in (FLEET_VASSAL_INI, FLEET_CONF_D):
+            text = render.render_text((FLEET_DIR / name).read_text(), subs)
+            host_layout.rendered(name).write_text(text)
+        conf_d = host_layout.rendered(FLEET_CONF_D).read_text()
+        host.emperor_stats = render.conf_d_options(conf_d)["emperor-stats-server"]
+        for vid in host.ports:
+            # ln -s /home/some_user/uwsgi/fleet_vassal.ini /etc/uwsgi.d/PORT.ini
+            (host_layout.vassals_dir / vid).symlink_to(host_layout.rendered(FLEET_VASSAL_INI))
+        fleet.logs[host.name] = Path(render.shell_assignments(conf_d)["UWSGI_LOG_FILE"])
+        for vid, port in host.ports.items():
+            fleet.logs[f"{address}:{port}"] = host_layout.run_dir / f"{Path(vid).stem}.log"
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting
+# ---------------------------------------------------------------------------------------------
+
+
+def _start(
+    fleet: Fleet,
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    ready: Callable[[], bool],
+    what: str,
+) -> None:
+    xname = fleet._xname(name)
+
+    def check() -> bool:
+        if not fleet.xprocess.getinfo(xname).isrunning():
+            raise ProcessExitedWithError(
+                f"{name} of fleet {fleet.name} exited while starting ({' '.join(cmd)})\n"
+                f"{fleet.report()}"
+            )
+        return ready()
+
+    timeout = fleet.config.start_timeout + fleet.config.start_delay
+    try:
+        pid, logfile = fleet.xprocess.ensure(
+            xname, _starter(cmd, env, check, timeout), persist_logs=False
+        )
+    except TimeoutError:
+        raise StackTimeout(
+            f"{name} of fleet {fleet.name} not ready after {timeout:g} s: waited for {what}\n"
+            f"last status: {fleet.status()[1]}\n{fleet.report()}"
+        ) from None
+    fleet.pids[name] = pid
+    fleet.logs[f"{name}-stdout"] = Path(str(logfile))
+
+
+def _answers(read: Callable[[], object]) -> bool:
+    try:
+        read()
+    except StatsError:
+        return False
+    return True
+
+
+def start_fleet(xprocess: Any, config: FleetConfig) -> Fleet:
+    """Render, start the routers, the emperors, then nginx; return once every node is live."""
+    uwsgi, nginx = render.find_uwsgi(), render.find_nginx()
+    fleet = prepare(config, uwsgi)
+    fleet.xprocess = xprocess
+    try:
+        env = {**os.environ, CONTROL_ENV: str(fleet.control_file), "PYTHONDONTWRITEBYTECODE": "1"}
+        for router in fleet.routers:
+            _start(
+                fleet,
+                router.name,
+                [uwsgi, "--ini", str(router.config)],
+                env,
+                functools.partial(_answers, functools.partial(read_stats, router.stats)),
+                f"stats of {router.name} at {router.stats}",
+            )
+        # The emperors are waited for only until their stats answer: their vassals start
+        # together, and the fleet is waited for as a whole below.
+        for host in fleet.hosts:
+            cmd = render.emperor_command(uwsgi, host.layout.rendered(FLEET_CONF_D).read_text())
+            _start(
+                fleet,
+                host.name,
+                cmd,
+                env,
+                functools.partial(_answers, host.emperor_vassals),
+                f"emperor stats at {host.emperor_stats}",
+            )
+        fleet.wait_for(
+            lambda: fleet.status(through_nginx=False)[0],
+            "every vassal accepting and live in every router",
+            config.start_timeout + config.start_delay,
+        )
+        nginx_cmd = [
+            nginx,
+            "-p",
+            str(fleet.layout.nginx_dir),
+            "-e",
+            str(fleet.logs["nginx"]),
+            "-c",
+            str(fleet.layout.nginx_conf),
+        ]
+
+        def nginx_ready() -> bool:
+            try:
+                return fleet.get(timeout=2.0).status_code == 200
+            except requests.RequestException:
+                return False
+
+        _start(fleet, "nginx", nginx_cmd, dict(os.environ), nginx_ready, "HTTP 200 through nginx")
+        fleet.wait_all_live(config.start_timeout)
+    except BaseException:
+        _stop_started(fleet)
+        raise
+    return fleet
+
+
+def _stop_started(fleet: Fleet) -> None:
+    """After a failed start: stop whatever xprocess started, even if ensure() did not return."""
+    names = ["nginx", *(h.name for h in fleet.hosts), *(r.name for r in fleet.routers)]
+    for name in names:
+        info = fleet.xprocess.getinfo(fleet._xname(name))
+        if name not in fleet.pids and info.pid:
+            fleet.pids[name] = info.pid
+    fleet.stop()
+
+
+@contextlib.contextmanager
+def running_fleet(config: FleetConfig) -> Iterator[Fleet]:
+    """A running fleet outside pytest, stopped (and its dirs removed) on the way out."""
+    runtime = StackRuntime()
+    try:
+        fleet = start_fleet(runtime.xprocess, config)
+        try:
+            yield fleet
+        finally:
+            fleet.stop()
+    finally:
+        runtime.close()

@@ -1,0 +1,141 @@
+"""The fleet harness: app hosts on their own loopback addresses behind one or two fastrouters."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable
+
+import pytest
+
+from uwsgi_reload_harness import fleet as fleet_module
+from uwsgi_reload_harness import render
+from uwsgi_reload_harness.fleet import Fleet, FleetConfig
+
+pytestmark = [pytest.mark.e2e]
+
+MakeFleet = Callable[..., Fleet]
+NODE = re.compile(r"^127\.0\.0\.(\d+):(\d+)$")
+
+
+def test_a_fleet_serves_through_nginx_and_every_router_lists_each_node_by_address(
+    make_uwsgi_fleet: MakeFleet,
+) -> None:
+    fleet = make_uwsgi_fleet(hosts=2, vassals=2, routers=1)
+
+    assert fleet.get().status_code == 200
+    [router] = fleet.routers
+    live = fleet.live_nodes()[router.stats][fleet.host]
+    assert [h.address for h in fleet.hosts] == ["127.0.0.2", "127.0.0.3"]
+    expected = sorted(f"{h.address}:{h.ports[vid]}" for h in fleet.hosts for vid in h.vassal_ids)
+    assert live == expected
+    assert all(NODE.match(name) for name in live), live
+    for host in fleet.hosts:
+        assert host.emperor_stats.startswith(f"{host.address}:")
+        assert sorted(host.emperor_vassals()) == sorted(host.vassal_ids)
+        assert all(len(pids) == 1 for pids in host.worker_pids().values())
+
+
+def test_with_two_routers_every_node_is_live_in_both_and_commands_name_both(
+    make_uwsgi_fleet: MakeFleet,
+) -> None:
+    fleet = make_uwsgi_fleet(hosts=2, vassals=2, routers=2)
+
+    live = fleet.live_nodes()
+    assert len(live) == 2
+    assert [by_key[fleet.host] for by_key in live.values()] == [fleet.expected_nodes()] * 2
+    assert fleet.get().status_code == 200
+    command = fleet.hosts[1].reload_command("--timeout", "30")
+    assert command[-2:] == ["--timeout", "30"]
+    pairs = list(zip(command, command[1:]))
+    stats = [value for flag, value in pairs if flag == "--fastrouter-stats-socket"]
+    servers = [value for flag, value in pairs if flag == "--subscription-server"]
+    assert stats == [r.stats for r in fleet.routers]
+    assert servers == [r.subscription_server for r in fleet.routers]
+    assert ("--emperor-stats-socket", fleet.hosts[1].emperor_stats) in pairs
+    assert ("--emperor-path", str(fleet.hosts[1].emperor_path)) in pairs
+    assert "--subscription-server" not in fleet.hosts[1].reload_command(drain=False)
+
+
+def test_touching_one_link_on_host_2_reloads_that_vassal_and_it_comes_back_in_every_router(
+    make_uwsgi_fleet: MakeFleet,
+) -> None:
+    fleet = make_uwsgi_fleet(hosts=2, vassals=2, routers=2)
+    host = fleet.hosts[1]
+    target = host.vassal_ids[0]
+    before = fleet.worker_pids()
+
+    host.touch(target)
+    fleet.wait_for(
+        lambda: (
+            host.worker_pids().get(target, before[host.address][target])
+            != before[host.address][target]
+        ),
+        f"new workers for {target} on {host.address}",
+        30.0,
+    )
+    fleet.wait_all_live(30.0)
+
+    after = fleet.worker_pids()
+    changed = [
+        (address, vid)
+        for address, pids in after.items()
+        for vid, worker in pids.items()
+        if worker != before[address][vid]
+    ]
+    assert changed == [(host.address, target)]
+    node = host.node_name(target)
+    assert fleet.node(node) == (host, target)
+    for by_key in fleet.live_nodes().values():
+        assert node in by_key[fleet.host]
+
+
+def test_stop_leaves_no_process_and_no_dir(make_uwsgi_fleet: MakeFleet) -> None:
+    fleet = make_uwsgi_fleet(hosts=2, vassals=1, routers=2)
+    running = fleet.processes()
+    workers = {pid for pids in fleet.worker_pids().values() for w in pids.values() for pid in w}
+    # per host: emperor master + emperor + vassal master + worker; per router: master + gateway;
+    # nginx master + worker
+    assert len(running) >= 2 * 4 + 2 * 2 + 2, running
+    assert workers <= {p.pid for p in running}
+    dirs = fleet.base_dirs
+    assert all(d.is_dir() and d.name.startswith("ur-") for d in dirs)
+
+    started = time.monotonic()
+    seen = fleet.stop()
+    took = time.monotonic() - started
+
+    assert running <= seen
+    assert [p for p in seen if p.alive()] == []
+    assert [d for d in dirs if d.exists()] == []
+    assert fleet.stop() == set(), "stop is idempotent"
+    assert took < 20, f"stopping took {took:.1f} s"
+
+
+def test_the_rendered_configs_differ_from_the_examples_by_substitutions_only(
+    make_uwsgi_fleet: MakeFleet,
+) -> None:
+    fleet = make_uwsgi_fleet(hosts=1, vassals=1, routers=1)
+    host = fleet.hosts[0]
+    for name in (fleet_module.FLEET_VASSAL_INI, fleet_module.FLEET_CONF_D):
+        example = (fleet_module.FLEET_DIR / name).read_text()
+        rendered = host.layout.rendered(name).read_text()
+        assert render.render_text(example, host.substitutions) == rendered
+    text = host.layout.rendered(fleet_module.FLEET_VASSAL_INI).read_text()
+    # one router: the line announcing to router 2 is dropped, router 1's names its server
+    subscribes = re.findall(r"^subscribe2 = server=([^,]+),", text, re.MULTILINE)
+    assert subscribes == [fleet.routers[0].subscription_server]
+    assert "10.0." not in "".join(ln for ln in text.splitlines() if not ln.startswith(";"))
+
+
+@pytest.mark.parametrize(
+    ("config", "word"),
+    [
+        (FleetConfig(hosts=0), "hosts"),
+        (FleetConfig(routers=3), "routers"),
+        (FleetConfig(vassals=0), "vassals"),
+    ],
+)
+def test_a_config_the_harness_cannot_honour_is_refused(config: FleetConfig, word: str) -> None:
+    with pytest.raises(ValueError, match=word):
+        config.check()
