@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import time
 from typing import Callable
 
@@ -10,7 +12,8 @@ import pytest
 
 from uwsgi_reload_harness import fleet as fleet_module
 from uwsgi_reload_harness import render
-from uwsgi_reload_harness.fleet import Fleet, FleetConfig
+from uwsgi_reload_harness.fleet import Fleet, FleetConfig, running_fleet
+from uwsgi_reload_harness.stack import ProcessExitedWithError
 
 pytestmark = [pytest.mark.e2e]
 
@@ -139,3 +142,60 @@ def test_the_rendered_configs_differ_from_the_examples_by_substitutions_only(
 def test_a_config_the_harness_cannot_honour_is_refused(config: FleetConfig, word: str) -> None:
     with pytest.raises(ValueError, match=word):
         config.check()
+
+
+def test_running_fleet_outside_pytest_stops_everything_and_removes_its_dirs() -> None:
+    with running_fleet(FleetConfig(hosts=1, vassals=1, routers=1)) as fleet:
+        assert fleet.get().status_code == 200
+        running = fleet.processes()
+        dirs = fleet.base_dirs
+        xprocess_root = fleet.logs["router-1-stdout"].parents[1]
+        assert xprocess_root.name.startswith("ur-x-")
+
+    assert [p for p in running if p.alive()] == []
+    assert [d for d in [*dirs, xprocess_root] if d.exists()] == []
+
+
+def test_a_process_exiting_while_starting_fails_fast_and_leaves_nothing(
+    make_uwsgi_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = fleet_module._free_ports
+    with socket.socket() as taken:  # nginx cannot listen on a port already taken: it exits
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        draws: list[int] = []
+
+        def nginx_port_taken(address: str, count: int, used: set[int]) -> list[int]:
+            draws.append(count)
+            # the first port drawn is nginx's
+            return [port] if len(draws) == 1 else real(address, count, used)
+
+        monkeypatch.setattr(fleet_module, "_free_ports", nginx_port_taken)
+        started = time.monotonic()
+        with pytest.raises(ProcessExitedWithError, match="nginx of fleet") as failure:
+            make_uwsgi_fleet(hosts=1, vassals=1, routers=1)
+        took = time.monotonic() - started
+
+    message = str(failure.value)
+    assert "exited while starting" in message
+    assert took < 30, f"failing took {took:.1f} s"
+    bases = set(re.findall(r"/tmp/ur-\w+", message))
+    assert len(bases) >= 2, "the fleet's dir and the host's, in the log tails"
+    assert [b for b in bases if os.path.exists(b)] == []
+    assert [b for b in bases if _pids_mentioning(b)] == []
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line holds ``text`` (a fleet's dir)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(int(entry))
+    return found
