@@ -368,11 +368,11 @@ def run_on(
         (emperor_dir / name).write_text("[uwsgi]\n")
     if setup is not None:
         setup(stack)  # type: ignore[operator]
+    given: dict[str, object] = {"fastrouter_stats_socket": "unused", **options}
     opts = ur.Options(
         emperor_path=str(emperor_dir),
-        fastrouter_stats_socket="unused",
         emperor_stats_socket="unused",
-        **options,  # type: ignore[arg-type]
+        **given,  # type: ignore[arg-type]
     )
     out = io.StringIO()
     code = ur.run(opts, ur.Reporter(False, out, out), stack.io())

@@ -1,0 +1,638 @@
+"""Fleets: vassals found by the socket their master listens on (/proc), other hosts' nodes that
+count for the minimum and are never touched, several routers, and an unsubscribe no router acts on.
+
+Table-driven tests of the /proc parsing and the matching, one test against a real listening socket
+of this test process, and whole runs against a simulated fleet: several hosts behind one or two
+fastrouters, of which the tool reloads one host's vassals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+import uwsgi_reload as ur
+from tests.test_drain_logic import KEY, RouterSim
+from tests.test_reload_logic import run_on, vassal
+
+# ---------------------------------------------------------------------------------------------
+# /proc/net tables
+# ---------------------------------------------------------------------------------------------
+
+TCP_HEADER = (
+    "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout "
+    "inode\n"
+)
+
+
+def tcp_line(local: str, state: str, inode: int) -> str:
+    return (
+        f"   0: {local} 00000000:0000 {state} 00000000:00000000 00:00000000 00000000     0"
+        f"        0 {inode} 1 0000000000000000 100 0 0 10 0\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("local", "state", "expected"),
+    [
+        ("0200007F:0C31", "0A", "127.0.0.2:3121"),  # the documented example
+        ("0100007F:1F90", "0A", "127.0.0.1:8080"),
+        ("00000000:0C31", "0A", "0.0.0.0:3121"),
+        ("0200007F:0C31", "01", None),  # established: not a listening socket
+        ("0200007F:0C31", "06", None),  # time-wait
+        ("00000000000000000000000001000000:0C31", "0A", "[::1]:3121"),
+        ("00000000000000000000000000000000:0C31", "0A", "[::]:3121"),
+        # an IPv4-mapped address is the IPv4 address the router names
+        ("0000000000000000FFFF00000200007F:0C31", "0A", "127.0.0.2:3121"),
+        # fe80::1: four little-endian 32-bit words
+        ("000080FE000000000000000001000000:0C31", "0A", "[fe80::1]:3121"),
+        ("nonsense:0C31", "0A", None),
+    ],
+)
+def test_parse_proc_net_tcp(local: str, state: str, expected: str | None) -> None:
+    table = ur.parse_proc_net_tcp(TCP_HEADER + tcp_line(local, state, 4242) + "short line\n")
+    assert table == ({} if expected is None else {4242: expected})
+
+
+UNIX_HEADER = "Num       RefCount Protocol Flags    Type St Inode Path\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "0000000000000000: 00000002 00000000 00010000 0001 01 12345 /run/uwsgi/a.sock",
+            {12345: "/run/uwsgi/a.sock"},
+        ),
+        (
+            "0000000000000000: 00000002 00000000 00010000 0001 01 12345 @abstract",
+            {12345: "@abstract"},
+        ),
+        # connected, not listening
+        ("0000000000000000: 00000003 00000000 00000000 0001 03 12345 /run/uwsgi/a.sock", {}),
+        # listening without a name
+        ("0000000000000000: 00000002 00000000 00010000 0001 01 12345", {}),
+        ("0000000000000000: 00000002 00000000 zz 0001 01 12345 /x", {}),
+    ],
+)
+def test_parse_proc_net_unix(line: str, expected: dict[int, str]) -> None:
+    assert ur.parse_proc_net_unix(UNIX_HEADER + line + "\n") == expected
+
+
+@pytest.mark.parametrize(
+    ("link", "inode"),
+    [("socket:[12345]", 12345), ("pipe:[12345]", None), ("/dev/null", None), ("socket:[x]", None)],
+)
+def test_socket_inode(link: str, inode: int | None) -> None:
+    assert ur.socket_inode(link) == inode
+
+
+def fake_proc(base: Path, pid: int, links: list[str], tcp: str, tcp6: str, unix: str) -> str:
+    fd = base / str(pid) / "fd"
+    fd.mkdir(parents=True)
+    for i, link in enumerate(links):
+        (fd / str(i)).symlink_to(link)
+    (base / "net").mkdir()
+    (base / "net" / "tcp").write_text(TCP_HEADER + tcp)
+    (base / "net" / "tcp6").write_text(TCP_HEADER + tcp6)
+    (base / "net" / "unix").write_text(UNIX_HEADER + unix)
+    return str(base)
+
+
+def test_listening_sockets_of_a_fake_proc(tmp_path: Path) -> None:
+    proc = fake_proc(
+        tmp_path,
+        77,
+        ["socket:[1]", "socket:[2]", "socket:[3]", "socket:[9]", "pipe:[4]", "/dev/null"],
+        tcp=tcp_line("0200007F:0C31", "0A", 1) + tcp_line("0300007F:0C31", "0A", 5),
+        tcp6=tcp_line("00000000000000000000000001000000:0C32", "0A", 2),
+        unix="0000000000000000: 00000002 00000000 00010000 0001 01 3 /run/a.sock\n",
+    )
+    # inode 5 is another process's socket; inode 9 is in no table (a UDP socket, say)
+    assert ur.listening_sockets(77, proc) == ("/run/a.sock", "127.0.0.2:3121", "[::1]:3122")
+
+
+def test_listening_sockets_of_a_process_it_cannot_see(tmp_path: Path) -> None:
+    assert ur.listening_sockets(77, str(tmp_path)) == ()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="ur-", dir="/tmp") as d:
+        yield Path(d)
+
+
+def test_listening_sockets_of_this_very_process(short_dir: Path) -> None:
+    """The real /proc: this test process listens on TCP and on a unix path."""
+    with socket.socket() as tcp, socket.socket(socket.AF_UNIX) as unix:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        address = f"127.0.0.1:{tcp.getsockname()[1]}"
+        path = str(short_dir / "v.sock")
+        unix.bind(path)
+        unix.listen()
+        found = ur.listening_sockets(os.getpid())
+        assert address in found, found
+        assert path in found, found
+    assert address not in ur.listening_sockets(os.getpid())
+
+
+def test_listening_sockets_of_this_very_process_over_ipv6() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with socket.socket(socket.AF_INET6) as tcp:
+        try:
+            tcp.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no ::1 here")
+        tcp.listen()
+        assert f"[::1]:{tcp.getsockname()[1]}" in ur.listening_sockets(os.getpid())
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching nodes to vassals
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "canonical"),
+    [
+        ("127.0.0.2:3121", "127.0.0.2:3121"),
+        ("[::1]:3121", "[::1]:3121"),
+        ("[0:0:0:0:0:0:0:1]:3121", "[::1]:3121"),
+        ("[::ffff:127.0.0.2]:3121", "127.0.0.2:3121"),
+        ("/run/uwsgi/a.sock", "/run/uwsgi/a.sock"),
+        ("app1.example:3121", "app1.example:3121"),
+    ],
+)
+def test_canonical_address(name: str, canonical: str) -> None:
+    assert ur.canonical_address(name) == canonical
+
+
+LOCAL = {"127.0.0.2", "10.0.0.2", "::1"}
+
+
+@pytest.mark.parametrize(
+    ("listening", "nodes", "expected"),
+    [
+        (["127.0.0.2:3121"], ["127.0.0.2:3121", "127.0.0.3:3121"], {"127.0.0.2:3121"}),
+        (["[::1]:3121"], ["[::1]:3121"], {"[::1]:3121"}),
+        (["/run/a.sock"], ["/run/a.sock", "/run/b.sock"], {"/run/a.sock"}),
+        # a bind on every address is the announced address of this machine on its port
+        (["0.0.0.0:3121"], ["10.0.0.2:3121", "10.0.0.3:3121", "10.0.0.2:3122"], {"10.0.0.2:3121"}),
+        (
+            ["[::]:3121"],
+            ["10.0.0.2:3121", "[::1]:3121", "[::1]:3122"],
+            {"10.0.0.2:3121", "[::1]:3121"},
+        ),
+        (["0.0.0.0:3121"], ["[::1]:3121"], set()),
+        (["0.0.0.0:3121"], ["app1.example:3121"], set()),
+        ([], ["127.0.0.2:3121"], set()),
+    ],
+)
+def test_node_addresses(listening: list[str], nodes: list[str], expected: set[str]) -> None:
+    assert ur.node_addresses(listening, nodes, LOCAL.__contains__) == expected
+
+
+@pytest.mark.parametrize(
+    ("addresses", "node_name", "mine"),
+    [
+        ({"127.0.0.2:3121"}, "127.0.0.2:3121", True),
+        ({"127.0.0.2:3121"}, "127.0.0.3:3121", False),
+        ({"[::1]:3121"}, "[0::1]:3121", True),
+        # known addresses decide: a node named after the vassal on another host is not it
+        ({"/run/h1/a.sock"}, "/run/h2/a.sock", False),
+        (set(), "/run/h2/a.sock", True),  # by name, when /proc told nothing
+        (set(), "127.0.0.2:3121", False),
+    ],
+)
+def test_owns(addresses: set[str], node_name: str, mine: bool) -> None:
+    assert ur.owns("a", frozenset(addresses), node_name) is mine
+
+
+def test_is_local_host() -> None:
+    assert ur.is_local_host("127.0.0.5")
+    assert not ur.is_local_host("192.0.2.1")  # TEST-NET-1: no machine has it
+    assert not ur.is_local_host("app1.example")
+
+
+def fleet_of(*names: str) -> list[ur.VassalReload]:
+    return [ur.VassalReload(id=f"{n}.ini", name=n, config=f"/e/{n}.ini") for n in names]
+
+
+def tnode(name: str, dead: bool = False, router: str = "") -> ur.Node:
+    return ur.Node(key=KEY, name=name, death_mark=dead, ref=0, router=router)
+
+
+@pytest.mark.parametrize(
+    ("listening", "nodes", "addresses"),
+    [
+        # by the socket it listens on
+        ({10: ("127.0.0.2:3121",)}, ["127.0.0.2:3121", "127.0.0.3:3121"], {"127.0.0.2:3121"}),
+        # /proc unreadable: by name
+        ({}, ["/run/a.sock", "127.0.0.3:3121"], set()),
+        # listens on a relative path the router names otherwise: by name
+        ({10: ("a.sock",)}, ["/run/a.sock"], set()),
+        # not in the router yet: its own address all the same
+        ({10: ("127.0.0.2:3121",)}, ["127.0.0.3:3121"], {"127.0.0.2:3121"}),
+    ],
+)
+def test_locate(
+    listening: dict[int, tuple[str, ...]], nodes: list[str], addresses: set[str]
+) -> None:
+    snapshot = ur.Snapshot({"a.ini": vassal("a.ini", pid=10)}, [tnode(n) for n in nodes])
+
+    def sockets(pid: int) -> tuple[str, ...]:
+        if pid not in listening:
+            raise PermissionError(13, "Permission denied")
+        return listening[pid]
+
+    (located,) = ur.locate(fleet_of("a"), snapshot, sockets, lambda host: False)
+    assert located.addresses == addresses
+    assert located.listening == listening.get(10, ())
+
+
+def local_and_remote(
+    local: int, remote: int, minimum: int
+) -> tuple[list[ur.VassalReload], ur.Snapshot]:
+    fleet = [
+        dataclasses.replace(v, addresses=frozenset({f"127.0.0.2:{3121 + i}"}))
+        for i, v in enumerate(fleet_of(*(f"v{i}" for i in range(local))))
+    ]
+    vassals = {v.id: vassal(v.id, pid=10 + i) for i, v in enumerate(fleet)}
+    nodes = [tnode(f"127.0.0.2:{3121 + i}") for i in range(local)]
+    nodes += [tnode(f"127.0.0.{3 + i // 4}:{3121 + i % 4}") for i in range(remote)]
+    return fleet, ur.Snapshot(vassals, nodes)
+
+
+@pytest.mark.parametrize(
+    ("local", "remote", "minimum", "refused"),
+    [
+        (4, 8, 4, None),
+        (4, 8, 11, None),  # one of the 4 at a time
+        (4, 8, 12, "leaves nothing to reload"),
+        (4, 0, 4, "leaves nothing to reload"),
+        (1, 3, 3, None),  # one vassal here, the other hosts keep 3
+    ],
+)
+def test_check_fleet_counts_the_routers_total(
+    local: int, remote: int, minimum: int, refused: str | None
+) -> None:
+    fleet, snapshot = local_and_remote(local, remote, minimum)
+    if refused is None:
+        ur.check_fleet(fleet, snapshot, minimum)
+    else:
+        with pytest.raises(ur.ReloadError, match=refused):
+            ur.check_fleet(fleet, snapshot, minimum)
+
+
+def test_check_fleet_refuses_a_local_vassal_that_matches_no_node() -> None:
+    fleet, snapshot = local_and_remote(2, 4, 1)
+    fleet[1] = dataclasses.replace(fleet[1], addresses=frozenset({"127.0.0.2:9999"}))
+    with pytest.raises(ur.ReloadError, match="cannot tell which fastrouter node is which vassal"):
+        ur.check_fleet(fleet, snapshot, 1)
+    # not accepting: it is not live, and goes first
+    vassals = dict(snapshot.vassals)
+    vassals["v1.ini"] = vassal("v1.ini", pid=11, accepting=False)
+    ur.check_fleet(fleet, ur.Snapshot(vassals, snapshot.nodes), 1)
+
+
+@pytest.mark.parametrize(
+    ("routers", "nodes", "unreadable", "live"),
+    [
+        (("",), [tnode("n1"), tnode("n2", dead=True)], {}, {"n1"}),
+        (("a", "b"), [tnode("n1", router="a"), tnode("n1", router="b")], {}, {"n1"}),
+        # live in one router only: not live
+        (("a", "b"), [tnode("n1", router="a")], {}, set()),
+        (("a", "b"), [tnode("n1", router="a"), tnode("n1", True, router="b")], {}, set()),
+        # a router that cannot be read: nothing is live there
+        (("a", "b"), [tnode("n1", router="a")], {"b": "cannot read"}, set()),
+    ],
+)
+def test_live_in_every_router(
+    routers: tuple[str, ...], nodes: list[ur.Node], unreadable: dict[str, str], live: set[str]
+) -> None:
+    snapshot = ur.Snapshot({}, nodes, routers, unreadable)
+    assert {n.name for n in snapshot.live_nodes} == live
+
+
+@pytest.mark.parametrize(
+    ("live", "others", "minimum", "expected"),
+    [
+        # 3 hosts x 4 vassals, minimum 4: this host's 4 may all go while the other 8 are live
+        ({v: frozenset({"k"}) for v in "abcd"}, {"k": 8}, 4, ["a", "b", "c", "d"]),
+        ({v: frozenset({"k"}) for v in "abcd"}, {"k": 8}, 10, ["a", "b"]),
+        ({v: frozenset({"k"}) for v in "abcd"}, {"k": 8}, 12, []),
+        ({v: frozenset({"k"}) for v in "abcd"}, {"k2": 8}, 2, ["a", "b"]),
+    ],
+)
+def test_pick_reloads_counts_other_hosts(
+    live: dict[str, frozenset[str]], others: dict[str, int], minimum: int, expected: list[str]
+) -> None:
+    assert ur.pick_reloads(sorted(live), live, minimum, None, others) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs: this host's vassals and other hosts' nodes behind one or two fastrouters
+# ---------------------------------------------------------------------------------------------
+
+
+class FleetStack(RouterSim):
+    """This host's vassals listen on 127.0.0.2 (TCP); other hosts' nodes (127.0.0.3, ...) are
+    live all along. Each router keeps its own view of this host's nodes: a vassal's master
+    announces to every router, a packet of the tool reaches the router its subscription server
+    belongs to (``servers``: server -> router, or None when no router listens there)."""
+
+    def __init__(
+        self,
+        local: int,
+        remote: int,
+        routers: tuple[str, ...] = ("fr-a",),
+        servers: dict[str, str | None] | None = None,
+        **kwargs: float,
+    ) -> None:
+        super().__init__([f"vassal_{i:02d}.ini" for i in range(1, local + 1)], **kwargs)
+        self.routers = routers
+        self.servers = servers if servers is not None else {f"ss-{r}": r for r in routers}
+        self.remote = [f"127.0.0.{3 + i // 4}:{3121 + i % 4}" for i in range(remote)]
+        self.addresses = {vid: f"127.0.0.2:{3121 + i}" for i, vid in enumerate(self.vassals)}
+        self.routed = {r: dict.fromkeys(self.vassals, True) for r in routers}
+        #: router -> (from, until): its stats cannot be read then
+        self.router_down: dict[str, tuple[float, float]] = {}
+        #: packets about another host's node: there must be none
+        self.remote_packets: list[tuple[float, str, int, str]] = []
+        self.by_server: list[tuple[float, str, int, str]] = []
+        self.listens_on_every_address = False
+        self.proc_readable = True
+        self.fewest_total = local + remote
+        #: router -> seconds its copy of a master's announce takes to arrive
+        self.announce_lag: dict[str, float] = {}
+        self._arriving: list[tuple[float, str, str, bool]] = []
+
+    def address(self, v: object) -> str:
+        return self.addresses[v.vid]  # type: ignore[attr-defined]
+
+    def _vid(self, address: str) -> str:
+        return next(vid for vid, a in self.addresses.items() if a == address)
+
+    def _advance(self) -> None:
+        was_in, was_next = dict(self.in_router), dict(self.next_announce)
+        super()._advance()
+        for vid in self.vassals:
+            if self.in_router[vid] != was_in[vid] or self.next_announce[vid] != was_next[vid]:
+                for r in self.routers:  # its master's own packet goes to every router
+                    at = self.t + self.announce_lag.get(r, 0.0)
+                    self._arriving.append((at, r, vid, self.in_router[vid]))
+        for arrival in [a for a in getattr(self, "_arriving", []) if a[0] <= self.t]:
+            self._arriving.remove(arrival)
+            _, r, vid, routed = arrival
+            self.routed[r][vid] = routed
+        if hasattr(self, "routed"):
+            self.fewest_total = min(self.fewest_total, self.router_total())
+
+    def router_total(self) -> int:
+        """Live nodes of the key in every router: this host's and the others'."""
+        here = sum(
+            1
+            for vid, v in self.vassals.items()
+            if self.live(v) and all(self.routed[r][vid] for r in self.routers)
+        )
+        return here + len(self.remote)
+
+    def snapshot(self, options: ur.Options) -> ur.Snapshot:
+        assert list(options.routers) == list(self.routers)
+        self.calls.append(("snapshot", self.t, 0.0))
+        self._advance()
+        assert self.t < 1000, "the run does not end"
+        vassals = {
+            v.vid: vassal(v.vid, v.pid, v.respawns, v.last_mod, accepting=self.live(v))
+            for v in self.vassals.values()
+        }
+        nodes, unreadable = [], {}
+        for r in self.routers:
+            down = self.router_down.get(r)
+            if down and down[0] <= self.t < down[1]:
+                unreadable[r] = f"cannot read stats socket {r}: Connection refused"
+                continue
+            for vid, v in self.vassals.items():
+                ref = self.ref(vid) if r == self.routers[0] else 0
+                if (self.routed[r][vid] and self.live(v)) or ref:
+                    nodes.append(
+                        ur.Node(
+                            KEY, self.addresses[vid], not self.routed[r][vid], ref, 0, 0, 1, 0, 1, r
+                        )
+                    )
+            nodes += [ur.Node(KEY, n, False, 0, 0, 0, 1, 0, 1, r) for n in self.remote]
+        if len(unreadable) == len(self.routers):
+            raise ur.StatsError("; ".join(unreadable.values()))
+        return ur.Snapshot(vassals, nodes, self.routers, unreadable)
+
+    def send(self, address: str, data: bytes) -> None:
+        _, command, pairs = ur.decode_packet(data)
+        fields = dict(pairs)
+        assert fields["key"] == KEY
+        self.by_server.append((self.t, address, command, fields["address"]))
+        if fields["address"] not in self.addresses.values():
+            self.remote_packets.append((self.t, address, command, fields["address"]))
+            return
+        vid = self._vid(fields["address"])
+        self.packets.append((self.t, command, fields))
+        router = self.servers[address]
+        if router is not None:  # UDP: a packet nobody acts on tells the sender nothing
+            self.routed[router][vid] = command == ur.Command.SUBSCRIBE
+
+    def sockets(self, pid: int) -> tuple[str, ...]:
+        if not self.proc_readable:
+            raise PermissionError(13, "Permission denied")
+        vid = next(vid for vid, v in self.vassals.items() if v.pid == pid)
+        if self.listens_on_every_address:
+            return ("0.0.0.0:" + self.addresses[vid].rsplit(":", 1)[1],)
+        return (self.addresses[vid],)
+
+    def io(self) -> ur.Io:
+        return dataclasses.replace(
+            super().io(), sockets=self.sockets, is_local=lambda host: host == "127.0.0.2"
+        )
+
+    def sent_to(self, vid: str, command: ur.Command) -> set[str]:
+        """The subscription servers that were sent ``command`` about ``vid``."""
+        return {s for _, s, c, a in self.by_server if c == command and a == self.addresses[vid]}
+
+
+def run_fleet(
+    stack: FleetStack, tmp_path: Path, minimum: int, drain: bool = True, **options: object
+) -> tuple[int, str, dict[str, dict[str, object]]]:
+    report = io.StringIO()
+    with redirect_stdout(report):
+        code, out = run_on(
+            stack,
+            tmp_path,
+            None,
+            minimum_active_vassals=minimum,
+            fastrouter_stats_socket=list(stack.routers),
+            subscription_server=list(stack.servers) if drain else None,
+            json=True,
+            **options,
+        )
+    vassals = json.loads(report.getvalue())["vassals"]
+    return code, out, {f"{v['name']}.ini": v for v in vassals}
+
+
+def in_flight_at_once(stack: FleetStack) -> int:
+    """The most vassals touched and not yet back in every router at one time (sim time)."""
+    return max(
+        sum(1 for t, _ in stack.touched if t <= at)
+        - sum(1 for t, _ in stack.touched if t < at - 1.2)
+        for at, _ in stack.touched
+    )
+
+
+@pytest.mark.parametrize("drain", [False, True])
+def test_three_hosts_minimum_four_reloads_this_hosts_four_at_once(
+    tmp_path: Path, drain: bool
+) -> None:
+    stack = FleetStack(local=4, remote=8, announce_delay=0.3)
+    code, out, report = run_fleet(stack, tmp_path, minimum=4, drain=drain)
+    assert code == ur.EXIT_OK, out
+    starts = [t for t, _ in stack.touched]
+    assert len(starts) == 4 and max(starts) - min(starts) < 0.1, out  # one wave
+    assert stack.fewest_total >= 4, out
+    assert stack.fewest_total == 8, out  # all 4 of this host were out together
+    assert stack.remote_packets == [], out
+    assert all(v.respawns == 1 for v in stack.vassals.values())
+    assert {v["outcome"] for v in report.values()} == {"reloaded"}
+    if drain:
+        for vid in stack.vassals:
+            assert stack.sent_to(vid, ur.Command.UNSUBSCRIBE) == {"ss-fr-a"}
+            assert stack.sent_to(vid, ur.Command.SUBSCRIBE) == {"ss-fr-a"}
+
+
+@pytest.mark.parametrize(("minimum", "fewest"), [(10, 10), (11, 11), (9, 9)])
+def test_a_fleet_minimum_above_this_hosts_share_paces_it(
+    tmp_path: Path, minimum: int, fewest: int
+) -> None:
+    stack = FleetStack(local=4, remote=8, announce_delay=0.3)
+    code, out, _ = run_fleet(stack, tmp_path, minimum=minimum)
+    assert code == ur.EXIT_OK, out
+    assert stack.fewest_total == fewest, out
+    assert stack.remote_packets == [], out
+
+
+def test_a_minimum_of_the_whole_fleet_leaves_nothing_to_reload(tmp_path: Path) -> None:
+    stack = FleetStack(local=4, remote=8)
+    with pytest.raises(ur.ReloadError, match="leaves nothing to reload"):
+        run_fleet(stack, tmp_path, minimum=12)
+    assert stack.touched == [] and stack.by_server == []
+
+
+def test_the_dry_run_shows_this_hosts_count_and_the_routers(tmp_path: Path) -> None:
+    stack = FleetStack(local=4, remote=8)
+    code, out, _ = run_fleet(stack, tmp_path, minimum=10, dry_run=True)
+    assert code == ur.EXIT_OK
+    assert "4 live, minimum 10: up to 2 reloading at once, about 2 reload times" in out
+    assert "the router count 12 live (4 on this host, 8 on other hosts)" in out
+    assert stack.touched == [] and stack.by_server == []
+
+
+def test_a_vassal_bound_on_every_address_is_told_from_other_hosts_by_its_address(
+    tmp_path: Path,
+) -> None:
+    stack = FleetStack(local=4, remote=8, announce_delay=0.3)
+    stack.listens_on_every_address = True  # 0.0.0.0:3121..3124, the other hosts use them too
+    code, out, _ = run_fleet(stack, tmp_path, minimum=4)
+    assert code == ur.EXIT_OK, out
+    assert stack.remote_packets == [], out
+    assert stack.fewest_total >= 4, out
+
+
+def test_without_proc_and_a_name_the_run_is_refused(tmp_path: Path) -> None:
+    stack = FleetStack(local=2, remote=4)
+    stack.proc_readable = False  # another user's vassals: their fds cannot be read
+    with pytest.raises(ur.ReloadError, match="cannot tell which fastrouter node is which vassal"):
+        run_fleet(stack, tmp_path, minimum=1)
+    assert stack.touched == [] and stack.by_server == []
+
+
+TWO = ("fr-a", "fr-b")
+
+
+def test_two_routers_a_node_live_in_one_only_is_not_live(tmp_path: Path) -> None:
+    stack = FleetStack(local=4, remote=0, routers=TWO, announce_delay=0.3)
+    stack.routed["fr-b"]["vassal_01.ini"] = False  # B dropped it (say, B restarted)
+    code, out, _ = run_fleet(stack, tmp_path, minimum=3)
+    assert code == ur.EXIT_OK, out
+    assert stack.fewest_total >= 3, out
+    # not live: it costs nothing and goes first, alone (the other three are the minimum)
+    first, second = stack.touched[0], stack.touched[1]
+    assert first[1] == "vassal_01.ini" and second[0] > first[0] + 1.0, out
+    # drained from A, where it was live: the unsubscribe goes to every server
+    for vid in stack.vassals:
+        assert stack.sent_to(vid, ur.Command.UNSUBSCRIBE) == {"ss-fr-a", "ss-fr-b"}, vid
+        assert stack.sent_to(vid, ur.Command.SUBSCRIBE) == {"ss-fr-a", "ss-fr-b"}, vid
+    assert all(stack.routed[r][vid] for r in TWO for vid in stack.vassals)
+
+
+@pytest.mark.parametrize(("drain", "shortest"), [(False, 4.0), (True, 1.0)])
+def test_two_routers_back_means_back_in_both(tmp_path: Path, drain: bool, shortest: float) -> None:
+    """The masters' announces reach router B 2 s late: without the fast return (which
+    subscribes at every server) a vassal is back only once B has it too."""
+    stack = FleetStack(local=2, remote=2, routers=TWO, announce_delay=1.0)
+    stack.announce_lag["fr-b"] = 2.0
+    code, out, report = run_fleet(stack, tmp_path, minimum=2, drain=drain)
+    assert code == ur.EXIT_OK, out
+    assert stack.fewest_total >= 2, out
+    durations = [float(v["duration"]) for v in report.values()]  # type: ignore[arg-type]
+    assert shortest <= min(durations) < shortest + 0.5, out
+
+
+def test_a_router_that_cannot_be_read_starts_nothing(tmp_path: Path) -> None:
+    stack = FleetStack(local=4, remote=0, routers=TWO, reload=0.5, announce_delay=0.1)
+    stack.router_down["fr-b"] = (0.3, 2.0)
+    code, out, _ = run_fleet(stack, tmp_path, minimum=3)
+    assert code == ur.EXIT_OK, out
+    started = [t for t, c, _ in stack.packets if c == ur.Command.UNSUBSCRIBE]
+    assert not any(0.3 <= t < 2.0 for t in started), out
+    assert stack.fewest_total >= 3, out
+
+
+def test_a_router_unreadable_for_the_timeout_gives_the_run_up(tmp_path: Path) -> None:
+    stack = FleetStack(local=4, remote=0, routers=TWO, reload=0.5, announce_delay=0.1)
+    stack.router_down["fr-b"] = (0.3, 1000.0)
+    code, out, report = run_fleet(stack, tmp_path, minimum=3, timeout=3.0)
+    assert code == ur.EXIT_NOT_ALL_RELOADED, out
+    assert stack.fewest_total >= 3, out
+    assert {v["outcome"] for v in report.values()} >= {"not started"}
+
+
+@pytest.mark.parametrize(
+    ("routers", "servers", "ignoring"),
+    [
+        # the subscription server given is no router's: nothing acts on the unsubscribe
+        (("fr-a",), {"ss-wrong": None}, ["fr-a"]),
+        # router B's server is bound elsewhere: B keeps routing to the node
+        (TWO, {"ss-fr-a": "fr-a", "ss-wrong": None}, ["fr-b"]),
+    ],
+)
+def test_an_unsubscribe_no_router_acts_on_is_never_taken_for_a_drain(
+    tmp_path: Path, routers: tuple[str, ...], servers: dict[str, str | None], ignoring: list[str]
+) -> None:
+    stack = FleetStack(local=4, remote=4, routers=routers, servers=servers)
+    code, out, report = run_fleet(stack, tmp_path, minimum=2, drain_timeout=1.0)
+    assert code == ur.EXIT_NOT_ALL_RELOADED, out
+    assert stack.touched == [], out  # not touched as "drained"
+    assert stack.fewest_total >= 2, out
+    ignored = [v for v in report.values() if v["drain_ignored_by"]]
+    assert ignored and all(v["drain_ignored_by"] == ignoring for v in ignored), report
+    assert all(v["outcome"] == "failed" for v in ignored)
+    assert {v["outcome"] for v in report.values()} <= {"failed", "not started"}
+    # whoever was taken out of a router that did act is back in it
+    assert all(stack.routed[r][vid] for r in routers for vid in stack.vassals)
