@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -104,7 +105,6 @@ class FleetConfig:
     #: demo app only: seconds it sleeps while loading / per request (see stack.StackConfig)
     start_delay: float = 0.0
     request_delay: float = 0.0
-    keep: bool = False
     start_timeout: float = 60.0
 
     @property
@@ -179,10 +179,6 @@ class FleetHost:
     @property
     def vassal_ids(self) -> list[str]:
         return list(self.ports)
-
-    @property
-    def emperor_log(self) -> Path:
-        return self.layout.base / "emperor.log"
 
     def node_name(self, vassal_id: str) -> str:
         """How the routers list this vassal: its socket's address."""
@@ -269,6 +265,12 @@ class Fleet:
             if name in host.nodes():
                 return host, host.nodes()[name]
         raise KeyError(name)
+
+    def rolling_reload_command(self, *flags: str, drain: bool = True) -> list[str]:
+        """Every host's :meth:`FleetHost.reload_command`, host after host (``sh -c 'a && b'``):
+        one command for a load run to start; it stops at the first host that fails."""
+        commands = (shlex.join(h.reload_command(*flags, drain=drain)) for h in self.hosts)
+        return ["sh", "-c", " && ".join(commands)]
 
     # --- probes -------------------------------------------------------------------------------
 
@@ -462,6 +464,10 @@ def own_router_substitutions(router: FleetRouter, log: Path) -> list[Substitutio
 def prepare(config: FleetConfig, uwsgi: str) -> Fleet:
     """Render examples/fleet into new short dirs: every file of the fleet, no process yet."""
     config.check()
+    if not FLEET_DIR.is_dir():
+        raise render.MissingTool(
+            f"{FLEET_DIR} is missing: this installation does not ship examples/fleet"
+        )
     built_in = render.python_built_in(uwsgi)
     layout = Layout(Path(tempfile.mkdtemp(prefix="ur-", dir="/tmp")))
     fleet = Fleet(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import socket
 import time
 from typing import Callable
@@ -58,6 +59,11 @@ def test_with_two_routers_every_node_is_live_in_both_and_commands_name_both(
     assert ("--emperor-stats-socket", fleet.hosts[1].emperor_stats) in pairs
     assert ("--emperor-path", str(fleet.hosts[1].emperor_path)) in pairs
     assert "--subscription-server" not in fleet.hosts[1].reload_command(drain=False)
+    sh, dash_c, script = fleet.rolling_reload_command("--timeout", "30")
+    assert [sh, dash_c] == ["sh", "-c"]
+    assert [shlex.split(part) for part in script.split(" && ")] == [
+        h.reload_command("--timeout", "30") for h in fleet.hosts
+    ]
 
 
 def test_touching_one_link_on_host_2_reloads_that_vassal_and_it_comes_back_in_every_router(
