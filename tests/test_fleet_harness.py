@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import socket
+import subprocess
 import time
 from typing import Callable
 
@@ -205,3 +206,30 @@ def _pids_mentioning(text: str) -> list[int]:
             if text in cmdline:
                 found.append(int(entry))
     return found
+
+
+@pytest.mark.usefixtures("tool_only")
+def test_the_tool_run_host_by_host_reloads_every_vassal_of_the_fleet(
+    make_uwsgi_fleet: MakeFleet,
+) -> None:
+    fleet = make_uwsgi_fleet(hosts=2, vassals=2, routers=2)
+    before = fleet.worker_pids()
+
+    done = subprocess.run(
+        fleet.rolling_reload_command("--timeout", "30"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    fleet.wait_all_live(30.0)
+    after = fleet.worker_pids()
+    unchanged = [
+        (address, vid)
+        for address, pids in after.items()
+        for vid, workers in pids.items()
+        if set(workers) & set(before[address][vid])
+    ]
+    assert unchanged == [], "every vassal of every host has new workers"
