@@ -28,10 +28,10 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, TextIO, TypeVar
 
 __version__ = "0.1.0"
 
@@ -672,6 +672,33 @@ def others_live(nodes: Iterable[Node], fleet: Iterable[VassalReload]) -> dict[st
     return counts
 
 
+def placements(
+    vassal: EmperorVassal | None,
+    name: str,
+    nodes: Iterable[Node],
+    addresses: frozenset[str] = frozenset(),
+) -> frozenset[tuple[str, str]]:
+    """The (router, key) pairs under which this vassal is live in that router (``live_keys`` per
+    router): a vassal live in one router and not in another still counts in the first one."""
+    if vassal is None or not vassal.accepting:
+        return frozenset()
+    return frozenset(
+        (node.router, node.key) for node in nodes if node.live and owns(name, addresses, node.name)
+    )
+
+
+def others_placed(
+    nodes: Iterable[Node], fleet: Iterable[VassalReload]
+) -> dict[tuple[str, str], int]:
+    """``others_live`` per (router, key): each router's own count."""
+    mine = [(v.name, v.addresses) for v in fleet]
+    counts: dict[tuple[str, str], int] = {}
+    for node in nodes:
+        if node.live and not any(owns(name, addrs, node.name) for name, addrs in mine):
+            counts[node.router, node.key] = counts.get((node.router, node.key), 0) + 1
+    return counts
+
+
 def reload_registered(baseline: EmperorVassal, current: EmperorVassal | None) -> bool:
     """The emperor acted on the touch: it bumps respawns and last_mod together (core/emperor.c).
 
@@ -726,12 +753,16 @@ def touch_mtime(now: float, last_mod: int, current: float | None = None) -> int:
     return max(int(now), newest + 1)
 
 
+#: what the minimum is kept for: a fastrouter key, or a (router, key) pair
+Place = TypeVar("Place", bound=Hashable)
+
+
 def pick_reloads(
     candidates: Sequence[str],
-    live: Mapping[str, frozenset[str]],
+    live: Mapping[str, frozenset[Place]],
     minimum: int,
     free_slots: int | None,
-    others: Mapping[str, int] | None = None,
+    others: Mapping[Place, int] | None = None,
 ) -> list[str]:
     """Which of ``candidates`` (in order) may start reloading now.
 
@@ -739,9 +770,10 @@ def pick_reloads(
     its keys. A vassal that is not live costs nothing and may always go; a live one may go only if
     every key it serves keeps at least ``minimum`` live vassals without it. Not-live vassals go
     first. ``free_slots`` caps the number started (``None``: no cap). ``others``: per key, the
-    live nodes that are not candidates' (other hosts'): they count for the minimum too.
+    live nodes that are not candidates' (other hosts'): they count for the minimum too. With
+    several routers the keys are (router, key) pairs: each router keeps its minimum.
     """
-    per_key: dict[str, int] = dict(others or {})
+    per_key: dict[Place, int] = dict(others or {})
     for keys in live.values():
         for key in keys:
             per_key[key] = per_key.get(key, 0) + 1
@@ -750,10 +782,10 @@ def pick_reloads(
     for vassal in ordered:
         if free_slots is not None and len(picked) >= free_slots:
             break
-        keys = live.get(vassal, frozenset())
-        if all(per_key[key] - 1 >= minimum for key in keys):
-            for key in keys:
-                per_key[key] -= 1
+        places: frozenset[Place] = live.get(vassal, frozenset())
+        if all(per_key[place] - 1 >= minimum for place in places):
+            for place in places:
+                per_key[place] -= 1
             picked.append(vassal)
     return picked
 
@@ -1039,15 +1071,16 @@ class Rollout:
     def finished(self) -> bool:
         return not self.pending() and not self.in_flight()
 
-    def _live(self, snapshot: Snapshot) -> dict[str, frozenset[str]]:
-        """Vassals counted as live: draining, in flight and failed ones never are."""
+    def _live(self, snapshot: Snapshot) -> dict[str, frozenset[tuple[str, str]]]:
+        """Vassals counted as live, with the (router, key) pairs they are live under: draining,
+        in flight and failed ones never are."""
         live = {}
         for v in self.vassals.values():
             if v.phase in COUNTS_LIVE:
                 current = snapshot.vassals.get(v.id)
-                keys = live_keys(current, v.name, snapshot.live_nodes, v.addresses)
-                if keys:
-                    live[v.id] = keys
+                places = placements(current, v.name, snapshot.nodes, v.addresses)
+                if places:
+                    live[v.id] = places
         return live
 
     def _observe(self, v: VassalReload, snapshot: Snapshot) -> Stage:
@@ -1077,13 +1110,15 @@ class Rollout:
         for v in self.draining():
             events += self._drain(v, snapshot, now)
         live = self._live(snapshot)
-        others = others_live(snapshot.live_nodes, self.vassals.values())
-        counts: dict[str, int] = dict.fromkeys(self.lowest_live, 0)
-        counts.update(others)
-        for keys in live.values():
-            for key in keys:
-                counts[key] = counts.get(key, 0) + 1
-        for key, count in counts.items():
+        others = others_placed(snapshot.nodes, self.vassals.values())
+        counts = dict(others)
+        for places in live.values():
+            for place in places:
+                counts[place] = counts.get(place, 0) + 1
+        # per key, the fewest any router has (a router without the key has none)
+        keys = set(self.lowest_live) | {key for _, key in counts}
+        for key in keys:
+            count = min(counts.get((router, key), 0) for router in snapshot.routers)
             self.lowest_live[key] = min(self.lowest_live.get(key, count), count)
         if self.stopped_by is not None:
             events += self._stop(now)

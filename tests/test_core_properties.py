@@ -5,7 +5,9 @@ requests in flight, stats that cannot be read for a while, failed probes, a refu
 SIGINT and an unexpected error, all drawn by hypothesis. Whatever happens:
 
 - no vassal starts (is drained or touched) while that could take one of its keys below the
-  minimum: the other vassals live for the key, not being reloaded, are at least m;
+  minimum: the other vassals live for the key, not being reloaded, and other hosts' live nodes
+  of the key are at least m;
+- no other host's node is ever sent a packet;
 - exit 0 only if every vassal runs a new instance and is live in the router;
 - no vassal the tool unsubscribed is left out of rotation when the tool exits, unless its probe
   failed and the report says so, or it is being reloaded (its new instance announces itself).
@@ -44,6 +46,14 @@ class FleetSim(RouterSim):
         self.unreadable: tuple[float, float] | None = None
         self.crash_at: float | None = None
         self.last_packet: dict[str, int] = {}
+        #: per key, other hosts' nodes: live all along, never the tool's to touch
+        self.remote: dict[str, int] = {}
+        #: a second router (its subscription server ``ss-b.sock``): it has what the first has,
+        #: but drops the nodes of ``b_drops`` from ``b_drops_from`` on (say, it was restarted)
+        self.two_routers = False
+        self.b_drops: set[str] = set()
+        self.b_drops_from = math.inf
+        self.b_packets: list[tuple[float, int, str]] = []
 
     def up(self, vid: str) -> bool:
         return self.live(self.vassals[vid]) and self.in_router[vid]
@@ -56,7 +66,10 @@ class FleetSim(RouterSim):
             for w in self.vassals
             if w != vid and self.up(w) and self.vassals[w].registers_at is None
         ]
-        self.started[vid] = min(sum(1 for w in others if k in self.keys[w]) for k in self.keys[vid])
+        self.started[vid] = min(
+            sum(1 for w in others if k in self.keys[w]) + self.remote.get(k, 0)
+            for k in self.keys[vid]
+        )
 
     def touch(self, path: str, mtime: int) -> None:
         vid = os.path.basename(path)
@@ -88,12 +101,33 @@ class FleetSim(RouterSim):
             for n in plain.nodes
             for key in self.keys[self._vid(n.name)]
         ]
-        return ur.Snapshot(plain.vassals, nodes)
+        nodes += [
+            ur.Node(key=key, name=remote_name(key, i), death_mark=False, ref=0, cores=1, weight=1)
+            for key, count in sorted(self.remote.items())
+            for i in range(count)
+        ]
+        if not self.two_routers:
+            return ur.Snapshot(plain.vassals, nodes)
+        dropped = self.b_drops if self.t >= self.b_drops_from else set()
+        in_b = [
+            dataclasses.replace(
+                n, router="fr-b", death_mark=n.death_mark or self._vid(n.name) in dropped
+            )
+            for n in nodes
+        ]
+        in_a = [dataclasses.replace(n, router="fr-a") for n in nodes]
+        return ur.Snapshot(plain.vassals, in_a + in_b, ("fr-a", "fr-b"))
 
     def send(self, address: str, data: bytes) -> None:
         _, command, pairs = ur.decode_packet(data)
         fields = dict(pairs)
+        assert not fields["address"].startswith("127.0.0.9:"), f"another host's node: {fields}"
         vid = self._vid(fields["address"])
+        if address == "ss-b.sock":
+            self.b_packets.append((self.t, command, vid))
+            if command == ur.Command.SUBSCRIBE:
+                self.b_drops.discard(vid)
+            return
         assert fields["key"] in self.keys[vid]
         if command == ur.Command.UNSUBSCRIBE:
             self._start(vid)
@@ -104,9 +138,18 @@ class FleetSim(RouterSim):
             self._close_exposure(vid)
 
 
+def remote_name(key: str, i: int) -> str:
+    """Another host's node: on an address no vassal here is named after."""
+    return f"127.0.0.9:{4000 + 10 * int(key[1:]) + i}"
+
+
 @dataclasses.dataclass
 class Scenario:
     keys: dict[str, tuple[str, ...]]
+    remote: dict[str, int]
+    two_routers: bool
+    b_drops: set[str]
+    b_drops_from: float
     minimum: int
     drain: bool
     probe: bool
@@ -140,11 +183,16 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         for vid in names
     }
     some = st.sets(st.sampled_from(names), max_size=2)
+    remote = draw(st.dictionaries(st.sampled_from(all_keys), st.integers(1, 3), max_size=2))
     maybe_time = st.none() | SECONDS
     unreadable_from = draw(maybe_time)
     return Scenario(
         keys=keys,
-        minimum=draw(st.integers(0, n - 1)),
+        remote=remote,
+        two_routers=draw(st.booleans()),
+        b_drops=draw(some),
+        b_drops_from=draw(SECONDS),
+        minimum=draw(st.integers(0, n - 1 + max(remote.values(), default=0))),
         drain=draw(st.booleans()),
         probe=draw(st.booleans()),
         timeout=draw(st.sampled_from([1.0, 3.0, 10.0])),
@@ -180,6 +228,9 @@ def scenarios(draw: st.DrawFn) -> Scenario:
 def build(s: Scenario) -> FleetSim:
     stack = FleetSim(s.keys, **s.stack)
     stack.minimum = s.minimum
+    stack.remote = dict(s.remote)
+    stack.two_routers = s.two_routers
+    stack.b_drops, stack.b_drops_from = set(s.b_drops), s.b_drops_from
     stack.reload_times = dict(s.reload_times)
     stack.never_back = set(s.never_back)
     stack.probe_status = dict.fromkeys(s.probe_fails, 500)
@@ -198,6 +249,7 @@ def run(s: Scenario, stack: FleetSim) -> tuple[int | None, str, dict[str, dict[s
     """(exit code, or None if the run ended before its start (main() says so in one line, exit
     2); output; the report's vassals)."""
     report = io.StringIO()
+    servers = ["ss.sock", "ss-b.sock"] if s.two_routers else ["ss.sock"]
     with tempfile.TemporaryDirectory(prefix="ur-prop-", dir="/tmp") as emperor_dir:
         try:
             with redirect_stdout(report):
@@ -208,7 +260,8 @@ def run(s: Scenario, stack: FleetSim) -> tuple[int | None, str, dict[str, dict[s
                     minimum_active_vassals=s.minimum,
                     timeout=s.timeout,
                     max_parallel=s.max_parallel,
-                    subscription_server="ss.sock" if s.drain else None,
+                    fastrouter_stats_socket=["fr-a", "fr-b"] if s.two_routers else "fr.sock",
+                    subscription_server=servers if s.drain else None,
                     drain_timeout=s.drain_timeout,
                     probe="/" if s.probe else None,
                     json=True,

@@ -565,20 +565,30 @@ def test_without_proc_and_a_name_the_run_is_refused(tmp_path: Path) -> None:
 TWO = ("fr-a", "fr-b")
 
 
-def test_two_routers_a_node_live_in_one_only_is_not_live(tmp_path: Path) -> None:
+def test_two_routers_each_keep_the_minimum(tmp_path: Path) -> None:
     stack = FleetStack(local=4, remote=0, routers=TWO, announce_delay=0.3)
-    stack.routed["fr-b"]["vassal_01.ini"] = False  # B dropped it (say, B restarted)
+    stack.routed["fr-b"]["vassal_04.ini"] = False  # B dropped it (say, B restarted)
     code, out, _ = run_fleet(stack, tmp_path, minimum=3)
     assert code == ur.EXIT_OK, out
     assert stack.fewest_total >= 3, out
-    # not live: it costs nothing and goes first, alone (the other three are the minimum)
+    # B has 3, the minimum: only the vassal B lacks may go, alone (A keeps 3)
     first, second = stack.touched[0], stack.touched[1]
-    assert first[1] == "vassal_01.ini" and second[0] > first[0] + 1.0, out
+    assert first[1] == "vassal_04.ini" and second[0] > first[0] + 1.0, out
     # drained from A, where it was live: the unsubscribe goes to every server
     for vid in stack.vassals:
         assert stack.sent_to(vid, ur.Command.UNSUBSCRIBE) == {"ss-fr-a", "ss-fr-b"}, vid
         assert stack.sent_to(vid, ur.Command.SUBSCRIBE) == {"ss-fr-a", "ss-fr-b"}, vid
     assert all(stack.routed[r][vid] for r in TWO for vid in stack.vassals)
+
+
+def test_a_vassal_live_in_one_router_only_is_not_back(tmp_path: Path) -> None:
+    """A node is live when it is live in every router: a snapshot with it in A only."""
+    fleet = fleet_of("a")
+    a, b = tnode("/run/a.sock", router="fr-a"), tnode("/run/a.sock", True, router="fr-b")
+    snapshot = ur.Snapshot({"a.ini": vassal("a.ini")}, [a, b], TWO)
+    assert ur.live_keys(snapshot.vassals["a.ini"], "a", snapshot.live_nodes) == frozenset()
+    assert ur.placements(snapshot.vassals["a.ini"], "a", snapshot.nodes) == {("fr-a", KEY)}
+    assert ur.nodes_of(fleet[0].name, snapshot.nodes) == [a, b]
 
 
 @pytest.mark.parametrize(("drain", "shortest"), [(False, 4.0), (True, 1.0)])
