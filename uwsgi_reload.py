@@ -915,6 +915,8 @@ class VassalReload:
             "drain": _round(self.drained),
             "drain_timed_out": self.drain_left is not None,
             "drain_ignored_by": list(self.ignored_by),
+            #: the node names it was found as, from /proc (empty: by its name)
+            "addresses": sorted(self.addresses),
             "detail": detail,
         }
 
@@ -1788,7 +1790,9 @@ def describe_plan(fleet: Sequence[VassalReload], snapshot: Snapshot, options: Op
         for v in fleet
     }
     others = others_live(snapshot.live_nodes, fleet)
-    routers = "router" if len(snapshot.routers) == 1 else f"{len(snapshot.routers)} routers"
+    routers = (
+        "router counts" if len(snapshot.routers) == 1 else f"{len(snapshot.routers)} routers count"
+    )
     order = [v for v in fleet if not live[v.id]] + [v for v in fleet if live[v.id]]
     keys = sorted({k for ks in live.values() for k in ks})
     lines = [f"dry run: would reload {len(fleet)} vassals of {options.emperor_path}, order:"]
@@ -1796,6 +1800,8 @@ def describe_plan(fleet: Sequence[VassalReload], snapshot: Snapshot, options: Op
         state = (
             f"live for {', '.join(sorted(live[v.id]))}" if live[v.id] else "not live, goes first"
         )
+        if v.addresses:
+            state += f" (node {', '.join(sorted(v.addresses))})"
         lines.append(f"  {v.name} ({v.id}): {state}")
     for key in keys:
         count = sum(1 for ks in live.values() if key in ks)
@@ -1810,8 +1816,7 @@ def describe_plan(fleet: Sequence[VassalReload], snapshot: Snapshot, options: Op
         else:
             tail = "its live vassals wait until the not-live ones are back"
         counted = (
-            f"; the {routers} count {total} live ({count} on this host, "
-            f"{total - count} on other hosts)"
+            f"; the {routers} {total} live ({count} on this host, {total - count} on other hosts)"
         )
         lines.append(head + tail + counted)
     if options.subscription_server:

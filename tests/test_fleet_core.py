@@ -539,7 +539,7 @@ def test_the_dry_run_shows_this_hosts_count_and_the_routers(tmp_path: Path) -> N
     code, out, _ = run_fleet(stack, tmp_path, minimum=10, dry_run=True)
     assert code == ur.EXIT_OK
     assert "4 live, minimum 10: up to 2 reloading at once, about 2 reload times" in out
-    assert "the router count 12 live (4 on this host, 8 on other hosts)" in out
+    assert "the router counts 12 live (4 on this host, 8 on other hosts)" in out
     assert stack.touched == [] and stack.by_server == []
 
 
@@ -646,3 +646,37 @@ def test_an_unsubscribe_no_router_acts_on_is_never_taken_for_a_drain(
     assert {v["outcome"] for v in report.values()} <= {"failed", "not started"}
     # whoever was taken out of a router that did act is back in it
     assert all(stack.routed[r][vid] for r in routers for vid in stack.vassals)
+
+
+def test_the_command_line_takes_several_routers_and_servers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack = FleetStack(local=4, remote=8, routers=TWO)
+    for vid in stack.vassals:
+        (tmp_path / vid).write_text("[uwsgi]\n")
+    argv = ["--emperor-path", str(tmp_path), "--emperor-stats-socket", "es.sock"]
+    argv += ["--fastrouter-stats-socket", "fr-a", "--fastrouter-stats-socket", "fr-b"]
+    argv += ["--subscription-server", "127.0.0.1:29626", "--subscription-server", "[::1]:29627"]
+    argv += ["--minimum-active-vassals", "8", "--dry-run", "--json"]
+    assert ur.main(argv, io=stack.io()) == ur.EXIT_OK
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["fastrouter_stats_socket"] == ["fr-a", "fr-b"]
+    assert report["subscription_server"] == ["127.0.0.1:29626", "[::1]:29627"]
+    assert [v["addresses"] for v in report["vassals"]] == [[a] for a in stack.addresses.values()]
+    assert "the 2 routers count 12 live (4 on this host, 8 on other hosts)" in captured.err
+    assert stack.touched == [] and stack.by_server == []
+
+
+def test_one_router_and_one_server_read_as_before() -> None:
+    argv = ["--emperor-path", "e", "--emperor-stats-socket", "es", "--fastrouter-stats-socket"]
+    args = ur.build_parser().parse_args([*argv, "fr", "--subscription-server", "127.0.0.1:1"])
+    options = ur.Options(**vars(args))
+    assert (options.routers, options.subscription_servers) == (("fr",), ("127.0.0.1:1",))
+    report = ur.report_json([], options, 0.0, 0.0, 0, None)
+    assert (report["fastrouter_stats_socket"], report["subscription_server"]) == (
+        "fr",
+        "127.0.0.1:1",
+    )
+    args = ur.build_parser().parse_args([*argv, "fr"])
+    assert ur.Options(**vars(args)).subscription_servers == ()
