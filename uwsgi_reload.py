@@ -1260,10 +1260,21 @@ class Rollout:
             return ()
         return subscriptions(Command.SUBSCRIBE, (n for n in v.nodes if n.live))
 
-    def _unsubscribe_again(self, v: VassalReload, snapshot: Snapshot, now: float) -> list[Event]:
+    def _unsubscribe_again(
+        self,
+        v: VassalReload,
+        snapshot: Snapshot,
+        now: float,
+        routers: set[str] | None = None,
+    ) -> list[Event]:
         """Its master re-announces every subscribe-freq cycles (core/master.c), undoing our
-        unsubscribe: send it again whenever its node shows up live."""
-        again = [n for n in nodes_of(v.name, snapshot.nodes, v.addresses) if n.live]
+        unsubscribe: send it again whenever its node shows up live (in ``routers`` only, when
+        given)."""
+        again = [
+            n
+            for n in nodes_of(v.name, snapshot.nodes, v.addresses)
+            if n.live and (routers is None or n.router in routers)
+        ]
         if not again:
             return []
         send = subscriptions(Command.UNSUBSCRIBE, again)
@@ -1297,7 +1308,9 @@ class Rollout:
             ignored = tuple(r for r in snapshot.routers if r in live_in and r not in acted)
             if ignored:
                 return self._drain_ignored(v, ignored, now)
-        events = [] if drained else self._unsubscribe_again(v, snapshot, now)
+        # again only where it was out and came back (its master's announce): a router that
+        # has not acted yet is not sent the same packet at every poll
+        events = [] if drained else self._unsubscribe_again(v, snapshot, now, acted)
         if drained:
             kind = EventKind.TRIGGERED_DRAINED
         elif took >= self.drain_timeout:

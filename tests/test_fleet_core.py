@@ -643,6 +643,9 @@ def test_an_unsubscribe_no_router_acts_on_is_never_taken_for_a_drain(
     ignored = [v for v in report.values() if v["drain_ignored_by"]]
     assert ignored and all(v["drain_ignored_by"] == ignoring for v in ignored), report
     assert all(v["outcome"] == "failed" for v in ignored)
+    for vid in (vid for vid, v in report.items() if v["drain_ignored_by"]):
+        # one unsubscribe per server: a router that has not acted is not sent one every poll
+        assert len(stack.sent(vid, ur.Command.UNSUBSCRIBE)) == len(servers), out
     assert {v["outcome"] for v in report.values()} <= {"failed", "not started"}
     # whoever was taken out of a router that did act is back in it
     assert all(stack.routed[r][vid] for r in routers for vid in stack.vassals)
