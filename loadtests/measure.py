@@ -325,6 +325,14 @@ class ReloadRun:
             if self.workers_after.get(vid) and not set(before) & set(self.workers_after[vid])
         ]
 
+    def kept_workers(self) -> list[str]:
+        """Vassals still served by a worker from before the reload: those it never reloaded."""
+        return [
+            vid
+            for vid, before in self.workers_before.items()
+            if set(before) & set(self.workers_after.get(vid, []))
+        ]
+
     def end_state_problems(self) -> list[str]:
         """What was wrong at the moment the command exited 0: each vassal must be accepting,
         live in the router and served by a worker started by this reload."""
