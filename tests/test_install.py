@@ -118,6 +118,7 @@ def test_the_wheel_installs_only_namespaced_names(wheel: Path) -> None:
     # the example configs ship as package data of the harness
     assert "uwsgi_reload_harness/examples/uwsgi_vassal.ini" in names
     assert "uwsgi_reload_harness/examples/nginx.conf.fragment" in names
+    assert "uwsgi_reload_harness/examples/fleet/fleet_vassal.ini" in names
 
 
 def test_without_extras_other_projects_stay_green(
