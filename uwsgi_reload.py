@@ -265,6 +265,7 @@ def _host_port_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@functools.lru_cache(maxsize=4096)  # every poll compares every node with every vassal
 def canonical_address(name: str) -> str:
     """A node or socket address in one spelling: ``127.0.0.2:3121``, ``[::1]:3121``; a unix
     path (or anything that is not an IP and a port) as it is."""
@@ -661,14 +662,20 @@ def live_keys(
     return frozenset(node.key for node in nodes if node.live and owns(name, addresses, node.name))
 
 
+def _others(nodes: Iterable[Node], fleet: Iterable[VassalReload]) -> Iterator[Node]:
+    """The live nodes that are no vassal of ``fleet``."""
+    mine = [(v.name, v.addresses) for v in fleet]
+    for node in nodes:
+        if node.live and not any(owns(name, addrs, node.name) for name, addrs in mine):
+            yield node
+
+
 def others_live(nodes: Iterable[Node], fleet: Iterable[VassalReload]) -> dict[str, int]:
     """Per key, the live nodes that are no vassal of ``fleet``: other hosts' (or vassals of this
     emperor this run does not reload). They count for the minimum and are never touched."""
-    mine = [(v.name, v.addresses) for v in fleet]
     counts: dict[str, int] = {}
-    for node in nodes:
-        if node.live and not any(owns(name, addrs, node.name) for name, addrs in mine):
-            counts[node.key] = counts.get(node.key, 0) + 1
+    for node in _others(nodes, fleet):
+        counts[node.key] = counts.get(node.key, 0) + 1
     return counts
 
 
@@ -691,11 +698,9 @@ def others_placed(
     nodes: Iterable[Node], fleet: Iterable[VassalReload]
 ) -> dict[tuple[str, str], int]:
     """``others_live`` per (router, key): each router's own count."""
-    mine = [(v.name, v.addresses) for v in fleet]
     counts: dict[tuple[str, str], int] = {}
-    for node in nodes:
-        if node.live and not any(owns(name, addrs, node.name) for name, addrs in mine):
-            counts[node.router, node.key] = counts.get((node.router, node.key), 0) + 1
+    for node in _others(nodes, fleet):
+        counts[node.router, node.key] = counts.get((node.router, node.key), 0) + 1
     return counts
 
 

@@ -683,3 +683,11 @@ def test_one_router_and_one_server_read_as_before() -> None:
     )
     args = ur.build_parser().parse_args([*argv, "fr"])
     assert ur.Options(**vars(args)).subscription_servers == ()
+
+
+def test_a_router_that_cannot_be_read_at_the_start_touches_nothing(tmp_path: Path) -> None:
+    stack = FleetStack(local=4, remote=0, routers=TWO)
+    stack.router_down["fr-b"] = (0.0, 1000.0)
+    with pytest.raises(ur.StatsError, match="fr-b"):
+        run_fleet(stack, tmp_path, minimum=1)
+    assert stack.touched == [] and stack.by_server == []
