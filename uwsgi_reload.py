@@ -393,8 +393,9 @@ def node_addresses(
     listening: Iterable[str], node_names: Iterable[str], is_local: Callable[[str], bool]
 ) -> frozenset[str]:
     """The node names a vassal listening on ``listening`` is announced as: each socket's own
-    address, and for a bind on every address (``0.0.0.0``, ``::``) the nodes on its port whose
-    host is an address of this machine (another host's node on the same port is not ours)."""
+    address, and for a bind on every address (``0.0.0.0``, ``::``) its port on each address of
+    this machine that a node shows (another host's node on the same port is not ours; a vassal
+    not in the router yet is found once it is, under an address its neighbours use)."""
     addresses = set()
     wildcards = set()
     for address in listening:
@@ -403,19 +404,24 @@ def node_addresses(
             addresses.add(canonical_address(address))
         else:
             wildcards.add(wildcard)
+    if not wildcards:
+        return frozenset(addresses)
+    hosts = set()
     for name in node_names:
         canonical = canonical_address(name)
-        if not wildcards or not _is_host_port(canonical):
-            continue
-        host, port = _split_host_port(canonical)
+        if _is_host_port(canonical):
+            hosts.add(_split_host_port(canonical)[0])
+    for host in sorted(hosts):
         try:
             version = ipaddress.ip_address(host).version
         except ValueError:
             continue
-        # a [::] bind takes IPv4 too unless IPV6_V6ONLY (the Linux default is dual-stack)
-        fits = (4, port) in wildcards if version == 4 else False
-        if (fits or (6, port) in wildcards) and is_local(host):
-            addresses.add(canonical)
+        if not is_local(host):
+            continue
+        for wildcard_version, port in wildcards:
+            # a [::] bind takes IPv4 too unless IPV6_V6ONLY (the Linux default is dual-stack)
+            if wildcard_version == 6 or version == 4:
+                addresses.add(_host_port_text(host, port))
     return frozenset(addresses)
 
 

@@ -196,6 +196,8 @@ LOCAL = {"127.0.0.2", "10.0.0.2", "::1"}
         ),
         (["0.0.0.0:3121"], ["[::1]:3121"], set()),
         (["0.0.0.0:3121"], ["app1.example:3121"], set()),
+        # not in the router yet: its port on the addresses of this machine the nodes show
+        (["0.0.0.0:3125"], ["10.0.0.2:3121", "10.0.0.3:3121"], {"10.0.0.2:3125"}),
         ([], ["127.0.0.2:3121"], set()),
     ],
 )
@@ -691,3 +693,16 @@ def test_a_router_that_cannot_be_read_at_the_start_touches_nothing(tmp_path: Pat
     with pytest.raises(ur.StatsError, match="fr-b"):
         run_fleet(stack, tmp_path, minimum=1)
     assert stack.touched == [] and stack.by_server == []
+
+
+def test_a_vassal_bound_on_every_address_and_down_at_the_start_is_found_once_back(
+    tmp_path: Path,
+) -> None:
+    stack = FleetStack(local=4, remote=8, announce_delay=0.3)
+    stack.listens_on_every_address = True
+    stack.vassals["vassal_04.ini"].down_until = 1000.0  # not accepting: not in the router
+    code, out, report = run_fleet(stack, tmp_path, minimum=4)
+    assert code == ur.EXIT_OK, out
+    assert report["vassal_04.ini"]["addresses"] == ["127.0.0.2:3124"]
+    assert stack.touched[0][1] == "vassal_04.ini", out  # not live: it went first
+    assert stack.remote_packets == [] and stack.fewest_total >= 4, out
