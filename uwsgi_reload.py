@@ -6,6 +6,10 @@
 
 Standalone: Python >= 3.9 standard library only. Copy it to a server and run it.
 
+In a fleet (many hosts announcing to the same routers) it reloads the vassals of this host's
+emperor: each vassal's node is the address its master listens on (/proc), other hosts' nodes
+count for the minimum and are never touched.
+
 Exit codes: 0 all reloaded, 1 not all reloaded, 2 usage or bad input, 3 another run holds the
 lock, 130 interrupted (SIGINT or SIGTERM).
 """
@@ -764,6 +768,10 @@ def touch_mtime(now: float, last_mod: int, current: float | None = None) -> int:
     return max(int(now), newest + 1)
 
 
+#: The router of the (router, key) pairs that count nodes live in every router: no address
+#: given on the command line can hold a NUL.
+EVERY_ROUTER = "\0"
+
 #: what the minimum is kept for: a fastrouter key, or a (router, key) pair
 Place = TypeVar("Place", bound=Hashable)
 
@@ -1085,13 +1093,16 @@ class Rollout:
         return not self.pending() and not self.in_flight()
 
     def _live(self, snapshot: Snapshot) -> dict[str, frozenset[tuple[str, str]]]:
-        """Vassals counted as live, with the (router, key) pairs they are live under: draining,
-        in flight and failed ones never are."""
+        """Vassals counted as live, with the (router, key) pairs they are live under, and
+        (``EVERY_ROUTER``, key) where live in every router: draining, in flight and failed ones
+        never are."""
         live = {}
         for v in self.vassals.values():
             if v.phase in COUNTS_LIVE:
                 current = snapshot.vassals.get(v.id)
                 places = placements(current, v.name, snapshot.nodes, v.addresses)
+                everywhere = live_keys(current, v.name, snapshot.live_nodes, v.addresses)
+                places |= {(EVERY_ROUTER, key) for key in everywhere}
                 if places:
                     live[v.id] = places
         return live
@@ -1122,16 +1133,19 @@ class Rollout:
             return events
         for v in self.draining():
             events += self._drain(v, snapshot, now)
+        # Each router keeps the minimum on its own, and so do the nodes live in every router
+        # (what a client sees whichever router it reaches).
         live = self._live(snapshot)
         others = others_placed(snapshot.nodes, self.vassals.values())
+        for key, count in others_live(snapshot.live_nodes, self.vassals.values()).items():
+            others[EVERY_ROUTER, key] = count
         counts = dict(others)
         for places in live.values():
             for place in places:
                 counts[place] = counts.get(place, 0) + 1
-        # per key, the fewest any router has (a router without the key has none)
         keys = set(self.lowest_live) | {key for _, key in counts}
         for key in keys:
-            count = min(counts.get((router, key), 0) for router in snapshot.routers)
+            count = counts.get((EVERY_ROUTER, key), 0)
             self.lowest_live[key] = min(self.lowest_live.get(key, count), count)
         if self.stopped_by is not None:
             events += self._stop(now)
@@ -2284,7 +2298,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         metavar="<socket>",
         help="Fastrouter statistics socket (unix path or host:port); give it once per router: "
-        "a node counts as live only when it is live in every router",
+        "a reloaded vassal is back once it is live in every router, and the minimum holds in "
+        "each router and among the nodes live in all of them",
     )
     add(
         "--emperor-stats-socket",
@@ -2305,7 +2320,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="<int>",
         help="the minimum number of vassals that should be active at any given time during "
-        "the reload, per fastrouter key",
+        "the reload, per fastrouter key: every live node the router has for the key counts, "
+        "other hosts' included (with several routers, each router keeps it)",
     )
     add(
         "--timeout",

@@ -706,3 +706,25 @@ def test_a_vassal_bound_on_every_address_and_down_at_the_start_is_found_once_bac
     assert report["vassal_04.ini"]["addresses"] == ["127.0.0.2:3124"]
     assert stack.touched[0][1] == "vassal_04.ini", out  # not live: it went first
     assert stack.remote_packets == [] and stack.fewest_total >= 4, out
+
+
+@pytest.mark.parametrize(
+    ("remote", "starts"),
+    [
+        # each router keeps one other node, but none is live in both: a client that reaches
+        # either router may find none of the nodes live in the other; v stays
+        ({"fr-a": ["127.0.0.3:1"], "fr-b": ["127.0.0.4:1"]}, False),
+        ({"fr-a": ["127.0.0.3:1"], "fr-b": ["127.0.0.3:1"]}, True),
+        # B has no other node: B would go empty
+        ({"fr-a": ["127.0.0.3:1", "127.0.0.4:1"], "fr-b": []}, False),
+    ],
+)
+def test_the_minimum_holds_in_each_router_and_in_every_router(
+    remote: dict[str, list[str]], starts: bool
+) -> None:
+    fleet = [dataclasses.replace(fleet_of("v")[0], addresses=frozenset({"127.0.0.2:1"}))]
+    nodes = [tnode("127.0.0.2:1", router=r) for r in TWO]
+    nodes += [tnode(name, router=r) for r, names in remote.items() for name in names]
+    rollout = ur.Rollout(fleet, minimum=1, timeout=10)
+    (event,) = rollout.step(ur.Snapshot({"v.ini": vassal("v.ini")}, nodes, TWO), 0.0)
+    assert event.touches is starts
