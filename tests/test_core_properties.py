@@ -54,6 +54,13 @@ class FleetSim(RouterSim):
         self.b_drops: set[str] = set()
         self.b_drops_from = math.inf
         self.b_packets: list[tuple[float, int, str]] = []
+        #: the second router's subscription server is bound elsewhere: it never acts on a packet
+        #: of the tool, and keeps routing to a vassal the tool unsubscribed (``b_held``) until
+        #: its master unsubscribes it (its reload) or dies
+        self.b_ignores = False
+        self.b_held: set[str] = set()
+        #: vassals touched while the second router still routed to them: never as "drained"
+        self.touched_while_held: list[str] = []
 
     def up(self, vid: str) -> bool:
         return self.live(self.vassals[vid]) and self.in_router[vid]
@@ -76,6 +83,8 @@ class FleetSim(RouterSim):
         if vid in self.touch_refused:
             raise PermissionError(1, "Operation not permitted", path)
         self._start(vid)
+        if vid in self.b_held and not (self.t >= self.b_drops_from and vid in self.b_drops):
+            self.touched_while_held.append(vid)
         super().touch(path, mtime)
 
     def kill(self, vid: str, down_for: float) -> None:
@@ -109,11 +118,24 @@ class FleetSim(RouterSim):
         if not self.two_routers:
             return ur.Snapshot(plain.vassals, nodes)
         dropped = self.b_drops if self.t >= self.b_drops_from else set()
+        self.b_held = {vid for vid in self.b_held if self.live(self.vassals[vid])}
+        held = self.b_held - dropped
         in_b = [
             dataclasses.replace(
-                n, router="fr-b", death_mark=n.death_mark or self._vid(n.name) in dropped
+                n,
+                router="fr-b",
+                death_mark=(n.death_mark or self._vid(n.name) in dropped)
+                and self._vid(n.name) not in held,
             )
             for n in nodes
+        ]
+        shown = {self._vid(n.name) for n in in_b if not n.name.startswith("127.0.0.9:")}
+        in_b += [
+            ur.Node(
+                key, self.address(self.vassals[vid]), False, 0, cores=1, weight=1, router="fr-b"
+            )
+            for vid in sorted(held - shown)
+            for key in self.keys[vid]
         ]
         in_a = [dataclasses.replace(n, router="fr-a") for n in nodes]
         return ur.Snapshot(plain.vassals, in_a + in_b, ("fr-a", "fr-b"))
@@ -125,9 +147,14 @@ class FleetSim(RouterSim):
         vid = self._vid(fields["address"])
         if address == "ss-b.sock":
             self.b_packets.append((self.t, command, vid))
-            if command == ur.Command.SUBSCRIBE:
+            if command == ur.Command.SUBSCRIBE and not self.b_ignores:
                 self.b_drops.discard(vid)
             return
+        if self.b_ignores and self.two_routers:
+            if command == ur.Command.UNSUBSCRIBE and self.in_router[vid]:
+                self.b_held.add(vid)
+            elif command == ur.Command.SUBSCRIBE:
+                self.b_held.discard(vid)
         assert fields["key"] in self.keys[vid]
         if command == ur.Command.UNSUBSCRIBE:
             self._start(vid)
@@ -148,6 +175,7 @@ class Scenario:
     keys: dict[str, tuple[str, ...]]
     remote: dict[str, int]
     two_routers: bool
+    b_ignores: bool
     b_drops: set[str]
     b_drops_from: float
     minimum: int
@@ -190,6 +218,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         keys=keys,
         remote=remote,
         two_routers=draw(st.booleans()),
+        b_ignores=draw(st.booleans()),
         b_drops=draw(some),
         b_drops_from=draw(SECONDS),
         minimum=draw(st.integers(0, n - 1 + max(remote.values(), default=0))),
@@ -230,6 +259,7 @@ def build(s: Scenario) -> FleetSim:
     stack.minimum = s.minimum
     stack.remote = dict(s.remote)
     stack.two_routers = s.two_routers
+    stack.b_ignores = s.b_ignores
     stack.b_drops, stack.b_drops_from = set(s.b_drops), s.b_drops_from
     stack.reload_times = dict(s.reload_times)
     stack.never_back = set(s.never_back)
@@ -279,6 +309,7 @@ def check(
         assert stack.touched == [] and stack.packets == [], out
         return
     assert code in (ur.EXIT_OK, ur.EXIT_NOT_ALL_RELOADED, ur.EXIT_INTERRUPTED), out
+    assert not stack.touched_while_held, f"touched while a router routed to it\n{out}"
     for vid, fewest in stack.started.items():
         assert fewest >= s.minimum, f"{vid} started with {fewest} others live\n{out}"
     if code == ur.EXIT_OK:
