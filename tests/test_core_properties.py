@@ -1,6 +1,7 @@
 """Properties of whole runs over random fleets, against the simulated emperor and fastrouter.
 
-Several fastrouter keys, N and m, reload times, vassals that never come back, kills, re-announces,
+Several fastrouter keys, other hosts' nodes, a second router (that drops nodes, or ignores the
+tool's packets), N and m, reload times, vassals that never come back, kills, re-announces,
 requests in flight, stats that cannot be read for a while, failed probes, a refused touch, a
 SIGINT and an unexpected error, all drawn by hypothesis. Whatever happens:
 
@@ -8,6 +9,8 @@ SIGINT and an unexpected error, all drawn by hypothesis. Whatever happens:
   minimum: the other vassals live for the key, not being reloaded, and other hosts' live nodes
   of the key are at least m;
 - no other host's node is ever sent a packet;
+- no vassal is touched while a second router that never acted on its unsubscribe (its
+  subscription server bound elsewhere) still routes to it;
 - exit 0 only if every vassal runs a new instance and is live in the router;
 - no vassal the tool unsubscribed is left out of rotation when the tool exits, unless its probe
   failed and the report says so, or it is being reloaded (its new instance announces itself).
