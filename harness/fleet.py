@@ -266,6 +266,26 @@ class Fleet:
                 return host, host.nodes()[name]
         raise KeyError(name)
 
+    def ansible_inventory(self, tool_dir: Path, minimum: int, timeout: float = 30) -> str:
+        """An inventory for ``examples/ansible/reload.yml``: the variables of
+        ``examples/ansible/inventory.sample.ini``, for this fleet's hosts, reached by a local
+        connection (they all are this machine). Each host gets its own copy of the tool under
+        ``tool_dir``."""
+        hosts = [
+            f"{h.address} ansible_connection=local ansible_python_interpreter={sys.executable} "
+            f"emperor_path={h.emperor_path} emperor_stats={h.emperor_stats} "
+            f"tool_path={tool_dir / h.address / 'uwsgi_reload.py'}"
+            for h in self.hosts
+        ]
+        group_vars = [
+            f"python={sys.executable}",
+            f"fleet_minimum={minimum}",
+            f"fastrouter_stats={json.dumps([r.stats for r in self.routers])}",
+            f"subscription_servers={json.dumps([r.subscription_server for r in self.routers])}",
+            f"reload_timeout={timeout:g}",
+        ]
+        return "\n".join(["[app]", *hosts, "", "[app:vars]", *group_vars]) + "\n"
+
     def rolling_reload_command(self, *flags: str, drain: bool = True) -> list[str]:
         """Every host's :meth:`FleetHost.reload_command`, host after host (``sh -c 'a && b'``):
         one command for a load run to start; it stops at the first host that fails."""
