@@ -14,6 +14,7 @@ import pytest
 
 from uwsgi_reload_harness.stack import Stack
 from uwsgi_reload_loadtests.measure import (
+    Broken,
     FreshStacks,
     ReloadRun,
     again,
@@ -69,7 +70,10 @@ def test_drain_keeps_reload_latency_near_steady_state(
 
     assert drained.returncode == 0, drained.output
     assert drained.check(1) == []
-    assert plain.check(1) == []
+    # Without drain, uWSGI can reset a connection the router already handed to a vassal as its
+    # reload begins (docs/design.md): rare, and the reason to drain. Nothing else may be wrong.
+    assert {p.kind for p in plain.problems(1)} <= {Broken.FAILED_REQUESTS}, plain.check(1)
+    assert plain.load.total.failures <= 2, summary(plain)
     assert "triggered after draining" in drained.output
     assert "probe passed" in drained.output
     steady = drained.load.before.p99
