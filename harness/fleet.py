@@ -69,10 +69,10 @@ from .stack import (
     ProcessExitedWithError,
     StackRuntime,
     StackTimeout,
-    _starter,
     children,
     log_tail,
     process_tree,
+    start_process,
     write_atomically,
 )
 
@@ -603,38 +603,6 @@ def _render(fleet: Fleet, built_in: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _start(
-    fleet: Fleet,
-    name: str,
-    cmd: list[str],
-    env: dict[str, str],
-    ready: Callable[[], bool],
-    what: str,
-) -> None:
-    xname = fleet._xname(name)
-
-    def check() -> bool:
-        if not fleet.xprocess.getinfo(xname).isrunning():
-            raise ProcessExitedWithError(
-                f"{name} of fleet {fleet.name} exited while starting ({' '.join(cmd)})\n"
-                f"{fleet.report()}"
-            )
-        return ready()
-
-    timeout = fleet.config.start_timeout + fleet.config.start_delay
-    try:
-        pid, logfile = fleet.xprocess.ensure(
-            xname, _starter(cmd, env, check, timeout), persist_logs=False
-        )
-    except TimeoutError:
-        raise StackTimeout(
-            f"{name} of fleet {fleet.name} not ready after {timeout:g} s: waited for {what}\n"
-            f"last status: {fleet.status()[1]}\n{fleet.report()}"
-        ) from None
-    fleet.pids[name] = pid
-    fleet.logs[f"{name}-stdout"] = Path(str(logfile))
-
-
 def _answers(read: Callable[[], object]) -> bool:
     try:
         read()
@@ -651,7 +619,7 @@ def start_fleet(xprocess: Any, config: FleetConfig) -> Fleet:
     try:
         env = {**os.environ, CONTROL_ENV: str(fleet.control_file), "PYTHONDONTWRITEBYTECODE": "1"}
         for router in fleet.routers:
-            _start(
+            start_process(
                 fleet,
                 router.name,
                 [uwsgi, "--ini", str(router.config)],
@@ -663,7 +631,7 @@ def start_fleet(xprocess: Any, config: FleetConfig) -> Fleet:
         # together, and the fleet is waited for as a whole below.
         for host in fleet.hosts:
             cmd = render.emperor_command(uwsgi, host.layout.rendered(FLEET_CONF_D).read_text())
-            _start(
+            start_process(
                 fleet,
                 host.name,
                 cmd,
@@ -692,7 +660,9 @@ def start_fleet(xprocess: Any, config: FleetConfig) -> Fleet:
             except requests.RequestException:
                 return False
 
-        _start(fleet, "nginx", nginx_cmd, dict(os.environ), nginx_ready, "HTTP 200 through nginx")
+        start_process(
+            fleet, "nginx", nginx_cmd, dict(os.environ), nginx_ready, "HTTP 200 through nginx"
+        )
         fleet.wait_all_live(config.start_timeout)
     except BaseException:
         _stop_started(fleet)

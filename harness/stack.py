@@ -31,7 +31,7 @@ import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import py  # type: ignore[import-untyped]  # pytest's py.path shim, what XProcess wants
 import requests
@@ -579,36 +579,58 @@ def _starter(
     return Starter
 
 
-def _start(
-    stack: Stack,
+class Startable(Protocol):
+    """What :func:`start_process` needs of a stack or a fleet: its processes' records."""
+
+    name: str
+    xprocess: Any
+    pids: dict[str, int]
+    logs: dict[str, Path]
+
+    @property
+    def config(self) -> Any: ...
+
+    def _xname(self, name: str) -> str: ...
+
+    def status(self) -> tuple[bool, str]: ...
+
+    def report(self, lines: int = 15) -> str: ...
+
+
+def start_process(
+    owner: Startable,
     name: str,
     cmd: list[str],
     env: dict[str, str],
     ready: Callable[[], bool],
     what: str,
 ) -> None:
-    xname = stack._xname(name)
+    """Start one process of ``owner`` under xprocess; return once ``ready()``; fail fast if it
+    exits while starting (``ProcessExitedWithError``), or at the deadline (``StackTimeout``),
+    either with the log tails."""
+    xname = owner._xname(name)
+    kind = type(owner).__name__.lower()
 
     def check() -> bool:
-        if not stack.xprocess.getinfo(xname).isrunning():
+        if not owner.xprocess.getinfo(xname).isrunning():
             raise ProcessExitedWithError(
-                f"{name} of stack {stack.name} exited while starting ({' '.join(cmd)})\n"
-                f"{stack.report()}"
+                f"{name} of {kind} {owner.name} exited while starting ({' '.join(cmd)})\n"
+                f"{owner.report()}"
             )
         return ready()
 
-    timeout = stack.config.start_timeout + stack.config.start_delay
+    timeout = owner.config.start_timeout + owner.config.start_delay
     try:
-        pid, logfile = stack.xprocess.ensure(
+        pid, logfile = owner.xprocess.ensure(
             xname, _starter(cmd, env, check, timeout), persist_logs=False
         )
     except TimeoutError:
         raise StackTimeout(
-            f"{name} of stack {stack.name} not ready after {timeout:g} s: waited for {what}\n"
-            f"last status: {stack.status()[1]}\n{stack.report()}"
+            f"{name} of {kind} {owner.name} not ready after {timeout:g} s: waited for {what}\n"
+            f"last status: {owner.status()[1]}\n{owner.report()}"
         ) from None
-    stack.pids[name] = pid
-    stack.logs[f"{name}-stdout"] = Path(str(logfile))
+    owner.pids[name] = pid
+    owner.logs[f"{name}-stdout"] = Path(str(logfile))
 
 
 def start_stack(xprocess: Any, config: StackConfig) -> Stack:
@@ -627,7 +649,7 @@ def start_stack(xprocess: Any, config: StackConfig) -> Stack:
         def emperor_ready() -> bool:
             return stack.status(through_nginx=False)[0]
 
-        _start(
+        start_process(
             stack,
             "emperor",
             emperor_cmd,
@@ -651,7 +673,9 @@ def start_stack(xprocess: Any, config: StackConfig) -> Stack:
             except requests.RequestException:
                 return False
 
-        _start(stack, "nginx", nginx_cmd, dict(os.environ), nginx_ready, "HTTP 200 through nginx")
+        start_process(
+            stack, "nginx", nginx_cmd, dict(os.environ), nginx_ready, "HTTP 200 through nginx"
+        )
         stack.wait_all_live(config.start_timeout)
     except BaseException:
         _stop_started(stack)
