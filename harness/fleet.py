@@ -63,16 +63,14 @@ from . import render
 from .render import KEY, Layout, Substitution
 from .stack import (
     CONTROL_ENV,
-    POLL_INTERVAL,
-    STOP_TIMEOUT,
     Proc,
-    ProcessExitedWithError,
+    ProcessGroup,
     StackRuntime,
     StackTimeout,
     children,
-    log_tail,
-    process_tree,
+    start_nginx,
     start_process,
+    stop_trees,
     write_atomically,
 )
 
@@ -228,7 +226,7 @@ class FleetHost:
 
 
 @dataclasses.dataclass
-class Fleet:
+class Fleet(ProcessGroup):
     """A running fleet (or one being started)."""
 
     name: str
@@ -332,22 +330,6 @@ class Fleet:
             parts.append(f"nginx answered {code}")
         return ok, "; ".join(parts)
 
-    def check_running(self) -> None:
-        for name in self.pids:
-            if not self.xprocess.getinfo(self._xname(name)).isrunning():
-                raise ProcessExitedWithError(f"{name} of fleet {self.name} exited\n{self.report()}")
-
-    def wait_for(self, check: Callable[[], bool], what: str, timeout: float) -> None:
-        """Poll ``check`` until true; raise StackTimeout naming ``what`` (with log tails)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.check_running()
-            if check():
-                return
-            if time.monotonic() > deadline:
-                raise StackTimeout(f"waited {timeout:g} s for {what}\n{self.report()}")
-            time.sleep(POLL_INTERVAL)
-
     def wait_all_live(self, timeout: float = 30.0) -> None:
         last = [""]
 
@@ -372,19 +354,6 @@ class Fleet:
 
     # --- logs and teardown --------------------------------------------------------------------
 
-    def report(self, lines: int = 15) -> str:
-        return "\n".join(
-            f"--- {name} ({path}) ---\n{log_tail(path, lines)}"
-            for name, path in self.logs.items()
-            if path.exists()
-        )
-
-    def processes(self) -> set[Proc]:
-        return set().union(*(process_tree(pid) for pid in self.pids.values()))
-
-    def _xname(self, name: str) -> str:
-        return f"{self.name}-{name}"
-
     def stop(self) -> set[Proc]:
         """Stop nginx, then the emperors and routers together (each as a tree); remove every dir.
 
@@ -406,34 +375,6 @@ class Fleet:
         for base in self.base_dirs:
             shutil.rmtree(base, ignore_errors=True)
         return seen
-
-    def _reap(self, pid: int) -> None:
-        for resource in self.xprocess.resources:
-            popen = getattr(resource, "popen", None)
-            if popen is not None and popen.pid == pid:
-                popen.wait(STOP_TIMEOUT)
-
-
-def stop_trees(
-    roots: Sequence[int], sig: signal.Signals, timeout: float = STOP_TIMEOUT
-) -> set[Proc]:
-    """:func:`.stack.stop_tree` for several roots at once: ``sig`` to each root, wait for every
-    tree to go, SIGKILL what stays. Returns every process seen."""
-    seen: set[Proc] = set().union(*(process_tree(root) for root in roots))
-    for root in roots:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(root, sig)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        seen = seen.union(*(process_tree(root) for root in roots))
-        if not any(p.alive() for p in seen):
-            return seen
-        time.sleep(POLL_INTERVAL)
-    for proc in seen:
-        if proc.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-    return seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,25 +585,7 @@ def start_fleet(xprocess: Any, config: FleetConfig) -> Fleet:
             "every vassal accepting and live in every router",
             config.start_timeout + config.start_delay,
         )
-        nginx_cmd = [
-            nginx,
-            "-p",
-            str(fleet.layout.nginx_dir),
-            "-e",
-            str(fleet.logs["nginx"]),
-            "-c",
-            str(fleet.layout.nginx_conf),
-        ]
-
-        def nginx_ready() -> bool:
-            try:
-                return fleet.get(timeout=2.0).status_code == 200
-            except requests.RequestException:
-                return False
-
-        start_process(
-            fleet, "nginx", nginx_cmd, dict(os.environ), nginx_ready, "HTTP 200 through nginx"
-        )
+        start_nginx(fleet, nginx)
         fleet.wait_all_live(config.start_timeout)
     except BaseException:
         _stop_started(fleet)

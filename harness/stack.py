@@ -29,9 +29,9 @@ import sys
 import tempfile
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import py  # type: ignore[import-untyped]  # pytest's py.path shim, what XProcess wants
 import requests
@@ -181,18 +181,22 @@ def process_tree(root: int) -> set[Proc]:
     return tree
 
 
-def stop_tree(root: int, sig: signal.Signals, timeout: float = STOP_TIMEOUT) -> set[Proc]:
-    """Send ``sig`` to ``root`` only, wait for its whole tree to go, SIGKILL what stays.
+def stop_trees(
+    roots: Sequence[int], sig: signal.Signals, timeout: float = STOP_TIMEOUT
+) -> set[Proc]:
+    """Send ``sig`` to each root only, wait for every tree to go, SIGKILL what stays.
 
     Descendants are collected on every poll, so a process respawned during shutdown is not missed.
-    Returns every process seen.
+    Several roots are stopped together (an emperor takes ~4 s to bury its vassals). Returns every
+    process seen.
     """
-    seen = process_tree(root)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(root, sig)
+    seen: set[Proc] = set().union(*(process_tree(root) for root in roots))
+    for root in roots:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(root, sig)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        seen |= process_tree(root)
+        seen = seen.union(*(process_tree(root) for root in roots))
         if not any(p.alive() for p in seen):
             return seen
         time.sleep(POLL_INTERVAL)
@@ -201,6 +205,11 @@ def stop_tree(root: int, sig: signal.Signals, timeout: float = STOP_TIMEOUT) -> 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
     return seen
+
+
+def stop_tree(root: int, sig: signal.Signals, timeout: float = STOP_TIMEOUT) -> set[Proc]:
+    """:func:`stop_trees` for one root."""
+    return stop_trees([root], sig, timeout)
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -219,8 +228,74 @@ def log_tail(path: Path, lines: int = 30) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+class ProcessGroup:
+    """What a stack and a fleet share: the processes xprocess started for them, their logs, and
+    waiting on probes while checking that none of those processes exited."""
+
+    name: str
+    config: Any
+    layout: Layout
+    xprocess: Any
+    pids: dict[str, int]
+    logs: dict[str, Path]
+
+    def status(self) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    def get(self, path: str | None = None, timeout: float = 10.0) -> requests.Response:
+        raise NotImplementedError
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__.lower()
+
+    def _xname(self, name: str) -> str:
+        return f"{self.name}-{name}"
+
+    def check_running(self) -> None:
+        """Raise ProcessExitedWithError if a process of the group is gone."""
+        for name in self.pids:
+            if not self.xprocess.getinfo(self._xname(name)).isrunning():
+                raise ProcessExitedWithError(
+                    f"{name} of {self.kind} {self.name} exited\n{self.report()}"
+                )
+
+    def wait_for(self, check: Callable[[], bool], what: str, timeout: float) -> None:
+        """Poll ``check`` until true; raise StackTimeout naming ``what`` (with log tails)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_running()
+            if check():
+                return
+            if time.monotonic() > deadline:
+                raise StackTimeout(f"waited {timeout:g} s for {what}\n{self.report()}")
+            time.sleep(POLL_INTERVAL)
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        return log_tail(self.logs[name], lines)
+
+    def report(self, lines: int = 15) -> str:
+        return "\n".join(
+            f"--- {name} ({path}) ---\n{log_tail(path, lines)}"
+            for name, path in self.logs.items()
+            if path.exists()
+        )
+
+    def processes(self) -> set[Proc]:
+        """Every live process of the group: the trees of the processes xprocess started."""
+        return set().union(*(process_tree(pid) for pid in self.pids.values()))
+
+    def _reap(self, pid: int) -> None:
+        # xprocess keeps the Popen; wait on it so it neither stays a zombie nor warns when
+        # collected (ResourceWarning: "subprocess is still running" is an error here).
+        for resource in self.xprocess.resources:
+            popen = getattr(resource, "popen", None)
+            if popen is not None and popen.pid == pid:
+                popen.wait(STOP_TIMEOUT)
+
+
 @dataclasses.dataclass
-class Stack:
+class Stack(ProcessGroup):
     """A running stack. Socket paths come from the rendered conf.d fragment."""
 
     name: str
@@ -355,23 +430,6 @@ class Stack:
     def all_live(self) -> bool:
         return self.status()[0]
 
-    def check_running(self) -> None:
-        """Raise ProcessExitedWithError if the emperor or nginx is gone."""
-        for name in self.pids:
-            if not self.xprocess.getinfo(self._xname(name)).isrunning():
-                raise ProcessExitedWithError(f"{name} of stack {self.name} exited\n{self.report()}")
-
-    def wait_for(self, check: Callable[[], bool], what: str, timeout: float) -> None:
-        """Poll ``check`` until true; raise StackTimeout naming ``what`` (with log tails)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.check_running()
-            if check():
-                return
-            if time.monotonic() > deadline:
-                raise StackTimeout(f"waited {timeout:g} s for {what}\n{self.report()}")
-            time.sleep(POLL_INTERVAL)
-
     def wait_all_live(self, timeout: float = 30.0) -> None:
         last = [""]
 
@@ -432,23 +490,6 @@ class Stack:
 
     # --- logs and teardown --------------------------------------------------------------------
 
-    def log_tail(self, name: str, lines: int = 30) -> str:
-        return log_tail(self.logs[name], lines)
-
-    def report(self, lines: int = 15) -> str:
-        return "\n".join(
-            f"--- {name} ({path}) ---\n{log_tail(path, lines)}"
-            for name, path in self.logs.items()
-            if path.exists()
-        )
-
-    def processes(self) -> set[Proc]:
-        """Every live process of the stack: the emperor's tree and nginx's."""
-        return set().union(*(process_tree(pid) for pid in self.pids.values()))
-
-    def _xname(self, name: str) -> str:
-        return f"{self.name}-{name}"
-
     def stop(self) -> set[Proc]:
         """Stop nginx, then the emperor (SIGINT: it stops its vassals); remove the base dir.
 
@@ -468,14 +509,6 @@ class Stack:
             shutil.rmtree(self.xprocess.getinfo(self._xname(name)).controldir, ignore_errors=True)
         shutil.rmtree(self.base_dir, ignore_errors=True)
         return seen
-
-    def _reap(self, pid: int) -> None:
-        # xprocess keeps the Popen; wait on it so it neither stays a zombie nor warns when
-        # collected (ResourceWarning: "subprocess is still running" is an error here).
-        for resource in self.xprocess.resources:
-            popen = getattr(resource, "popen", None)
-            if popen is not None and popen.pid == pid:
-                popen.wait(STOP_TIMEOUT)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -579,26 +612,8 @@ def _starter(
     return Starter
 
 
-class Startable(Protocol):
-    """What :func:`start_process` needs of a stack or a fleet: its processes' records."""
-
-    name: str
-    xprocess: Any
-    pids: dict[str, int]
-    logs: dict[str, Path]
-
-    @property
-    def config(self) -> Any: ...
-
-    def _xname(self, name: str) -> str: ...
-
-    def status(self) -> tuple[bool, str]: ...
-
-    def report(self, lines: int = 15) -> str: ...
-
-
 def start_process(
-    owner: Startable,
+    owner: ProcessGroup,
     name: str,
     cmd: list[str],
     env: dict[str, str],
@@ -609,7 +624,7 @@ def start_process(
     exits while starting (``ProcessExitedWithError``), or at the deadline (``StackTimeout``),
     either with the log tails."""
     xname = owner._xname(name)
-    kind = type(owner).__name__.lower()
+    kind = owner.kind
 
     def check() -> bool:
         if not owner.xprocess.getinfo(xname).isrunning():
@@ -631,6 +646,27 @@ def start_process(
         ) from None
     owner.pids[name] = pid
     owner.logs[f"{name}-stdout"] = Path(str(logfile))
+
+
+def start_nginx(owner: ProcessGroup, nginx: str) -> None:
+    """nginx in the foreground with the group's config; ready once it answers 200 through."""
+    cmd = [
+        nginx,
+        "-p",
+        str(owner.layout.nginx_dir),
+        "-e",
+        str(owner.logs["nginx"]),
+        "-c",
+        str(owner.layout.nginx_conf),
+    ]
+
+    def ready() -> bool:
+        try:
+            return owner.get(timeout=2.0).status_code == 200
+        except requests.RequestException:
+            return False
+
+    start_process(owner, "nginx", cmd, dict(os.environ), ready, "HTTP 200 through nginx")
 
 
 def start_stack(xprocess: Any, config: StackConfig) -> Stack:
@@ -657,25 +693,7 @@ def start_stack(xprocess: Any, config: StackConfig) -> Stack:
             emperor_ready,
             f"{n} vassals accepting and live in the router",
         )
-        nginx_cmd = [
-            nginx,
-            "-p",
-            str(stack.layout.nginx_dir),
-            "-e",
-            str(stack.logs["nginx"]),
-            "-c",
-            str(stack.layout.nginx_conf),
-        ]
-
-        def nginx_ready() -> bool:
-            try:
-                return stack.get(timeout=2.0).status_code == 200
-            except requests.RequestException:
-                return False
-
-        start_process(
-            stack, "nginx", nginx_cmd, dict(os.environ), nginx_ready, "HTTP 200 through nginx"
-        )
+        start_nginx(stack, nginx)
         stack.wait_all_live(config.start_timeout)
     except BaseException:
         _stop_started(stack)
