@@ -1664,7 +1664,7 @@ def emperor_follows_link(config: str, vassal: EmperorVassal) -> bool:
 def touch(config: str, mtime: int) -> None:
     """Set the mtime of the config itself: a link is touched, never its target. The mtime also
     moves past the config's current one (``touch_mtime``): a touch pending in the same second."""
-    mtime = touch_mtime(mtime, mtime - 1, os.lstat(config).st_mtime)
+    mtime = max(mtime, int(os.lstat(config).st_mtime) + 1)
     os.utime(config, ns=(mtime * 10**9, mtime * 10**9), follow_symlinks=False)
 
 
