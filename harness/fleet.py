@@ -50,11 +50,15 @@ from typing import Any, Callable
 import requests
 
 from uwsgi_reload import (
+    Command,
     EmperorVassal,
+    Node,
     StatsError,
     parse_emperor_stats,
     parse_fastrouter_stats,
     read_stats,
+    send_datagram,
+    subscriptions,
     touch,
     touch_mtime,
 )
@@ -178,6 +182,12 @@ class FleetHost:
     def vassal_ids(self) -> list[str]:
         return list(self.ports)
 
+    @property
+    def control_file(self) -> Path:
+        """The demo app's control file of this host's vassals (each host has its own, so a
+        deploy can go wrong on one host only)."""
+        return self.layout.control_file
+
     def node_name(self, vassal_id: str) -> str:
         """How the routers list this vassal: its socket's address."""
         return f"{self.address}:{self.ports[vassal_id]}"
@@ -250,10 +260,6 @@ class Fleet(ProcessGroup):
     def base_dirs(self) -> list[Path]:
         return [self.layout.base, *(h.layout.base for h in self.hosts)]
 
-    @property
-    def control_file(self) -> Path:
-        return self.layout.control_file
-
     def expected_nodes(self) -> list[str]:
         return sorted(name for h in self.hosts for name in h.nodes())
 
@@ -284,10 +290,14 @@ class Fleet(ProcessGroup):
         ]
         return "\n".join(["[app]", *hosts, "", "[app:vars]", *group_vars]) + "\n"
 
-    def rolling_reload_command(self, *flags: str, drain: bool = True) -> list[str]:
-        """Every host's :meth:`FleetHost.reload_command`, host after host (``sh -c 'a && b'``):
-        one command for a load run to start; it stops at the first host that fails."""
-        commands = (shlex.join(h.reload_command(*flags, drain=drain)) for h in self.hosts)
+    def rolling_reload_command(
+        self, *flags: str, drain: bool = True, hosts: Sequence[FleetHost] | None = None
+    ) -> list[str]:
+        """Every host's (or ``hosts``') :meth:`FleetHost.reload_command`, host after host
+        (``sh -c 'a && b'``): one command for a load run to start; it stops at the first host
+        that fails."""
+        chosen = self.hosts if hosts is None else hosts
+        commands = (shlex.join(h.reload_command(*flags, drain=drain)) for h in chosen)
         return ["sh", "-c", " && ".join(commands)]
 
     # --- probes -------------------------------------------------------------------------------
@@ -345,12 +355,32 @@ class Fleet(ProcessGroup):
 
     # --- acting -------------------------------------------------------------------------------
 
-    def deploy(self, **changes: Any) -> dict[str, Any]:
-        """Rewrite the demo app's control file (version, start_delay, broken, request_delay)."""
-        control: dict[str, Any] = json.loads(self.control_file.read_text())
-        control.update({k: v for k, v in changes.items() if v is not None})
-        write_atomically(self.control_file, json.dumps(control))
-        return control
+    def deploy(self, hosts: Sequence[FleetHost] | None = None, **changes: Any) -> None:
+        """Rewrite the demo app's control file (version, start_delay, broken, request_delay) of
+        every host, or of ``hosts`` only: what their vassals load at their next start."""
+        for host in self.hosts if hosts is None else hosts:
+            control: dict[str, Any] = json.loads(host.control_file.read_text())
+            control.update({k: v for k, v in changes.items() if v is not None})
+            write_atomically(host.control_file, json.dumps(control))
+
+    def take_out(self, name: str, timeout: float = 10.0) -> None:
+        """Take one node out of rotation and keep it out, as for maintenance: its vassal stops
+        announcing itself (``S`` on its master FIFO blocks its subscription packets) and every
+        router is told to unsubscribe it. The vassal keeps running; a reload of it (its
+        accepting hook writes ``S`` again) puts it back."""
+        host, vid = self.node(name)
+        fifo = host.layout.run_dir / f"{Path(vid).stem}.fifo"
+        with open(fifo, "w") as pipe:
+            pipe.write("S")
+        node = Node(key=self.host, name=name, death_mark=False, ref=0)
+        for packet in subscriptions(Command.UNSUBSCRIBE, [node]):
+            for router in self.routers:
+                send_datagram(router.subscription_server, packet.packet())
+
+        def gone() -> bool:
+            return all(name not in r.live_by_key().get(self.host, []) for r in self.routers)
+
+        self.wait_for(gone, f"{name} out of every router", timeout)
 
     # --- logs and teardown --------------------------------------------------------------------
 
@@ -485,16 +515,13 @@ def _render(fleet: Fleet, built_in: bool) -> None:
         render.nginx_config(nginx_text, layout, run_as_root=os.geteuid() == 0)
     )
     fleet.logs["nginx"] = layout.nginx_dir / "error.log"
-    write_atomically(
-        layout.control_file,
-        json.dumps(
-            {
-                "version": "v1",
-                "start_delay": config.start_delay,
-                "broken": False,
-                "request_delay": config.request_delay,
-            }
-        ),
+    control = json.dumps(
+        {
+            "version": "v1",
+            "start_delay": config.start_delay,
+            "broken": False,
+            "request_delay": config.request_delay,
+        }
     )
     for index in range(1, config.hosts + 1):
         address = f"127.0.0.{index + 1}"
@@ -526,6 +553,7 @@ def _render(fleet: Fleet, built_in: bool) -> None:
         fleet.hosts.append(host)  # listed: prepare() removes its dir if rendering fails
         for directory in (host_layout.run_dir, host_layout.vassals_dir):
             directory.mkdir()
+        write_atomically(host.control_file, control)
         for name in (FLEET_VASSAL_INI, FLEET_CONF_D):
             text = render.render_text((FLEET_DIR / name).read_text(), subs)
             host_layout.rendered(name).write_text(text)
@@ -558,7 +586,7 @@ def start_fleet(xprocess: Any, config: FleetConfig) -> Fleet:
     fleet = prepare(config, uwsgi)
     fleet.xprocess = xprocess
     try:
-        env = {**os.environ, CONTROL_ENV: str(fleet.control_file), "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         for router in fleet.routers:
             start_process(
                 fleet,
@@ -576,7 +604,7 @@ def start_fleet(xprocess: Any, config: FleetConfig) -> Fleet:
                 fleet,
                 host.name,
                 cmd,
-                env,
+                {**env, CONTROL_ENV: str(host.control_file)},
                 functools.partial(_answers, host.emperor_vassals),
                 f"emperor stats at {host.emperor_stats}",
             )

@@ -3,6 +3,8 @@
     python -m uwsgi_reload_loadtests.endstate --emperor-stats ADDR --fastrouter-stats ADDR \\
         --out FILE -- COMMAND...
 
+Both stats options may be repeated, for a fleet: every host's emperor, every router.
+
 A reload procedure that says "done" (exit 0) must leave every vassal accepting, live in the
 router and served by a new worker. Whether it did can only be judged at that moment: a vassal
 still restarting when the command returns will be back a second later. So the command runs under
@@ -40,7 +42,7 @@ class EndState:
     workers: dict[str, list[int]]
     """Per vassal id: its master's children (the workers)."""
     live_nodes: dict[str, list[str]]
-    """Per fastrouter key: the names of its live nodes."""
+    """Per fastrouter key: the names of its live nodes (with several routers: live in all)."""
     error: str | None = None
     """Why the stats could not be read, if they could not."""
 
@@ -53,7 +55,16 @@ class EndState:
 
     def live_vassals(self) -> set[str]:
         """Vassal stems (config name without its extension) of the live nodes, over all keys."""
-        return {Path(name).stem for names in self.live_nodes.values() for name in names}
+        return {node_stem(name) for names in self.live_nodes.values() for name in names}
+
+
+def node_stem(name: str) -> str:
+    """The vassal stem a node name carries: a unix socket named after the config
+    (``/run/app1.sock`` -> ``app1``), or a TCP socket whose port names it, as on a fleet's hosts
+    (``127.0.0.2:38121`` -> ``38121``, the vassal of ``38121.ini``)."""
+    if name.startswith("/") or ":" not in name:
+        return Path(name).stem
+    return name.rpartition(":")[2]
 
 
 def _children(pids: set[int]) -> dict[int, list[int]]:
@@ -72,18 +83,23 @@ def _children(pids: set[int]) -> dict[int, list[int]]:
     return {pid: sorted(children) for pid, children in kids.items()}
 
 
-def read_end_state(exit_code: int, emperor_stats: str, fastrouter_stats: str) -> EndState:
+def read_end_state(
+    exit_code: int, emperor_stats: Sequence[str], fastrouter_stats: Sequence[str]
+) -> EndState:
+    """The state of every emperor and router at this moment. Vassal ids are unique across the
+    emperors (a fleet's are named after their ports); a node is live only if live in every
+    router."""
     at = time.time()
     try:
-        emperor = read_document(emperor_stats, timeout=5.0)
-        router = read_document(fastrouter_stats, timeout=5.0)
-        vassals = {str(v["id"]): v for v in emperor.get("vassals") or []}
+        vassals = {}
+        for address in emperor_stats:
+            emperor = read_document(address, timeout=5.0)
+            vassals.update({str(v["id"]): v for v in emperor.get("vassals") or []})
         kids = _children({int(v["pid"]) for v in vassals.values()})
-        live: dict[str, list[str]] = {}
-        for subscription in router.get("subscriptions") or []:
-            names = [str(n["name"]) for n in subscription.get("nodes") or []]
-            alive = [n for n, node in zip(names, subscription["nodes"]) if node["death_mark"] == 0]
-            live.setdefault(str(subscription["key"]), []).extend(alive)
+        live: dict[str, set[str]] | None = None
+        for address in fastrouter_stats:
+            here = _live_nodes(read_document(address, timeout=5.0))
+            live = here if live is None else _in_both(live, here)
     except (StatsReadError, KeyError, TypeError, ValueError) as exc:
         return EndState(exit_code, at, {}, {}, {}, error=f"{type(exc).__name__}: {exc}")
     return EndState(
@@ -91,14 +107,27 @@ def read_end_state(exit_code: int, emperor_stats: str, fastrouter_stats: str) ->
         at,
         accepting={vid: bool(v.get("accepting")) for vid, v in vassals.items()},
         workers={vid: kids[int(v["pid"])] for vid, v in vassals.items()},
-        live_nodes={key: sorted(names) for key, names in live.items()},
+        live_nodes={key: sorted(names) for key, names in (live or {}).items()},
     )
+
+
+def _live_nodes(router: Mapping[str, Any]) -> dict[str, set[str]]:
+    live: dict[str, set[str]] = {}
+    for subscription in router.get("subscriptions") or []:
+        nodes = subscription.get("nodes") or []
+        alive = {str(node["name"]) for node in nodes if node["death_mark"] == 0}
+        live.setdefault(str(subscription["key"]), set()).update(alive)
+    return live
+
+
+def _in_both(a: dict[str, set[str]], b: dict[str, set[str]]) -> dict[str, set[str]]:
+    return {key: a[key] & b.get(key, set()) for key in a}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uwsgi_reload_loadtests.endstate")
-    parser.add_argument("--emperor-stats", required=True)
-    parser.add_argument("--fastrouter-stats", required=True)
+    parser.add_argument("--emperor-stats", required=True, action="append")
+    parser.add_argument("--fastrouter-stats", required=True, action="append")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -123,17 +152,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def wrapped(
-    command: Sequence[str], emperor_stats: str, fastrouter_stats: str, out: Path
+    command: Sequence[str],
+    emperor_stats: str | Sequence[str],
+    fastrouter_stats: str | Sequence[str],
+    out: Path,
 ) -> list[str]:
-    """``command`` under this wrapper."""
+    """``command`` under this wrapper (one stats address, or one per emperor and router)."""
+    options = []
+    for flag, addresses in (
+        ("--emperor-stats", emperor_stats),
+        ("--fastrouter-stats", fastrouter_stats),
+    ):
+        for address in [addresses] if isinstance(addresses, str) else addresses:
+            options += [flag, address]
     return [
         sys.executable,
         "-m",
         "uwsgi_reload_loadtests.endstate",
-        "--emperor-stats",
-        emperor_stats,
-        "--fastrouter-stats",
-        fastrouter_stats,
+        *options,
         "--out",
         str(out),
         "--",

@@ -6,6 +6,10 @@ the command's exit code and output, the tool's ``--json`` report and per-vassal 
 the command is the tool), the workers before and after, and the CPU the command used (when asked
 for). The demo, both benchmarks and the zero-downtime suite all measure with it.
 
+A fleet (:class:`uwsgi_reload_harness.fleet.Fleet`) is measured the same way: the load goes
+through its nginx to every router, one observer per router watches it, and the end state reads
+every host's emperor and every router.
+
 ``ReloadRun.check`` returns the list of broken promises; a good reload has none, and the control
 tests show the same function finding them in a bad one.
 
@@ -31,10 +35,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from uwsgi_reload_harness.fleet import Fleet
 from uwsgi_reload_harness.stack import Stack
 
 from .endstate import EndState, wrapped
-from .observer import ObserverError, RouterObserver, Sample
+from .observer import ObserverError, RouterObserver, RoutersObserver, Sample
 from .report import FailureAt, FailureGroup, ReloadEvent, group_failures, place_failures
 from .runner import LoadReport, run_load
 
@@ -68,6 +73,60 @@ def reload_command(stack: Stack, template: str, minimum: int, timeout: float = 6
 def tool_command(stack: Stack, minimum: int, *extra: str) -> list[str]:
     """This repository's ``uwsgi_reload.py --json`` for ``stack``."""
     return stack.reload_command("--json", "--minimum-active-vassals", str(minimum), *extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a load run needs of what it reloads: a stack (one emperor, one router) or a fleet."""
+
+    url: str
+    keys: list[str]
+    """The fastrouter keys under load; the users take them in turn."""
+    health_path: str
+    emperor_stats: list[str]
+    router_stats: list[str]
+    emperor_paths: list[Path]
+    vassals: int
+    worker_pids: Callable[[], dict[str, list[int]]]
+    """Worker pids by vassal id (a fleet's ids are unique: its configs are named by port)."""
+
+    @classmethod
+    def of(cls, what: Stack | Fleet) -> Target:
+        if isinstance(what, Fleet):
+            hosts = what.hosts
+
+            def fleet_workers() -> dict[str, list[int]]:
+                return {vid: pids for h in hosts for vid, pids in h.worker_pids().items()}
+
+            return cls(
+                url=what.url,
+                keys=[what.host],
+                health_path=what.config.health_path,
+                emperor_stats=[h.emperor_stats for h in hosts],
+                router_stats=[r.stats for r in what.routers],
+                emperor_paths=[h.emperor_path for h in hosts],
+                vassals=sum(len(h.ports) for h in hosts),
+                worker_pids=fleet_workers,
+            )
+        return cls(
+            url=what.url,
+            keys=list(what.keys) or [what.host],
+            health_path=what.config.health_path,
+            emperor_stats=[what.emperor_stats],
+            router_stats=[what.fastrouter_stats],
+            emperor_paths=[what.emperor_path],
+            vassals=len(what.vassal_ids),
+            worker_pids=what.worker_pids,
+        )
+
+    def observer(self, **options: Any) -> Observer:
+        """One observer per router, counting the fewest live nodes of any key under load."""
+        if len(self.router_stats) == 1:
+            return RouterObserver(self.router_stats[0], keys=self.keys, **options)
+        return RoutersObserver(self.router_stats, keys=self.keys, **options)
+
+
+Observer = RouterObserver | RoutersObserver
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +242,7 @@ class ReloadRun:
     """One reload command run under load, with everything measured around it."""
 
     load: LoadReport
-    observer: RouterObserver
+    observer: Observer
     workers_before: dict[str, list[int]]
     workers_after: dict[str, list[int]]
     users: int = USERS
@@ -445,7 +504,7 @@ class ReloadRun:
 
 
 @contextlib.contextmanager
-def progress(observer: RouterObserver, total: int, every: float = 1.0) -> Iterator[None]:
+def progress(observer: Observer, total: int, every: float = 1.0) -> Iterator[None]:
     """Print a line with the live node count every ``every`` seconds while the block runs."""
     stop = threading.Event()
     started = time.monotonic()
@@ -466,7 +525,7 @@ def progress(observer: RouterObserver, total: int, every: float = 1.0) -> Iterat
 
 
 def reload_under_load(
-    stack: Stack,
+    stack: Stack | Fleet,
     command: Sequence[str],
     *,
     reload_at: float = 1.5,
@@ -480,8 +539,8 @@ def reload_under_load(
     show_progress: bool = False,
     max_run_time: float | None = None,
 ) -> ReloadRun:
-    """Load through nginx on the stack's health path, ``command`` ``reload_at`` s in, the router
-    watched the whole time.
+    """Load through nginx on the stack's (or fleet's) health path, ``command`` ``reload_at`` s
+    in, the router (every router) watched the whole time.
 
     ``rate``: requests/s over all users (0: as fast as the stack answers). ``measure_cpu``: run
     the command under a wrapper that records its CPU seconds. ``load_json``: keep the load
@@ -489,26 +548,22 @@ def reload_under_load(
     bounds the load (default ``reload_at + after_reload + COMMAND_GRACE_S``): a command still
     running then is killed.
     """
-    workers_before = stack.worker_pids()
-    observer = RouterObserver(
-        stack.fastrouter_stats,
-        keys=list(stack.keys) or [stack.host],
-        interval=observer_interval,
-        readers=observer_readers,
-    )
-    shown = progress(observer, len(stack.vassal_ids)) if show_progress else contextlib.nullcontext()
+    target = Target.of(stack)
+    workers_before = target.worker_pids()
+    observer = target.observer(interval=observer_interval, readers=observer_readers)
+    shown = progress(observer, target.vassals) if show_progress else contextlib.nullcontext()
     with tempfile.TemporaryDirectory(prefix="ur-measure-") as tmp:
         cpu_file = Path(tmp, "cpu.json")
         end_file = Path(tmp, "end-state.json")
         run_command = cpu_measured(command, cpu_file) if measure_cpu else list(command)
-        run_command = wrapped(run_command, stack.emperor_stats, stack.fastrouter_stats, end_file)
+        run_command = wrapped(run_command, target.emperor_stats, target.router_stats, end_file)
         with observer, shown:
             try:
                 load = run_load(
-                    stack.url,
+                    target.url,
                     # users take the keys in turn: every key is under load
-                    host_header=",".join(stack.keys or [stack.host]),
-                    url_path=stack.config.health_path,
+                    host_header=",".join(target.keys),
+                    url_path=target.health_path,
                     users=users,
                     rate=rate,
                     reload_command=shlex.join(run_command),
@@ -523,7 +578,7 @@ def reload_under_load(
                     nice=5,
                 )
             except BaseException:
-                stop_reload_commands(stack)
+                stop_reload_commands(target.emperor_paths)
                 raise
         cpu_seconds = read_cpu_seconds(cpu_file) if measure_cpu else None
         end_state = (
@@ -533,7 +588,7 @@ def reload_under_load(
         load,
         observer,
         workers_before,
-        stack.worker_pids(),
+        target.worker_pids(),
         users,
         command=list(command),
         tool_json=None if load.reload is None else tool_report(load.reload.stdout),
@@ -542,18 +597,20 @@ def reload_under_load(
     )
 
 
-def stop_reload_commands(stack: Stack, timeout: float = 10.0) -> None:
-    """SIGTERM what still runs with ``--emperor-path <this stack's dir>`` in its argv: a reload
+def stop_reload_commands(emperor_paths: Sequence[Path], timeout: float = 10.0) -> None:
+    """SIGTERM what still runs with ``--emperor-path <one of these dirs>`` in its argv: a reload
     command locust started in a session of its own, left behind when locust was killed
-    (Ctrl-C). The dir is a fresh temp dir, so only commands started for this stack match (the
-    emperor itself has ``--emperor <dir>/``: SIGTERM would make it reload, not stop)."""
-    needle = b"\0--emperor-path\0" + str(stack.emperor_path).encode() + b"\0"
+    (Ctrl-C). The dirs are fresh temp dirs, so only commands started for this stack or fleet
+    match (an emperor itself has ``--emperor <dir>/``: SIGTERM would make it reload, not
+    stop)."""
+    needles = [b"\0--emperor-path\0" + str(path).encode() + b"\0" for path in emperor_paths]
     strays = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            if needle in (entry / "cmdline").read_bytes():
+            argv = entry.joinpath("cmdline").read_bytes()
+            if any(needle in argv for needle in needles):
                 strays.append(int(entry.name))
     for pid in strays:
         with contextlib.suppress(ProcessLookupError):
@@ -569,8 +626,9 @@ def stop_reload_commands(stack: Stack, timeout: float = 10.0) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def again(stack: Stack, command: Sequence[str]) -> Callable[[], ReloadRun]:
-    """One reload under load of ``stack``, repeatable: each starts with every vassal live."""
+def again(stack: Stack | Fleet, command: Sequence[str]) -> Callable[[], ReloadRun]:
+    """One reload under load of ``stack`` (or a fleet), repeatable: each starts with every
+    vassal live."""
 
     def attempt() -> ReloadRun:
         stack.wait_all_live(timeout=30)

@@ -318,3 +318,81 @@ class RouterObserver:
             f"timed out after {timeout} s waiting for {what} on {self.address} "
             f"(last live count: {last}, failed reads: {self.errors})"
         )
+
+
+class RoutersObserver:
+    """Several routers watched at once (a fleet's HA pair): one :class:`RouterObserver` each.
+
+    Each router is judged on its own samples, so the answers are the worst of any router: the
+    fewest live nodes any of them had, the largest gap any of them left. A node the tool counts
+    live must be live in every router, so each router on its own must never fall below the
+    minimum. (The routers are read by separate threads; pairing their samples in time would
+    claim more precision than the reads have.)
+    """
+
+    def __init__(self, addresses: Sequence[str], **options: Any) -> None:
+        if not addresses:
+            raise ValueError("no router to observe")
+        self.routers = [RouterObserver(address, **options) for address in addresses]
+        self.address = ", ".join(addresses)
+        self.interval = self.routers[0].interval
+
+    def start(self) -> RoutersObserver:
+        for router in self.routers:
+            router.start()
+        return self
+
+    def stop(self) -> None:
+        for router in self.routers:
+            router.stop()
+
+    def __enter__(self) -> RoutersObserver:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def timeline(self) -> list[Sample]:
+        """Every router's samples in one time order."""
+        return sorted(s for router in self.routers for s in router.timeline)
+
+    @property
+    def samples(self) -> int:
+        return sum(router.samples for router in self.routers)
+
+    @property
+    def errors(self) -> int:
+        return sum(router.errors for router in self.routers)
+
+    @property
+    def error_messages(self) -> list[tuple[float, str]]:
+        return sorted(m for router in self.routers for m in router.error_messages)
+
+    @property
+    def live(self) -> int | None:
+        latest = [router.live for router in self.routers]
+        return None if None in latest else min(n for n in latest if n is not None)
+
+    @property
+    def min_live(self) -> int:
+        return min(router.min_live for router in self.routers)
+
+    @property
+    def max_gap(self) -> float:
+        return max(router.max_gap for router in self.routers)
+
+    def min_live_by_key(self) -> dict[str, int]:
+        fewest: dict[str, int] = {}
+        for router in self.routers:
+            for key, n in router.min_live_by_key().items():
+                fewest[key] = min(n, fewest.get(key, n))
+        return fewest
+
+    def min_live_between(self, t0: float, t1: float) -> int:
+        return min(router.min_live_between(t0, t1) for router in self.routers)

@@ -5,6 +5,7 @@ through ``--reload-command`` (a foreign procedure) or as a control. The correct 
 suite; every wrong one must make it fail, and a test shows that it does.
 
     reload_procedures.py MODE EMPEROR_DIR EMPEROR_STATS FASTROUTER_STATS [--minimum M] [--timeout S]
+        [--fleet-nodes T]
 
 Modes:
 - ``one-by-one`` (correct): for each config link in order, move the link's own mtime past the
@@ -16,6 +17,10 @@ Modes:
 - ``one-fewer``: waves of N - M + 1 vassals: one live vassal fewer than the minimum M.
 - ``all-keys``: waves of N - M vassals counted over every fastrouter key together, not per key.
 - ``early-exit``: one by one, but it does not wait for the last vassal to come back.
+- ``own-host``: one host of a fleet of T nodes (``--fleet-nodes``), counting only its own
+  vassals: it takes the other hosts' T - N nodes to be live without looking at the router, and
+  reloads waves of T - M of its own N. Right while every other node is live; wrong when one is
+  out (a node drained for maintenance, a host still coming back).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-MODES = ("one-by-one", "together", "plain-touch", "one-fewer", "all-keys", "early-exit")
+MODES = ("one-by-one", "together", "plain-touch", "one-fewer", "all-keys", "early-exit", "own-host")
 
 
 def read_json(address: str) -> Any:
@@ -59,9 +64,13 @@ def vassal(stats_address: str, name: str) -> dict[str, Any] | None:
 
 
 def node_live(router_address: str, stem: str) -> bool:
+    """A node named after the config (``/run/app1.sock``) or by its port (``10.0.0.2:8001``
+    for ``8001.ini``, as on a fleet's hosts) is live."""
     for subscription in read_json(router_address)["subscriptions"]:
         for node in subscription["nodes"]:
-            if Path(str(node["name"])).stem == stem and node["death_mark"] == 0:
+            name = str(node["name"])
+            named = Path(name).stem == stem or name.rpartition(":")[2] == stem
+            if named and node["death_mark"] == 0:
                 return True
     return False
 
@@ -105,11 +114,13 @@ def wait_back(
     print(f"reload_procedures: {link.name} reloaded", flush=True)
 
 
-def waves(mode: str, links: list[Path], minimum: int) -> list[list[Path]]:
+def waves(mode: str, links: list[Path], minimum: int, fleet_nodes: int = 0) -> list[list[Path]]:
     """The links to reload together, wave after wave."""
     size = {"together": len(links), "one-fewer": len(links) - minimum + 1}.get(mode, 1)
     if mode == "all-keys":
         size = len(links) - minimum
+    if mode == "own-host":
+        size = fleet_nodes - minimum
     size = max(1, size)
     return [links[i : i + size] for i in range(0, len(links), size)]
 
@@ -122,9 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("fastrouter_stats")
     parser.add_argument("--minimum", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--fleet-nodes", type=int, default=0)
     args = parser.parse_args(argv)
     links = sorted(args.emperor_dir.glob("*.ini"))
-    for number, wave in enumerate(waves(args.mode, links, args.minimum), 1):
+    for number, wave in enumerate(waves(args.mode, links, args.minimum, args.fleet_nodes), 1):
         plain = args.mode == "plain-touch"
         triggered = [(link, trigger(link, args.emperor_stats, plain=plain)) for link in wave]
         if args.mode == "early-exit" and number == len(links):
