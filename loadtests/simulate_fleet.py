@@ -1,0 +1,862 @@
+"""A fleet rolled host by host, in simulation: the tool's own run against simulated emperors and
+fastrouters on a fake clock, for the makespan in reload times and the tool's CPU per poll.
+
+    python -m uwsgi_reload_loadtests.simulate_fleet [--hosts 2,4,8,16,32,64] [--vassals 16]
+                                       [--minimums 1,half,F-N,F-1] [--routers 1]
+                                       [--check-interval 1] [--results-dir DIR]
+
+A fleet of H hosts, each an emperor of N vassals (TCP sockets ``10.0.0.<h+2>:8001...``),
+announced to one or two fastrouters under one key. The hosts are rolled one after the other, as
+``examples/ansible/reload.yml`` does (``serial: 1``, stop at the first failing host): for each
+host, ``uwsgi_reload.run`` itself (the real ``Rollout``, ``_drive``, ``locate``, ``check_fleet``,
+with only ``Io`` replaced) polls that host's emperor and every router, and decides which of that
+host's vassals to touch; the other hosts' nodes are remote nodes it counts for the minimum. Each
+vassal takes exactly one time unit, *a reload time*, from its touch to live again in every
+router (the emperor registers the touch at once; the node leaves the routers until then).
+
+Per configuration (H, N, m):
+
+* makespan: fake time from the first host's run start to the last one's end, in reload times,
+  against the bound for rolling host by host, ``H x ceil(N / min(N, H*N - m))``: each host may
+  have at most ``H*N - m`` of its N vassals down at once, and the next host starts when it is done.
+* polls: the tool's reads of the stats (``Io.snapshot`` calls).
+* CPU per poll, ``time.process_time`` of this process: *read*, the tool's decoding of the stats
+  JSON (``json.loads`` as ``read_stats`` does, ``parse_emperor_stats``,
+  ``parse_fastrouter_stats``, ``Snapshot``); *decide*, everything the tool does between two polls
+  (``Rollout.step`` and ``_drive``'s handling of its events; after a host's last poll, its
+  summary), less the simulator's own time in ``Io.touch``. The start-up checks of each host's run
+  (``locate``, ``check_fleet``) are counted apart. Remote nodes: ``(H-1) x N``.
+* minimum held: the simulator counts, at every poll and after every touch, the nodes live in
+  each router and in every router, and checks that the count never went below m.
+
+Output, in the results dir (default ``reports/simulate-fleet-<date>-<time>``):
+``fleet-simulated.md`` (the command, the machine, the tables) and ``fleet-simulated.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import heapq
+import io
+import ipaddress
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import uwsgi_reload as ur
+
+from .cli import EXIT_OK, EXIT_SOME_RUN_FAILED, results_dir
+from .tables import _cpu_model, _ram, command_line, environment_lines, markdown_table
+
+KEY = "www.example.com"
+#: the first host's address; host h is this plus h
+FIRST_HOST = ipaddress.IPv4Address("10.0.0.2")
+FIRST_PORT = 8001
+ROUTERS = ("fr-a", "fr-b")
+#: the wall clock the simulated emperor's mtimes start from
+WALL_START = 1_000_000.0
+#: a vassal not back after this many reload times is a failure (it never happens here)
+TIMEOUT = 10.0
+#: the tool's --check-interval, in reload times: a power of 2 keeps polls on whole reload times,
+#: so that every vassal is seen back the moment it is; one reload time is the fewest polls that
+#: do (a real run polls every 0.1 s, some 25 times per reload of 2.5 s)
+DEFAULT_INTERVAL = 1.0
+DEFAULT_HOSTS = (2, 4, 8, 16, 32, 64)
+DEFAULT_MINIMUMS = ("1", "half", "F-N", "F-1")
+#: the tool's default --check-interval, for the share of a core its polls take
+REAL_INTERVAL_US = 0.1e6
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """One configuration: H hosts of N vassals behind ``routers`` routers, fleet minimum m."""
+
+    hosts: int
+    vassals: int
+    minimum: int
+    routers: int = 1
+    #: seconds between polls, in reload times (``--check-interval``)
+    check_interval: float = DEFAULT_INTERVAL
+    #: a control: the routers the tool is given (the first ones); None: every router
+    tool_routers: int | None = None
+    #: a control: the hosts (the first ones) whose vassals announce to the last router; None:
+    #: every host (with fewer, the last router lacks the other hosts' nodes)
+    hosts_in_last_router: int | None = None
+    #: a label for the table: how m was chosen ("1", "half", "F-N", ...)
+    label: str = ""
+
+    @property
+    def fleet_size(self) -> int:
+        return self.hosts * self.vassals
+
+    @property
+    def remote_nodes(self) -> int:
+        """The nodes of the other hosts, for the tool on one host."""
+        return (self.hosts - 1) * self.vassals
+
+    @property
+    def at_once(self) -> int:
+        """How many of one host's vassals may be down at once: the rest of the fleet keeps m."""
+        return min(self.vassals, self.fleet_size - self.minimum)
+
+    @property
+    def bound(self) -> int:
+        """Reload times for rolling host by host: H x ceil(N / min(N, H*N - m))."""
+        return self.hosts * math.ceil(self.vassals / self.at_once)
+
+    @property
+    def router_names(self) -> tuple[str, ...]:
+        return ROUTERS[: self.routers]
+
+
+def minimum_for(token: str, hosts: int, vassals: int) -> int:
+    """``1`` (a number), ``half`` (of the fleet), ``F-N`` (a whole host out at once), ``F-K``
+    (K of the fleet's F = H*N nodes out at once)."""
+    fleet = hosts * vassals
+    if token == "half":
+        return fleet // 2
+    if token.startswith("F-"):
+        rest = token[2:]
+        return fleet - (vassals if rest == "N" else int(rest))
+    return int(token)
+
+
+def parse_minimums(text: str) -> list[str]:
+    """``--minimums``: tokens for ``minimum_for``."""
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    if not tokens:
+        raise argparse.ArgumentTypeError("no minimum given")
+    for token in tokens:
+        number = token[2:] if token.startswith("F-") else token
+        if token != "half" and number != "N" and not number.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"a minimum is a number, half, F-N or F-<number>: {token!r}"
+            )
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulated fleet
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SimVassal:
+    id: str
+    address: str
+    pid: int
+    respawns: int = 0
+    last_mod: int = 1000
+    #: down (reloading) until then; None: live
+    back_at: float | None = None
+
+    def stats(self) -> dict[str, Any]:
+        """Its entry in the emperor's stats (the fields an emperor stats server writes)."""
+        up = int(self.back_at is None)
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "born": 999,
+            "last_mod": self.last_mod,
+            "last_heartbeat": 0,
+            "loyal": 999,
+            "ready": 1,
+            "accepting": up,
+            "last_loyal": 999,
+            "last_ready": 999,
+            "last_accepting": 999,
+            "first_run": 999,
+            "last_run": 999,
+            "cursed": 0,
+            "zerg": 0,
+            "on_demand": "",
+            "uid": 0,
+            "gid": 0,
+            "monitor": "",
+            "respawns": self.respawns,
+        }
+
+
+def node_stats(name: str) -> dict[str, Any]:
+    """A live node as a fastrouter stats server writes it (uWSGI 2.0.31, plugins/corerouter)."""
+    return {
+        "name": name,
+        "modifier1": 0,
+        "modifier2": 0,
+        "last_check": 1000,
+        "pid": 0,
+        "uid": 0,
+        "gid": 0,
+        "requests": 0,
+        "last_requests": 0,
+        "tx": 0,
+        "rx": 0,
+        "cores": 1,
+        "load": 0,
+        "weight": 1,
+        "wrr": 0,
+        "ref": 0,
+        "failcnt": 0,
+        "death_mark": 0,
+    }
+
+
+@dataclasses.dataclass
+class Broken:
+    """The minimum broken: where (a router, or ``every`` router), when, how many were live."""
+
+    at: float
+    place: str
+    live: int
+
+
+EVERY = "every router"
+
+
+class SimFleet:
+    """H emperors and the routers on one fake clock; ``io()`` is the ``uwsgi_reload.Io`` of the
+    host being rolled.
+
+    The simulator's own work (its bookkeeping, the stats JSON it writes) is kept out of the
+    measured CPU: ``snapshot`` measures the tool's decoding only, and the tool's time between
+    two polls is measured from the end of one ``snapshot`` to the next ``snapshot`` or ``sleep``,
+    less the time in ``touch``.
+    """
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self.t = 0.0
+        n = scenario.vassals
+        self.hosts: list[list[SimVassal]] = [
+            [
+                SimVassal(
+                    f"vassal_{i + 1:02d}.ini",
+                    f"{FIRST_HOST + h}:{FIRST_PORT + i}",
+                    pid=10_000 + h * n + i,
+                )
+                for i in range(n)
+            ]
+            for h in range(scenario.hosts)
+        ]
+        self.by_pid = {v.pid: v for host in self.hosts for v in host}
+        #: each node as a router's stats list it, written once
+        self._node_json = {
+            v.address: json.dumps(node_stats(v.address)) for host in self.hosts for v in host
+        }
+        in_last = scenario.hosts_in_last_router
+        in_last = scenario.hosts if in_last is None else in_last
+        last = scenario.router_names[-1]
+        #: router -> the hosts whose vassals announce to it
+        self.subscribed = {
+            r: range(in_last) if r == last else range(scenario.hosts) for r in scenario.router_names
+        }
+        self.places = (*scenario.router_names, EVERY)
+        self.every_router = range(min(len(hosts) for hosts in self.subscribed.values()))
+        self.live = {place: self._count(place) for place in self.places}
+        self.fewest = dict(self.live)
+        self.broken: list[Broken] = []
+        #: (back at, host, vassal index) of the vassals reloading
+        self.reloading: list[tuple[float, int, int]] = []
+        self.rolled = 0
+        self.touched: list[tuple[float, int, str]] = []
+        self._version = 0
+        self._stats: dict[tuple[int, int, str], str] = {}
+        # measurement: CPU seconds of the tool's own work
+        self.polls = 0
+        #: per poll: decoding the stats
+        self.read_cpu: list[float] = []
+        #: per poll: from the end of its snapshot to the next poll (the last one of a host's run:
+        #: to the end of the run, its summary included)
+        self.decide_cpu: list[float] = []
+        #: per host run: its start-up checks, from its first snapshot to its first wall-clock
+        #: reading (``run`` reads the clock once ``locate`` and ``check_fleet`` are done)
+        self.start_cpu: list[float] = []
+        self._since: float | None = None
+        self._open = 0.0
+        self._starting = False
+        #: a poll's decision is under way: it ends at the next poll, sleep or end of the run
+        self._deciding = False
+
+    def _count(self, place: str) -> int:
+        hosts = self.every_router if place == EVERY else self.subscribed[place]
+        return sum(1 for h in hosts for v in self.hosts[h] if v.back_at is None)
+
+    def _places_of(self, host: int) -> list[str]:
+        places = [r for r, hosts in self.subscribed.items() if host in hosts]
+        return [*places, EVERY] if host in self.every_router else places
+
+    def _check(self) -> None:
+        for place, live in self.live.items():
+            self.fewest[place] = min(self.fewest[place], live)
+            if live < self.scenario.minimum:
+                self.broken.append(Broken(self.t, place, live))
+
+    def _advance(self) -> None:
+        while self.reloading and self.reloading[0][0] <= self.t:
+            _, h, i = heapq.heappop(self.reloading)
+            self.hosts[h][i].back_at = None
+            for place in self._places_of(h):
+                self.live[place] += 1
+            self._version += 1
+
+    # -- the tool's Io --------------------------------------------------------------------
+
+    def _pause(self) -> float:
+        """Stop the clock of the tool's own work; the CPU it used since it last ran."""
+        now = time.process_time()
+        spent, self._since = (0.0 if self._since is None else now - self._since), None
+        return spent
+
+    def _end_interval(self) -> None:
+        self._open += self._pause()
+        if self._deciding and not self._starting:
+            self.decide_cpu.append(self._open)
+            self._deciding = False
+        self._open = 0.0
+
+    def _wall_clock(self) -> float:
+        if self._starting:
+            self.start_cpu.append(self._open + self._pause())
+            self._open, self._starting = 0.0, False
+            self._since = time.process_time()
+        return WALL_START + self.t
+
+    def _stats_json(self, what: str) -> str:
+        """The JSON a stats server would send; written again only when something changed."""
+        key = (self._version, self.rolled, what)
+        cached = self._stats.get(key)
+        if cached is not None:
+            return cached
+        if what == "emperor":
+            text = json.dumps({"vassals": [v.stats() for v in self.hosts[self.rolled]]})
+        else:
+            nodes = ", ".join(
+                self._node_json[v.address]
+                for h in self.subscribed[what]
+                for v in self.hosts[h]
+                if v.back_at is None
+            )
+            key_json = json.dumps(KEY)
+            text = f'{{"subscriptions": [{{"key": {key_json}, "nodes": [{nodes}]}}], "cheap": 0}}'
+        self._stats = {k: s for k, s in self._stats.items() if k[:2] == key[:2]}
+        self._stats[key] = text
+        return text
+
+    def snapshot(self, options: ur.Options) -> ur.Snapshot:
+        self._end_interval()
+        self._advance()
+        self._check()
+        raw = {what: self._stats_json(what) for what in ("emperor", *options.routers)}
+        started = time.process_time()
+        vassals = ur.parse_emperor_stats(json.loads(raw["emperor"]))
+        nodes: list[ur.Node] = []
+        for router in options.routers:
+            nodes += ur.parse_fastrouter_stats(json.loads(raw[router]), router)
+        snapshot = ur.Snapshot(vassals, nodes, options.routers)
+        self._since = time.process_time()
+        self.read_cpu.append(self._since - started)
+        self.polls += 1
+        self._deciding = True
+        return snapshot
+
+    def sleep(self, seconds: float) -> None:
+        self._end_interval()
+        self.t += seconds
+
+    def touch(self, path: str, mtime: int) -> None:
+        self._open += self._pause()
+        self._advance()
+        v = next(v for v in self.hosts[self.rolled] if v.id == Path(path).name)
+        if mtime <= v.last_mod or v.back_at is not None:
+            raise AssertionError(f"{v.id} touched with mtime {mtime} or twice")
+        # the emperor registers it at once (the tool's next poll reads its stats) and the
+        # node leaves every router until the new instance is up: one reload time
+        v.respawns, v.last_mod, v.back_at = v.respawns + 1, mtime, self.t + 1.0
+        heapq.heappush(self.reloading, (v.back_at, self.rolled, self.hosts[self.rolled].index(v)))
+        for place in self._places_of(self.rolled):
+            self.live[place] -= 1
+        self._version += 1
+        self.touched.append((self.t, self.rolled, v.id))
+        self._check()
+        self._since = time.process_time()
+
+    def send(self, address: str, data: bytes) -> None:
+        raise AssertionError("no drain in this simulation")
+
+    def sockets(self, pid: int) -> tuple[str, ...]:
+        return (self.by_pid[pid].address,)
+
+    def is_local(self, host: str) -> bool:
+        return host == str(FIRST_HOST + self.rolled)
+
+    def io(self) -> ur.Io:
+        return ur.Io(
+            clock=lambda: self.t,
+            wall_clock=self._wall_clock,
+            sleep=self.sleep,
+            snapshot=self.snapshot,
+            touch=self.touch,
+            send=self.send,
+            sockets=self.sockets,
+            is_local=self.is_local,
+        )
+
+    @contextmanager
+    def host_run(self, host: int) -> Iterator[None]:
+        """The tool runs on ``host``; its start-up checks are measured apart from its polls."""
+        self.rolled, self._open, self._starting = host, 0.0, True
+        try:
+            yield
+        finally:
+            if self._starting:  # refused by its start-up checks
+                self._wall_clock()
+            self._end_interval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rolling the fleet
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    scenario: Scenario
+    #: the tool's exit code per host rolled (the roll stops at the first failing host)
+    exit_codes: list[int]
+    makespan: float
+    polls: int
+    read_us: float
+    decide_us: float
+    #: the most CPU one poll's decision took
+    decide_max_us: float
+    #: per host run, the start-up checks (``locate``, ``check_fleet``)
+    start_ms: float
+    #: per place (a router, or every router): the fewest nodes live at any check
+    fewest: dict[str, int]
+    broken: list[Broken]
+    #: vassals reloaded exactly once (none twice: ``reloaded_twice``)
+    reloaded: int
+    reloaded_twice: int
+    cpu_s: float
+
+    @property
+    def ok(self) -> bool:
+        """Every host's run exited 0 and every vassal of the fleet was reloaded exactly once."""
+        return (
+            self.exit_codes == [ur.EXIT_OK] * self.scenario.hosts
+            and self.reloaded == self.scenario.fleet_size
+            and not self.reloaded_twice
+        )
+
+    @property
+    def minimum_held(self) -> bool:
+        return not self.broken
+
+    @property
+    def ratio(self) -> float:
+        return self.makespan / self.scenario.bound
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self.scenario),
+            "exit_codes": self.exit_codes,
+            "makespan_reload_times": self.makespan,
+            "bound_reload_times": self.scenario.bound,
+            "polls": self.polls,
+            "read_us_per_poll": self.read_us,
+            "decide_us_per_poll": self.decide_us,
+            "decide_max_us": self.decide_max_us,
+            "start_ms_per_host_run": self.start_ms,
+            "fewest_live": self.fewest,
+            "minimum_held": self.minimum_held,
+            "broken": [dataclasses.asdict(b) for b in self.broken[:10]],
+            "reloaded": self.reloaded,
+            "reloaded_twice": self.reloaded_twice,
+            "cpu_s": self.cpu_s,
+        }
+
+
+def roll(scenario: Scenario, fleet: SimFleet | None = None) -> Result:
+    """Roll the whole fleet host by host with the tool; stop at the first host that fails."""
+    fleet = fleet or SimFleet(scenario)
+    routers = scenario.router_names[: scenario.tool_routers]
+    codes = []
+    started = time.process_time()
+    with tempfile.TemporaryDirectory(prefix="sim-fleet-") as emperor_dir:
+        # every host's emperor watches configs of the same names; the tool only lists them
+        for v in fleet.hosts[0]:
+            (Path(emperor_dir) / v.id).write_text("[uwsgi]\n")
+        for host in range(scenario.hosts):
+            options = ur.Options(
+                emperor_path=emperor_dir,
+                fastrouter_stats_socket=list(routers),
+                emperor_stats_socket=f"{FIRST_HOST + host}:1716",
+                minimum_active_vassals=scenario.minimum,
+                timeout=TIMEOUT,
+                check_interval=scenario.check_interval,
+                quiet=True,
+            )
+            out = io.StringIO()
+            with fleet.host_run(host):
+                try:
+                    code = ur.run(options, ur.Reporter(True, out, out), fleet.io())
+                except ur.ReloadError as exc:  # refused before anything was touched
+                    code = exc.exit_code
+            codes.append(code)
+            if code != ur.EXIT_OK:
+                break
+    cpu = time.process_time() - started
+    return Result(
+        scenario=scenario,
+        exit_codes=codes,
+        makespan=fleet.t,
+        polls=fleet.polls,
+        read_us=_mean_us(fleet.read_cpu),
+        decide_us=_mean_us(fleet.decide_cpu),
+        decide_max_us=max(fleet.decide_cpu, default=0.0) * 1e6,
+        start_ms=statistics.fmean(fleet.start_cpu) * 1e3 if fleet.start_cpu else 0.0,
+        fewest=dict(fleet.fewest),
+        broken=fleet.broken,
+        reloaded=sum(v.respawns == 1 for host in fleet.hosts for v in host),
+        reloaded_twice=sum(v.respawns > 1 for host in fleet.hosts for v in host),
+        cpu_s=cpu,
+    )
+
+
+def _mean_us(values: Sequence[float]) -> float:
+    return statistics.fmean(values) * 1e6 if values else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+HEADERS = (
+    "H",
+    "N",
+    "routers",
+    "m",
+    "m is",
+    "remote nodes",
+    "at once",
+    "exit",
+    "reloaded",
+    "makespan (reload times)",
+    "bound",
+    "ratio",
+    "polls",
+    "read us/poll",
+    "decide us/poll",
+    "read + decide us/poll",
+    "decide max us",
+    "start ms/host",
+    "fewest live",
+    "minimum held",
+)
+
+
+def rows(results: Sequence[Result]) -> list[list[str]]:
+    out = []
+    for r in results:
+        s = r.scenario
+        codes = sorted(set(r.exit_codes))
+        out.append(
+            [
+                str(s.hosts),
+                str(s.vassals),
+                str(s.routers),
+                str(s.minimum),
+                s.label or "-",
+                str(s.remote_nodes),
+                str(s.at_once),
+                ",".join(map(str, codes)),
+                f"{r.reloaded}/{s.fleet_size}",
+                f"{r.makespan:g}",
+                str(s.bound),
+                f"{r.ratio:.2f}x",
+                str(r.polls),
+                f"{r.read_us:.0f}",
+                f"{r.decide_us:.0f}",
+                f"{r.read_us + r.decide_us:.0f}",
+                f"{r.decide_max_us:.0f}",
+                f"{r.start_ms:.1f}",
+                str(min(r.fewest.values())),
+                "yes" if r.minimum_held else "NO",
+            ]
+        )
+    return out
+
+
+SCALING_HEADERS = (
+    "remote nodes",
+    "H",
+    "polls",
+    "read us/poll",
+    "decide us/poll",
+    "read + decide us/poll",
+    "vs the smallest fleet",
+    "% of a core at 0.1 s polls",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """``us = intercept + slope x remote nodes``, least squares over the per-H means."""
+
+    intercept: float
+    slope: float
+
+
+def by_remote_nodes(results: Sequence[Result]) -> list[tuple[int, int, int, float, float]]:
+    """(remote nodes, H, polls, read us, decide us) per H, weighted by polls."""
+    out = []
+    for hosts in sorted({r.scenario.hosts for r in results}):
+        same = [r for r in results if r.scenario.hosts == hosts]
+        polls = sum(r.polls for r in same)
+        if not polls:
+            continue
+        read = sum(r.read_us * r.polls for r in same) / polls
+        decide = sum(r.decide_us * r.polls for r in same) / polls
+        out.append((same[0].scenario.remote_nodes, hosts, polls, read, decide))
+    return out
+
+
+def fit(points: Sequence[tuple[float, float]]) -> Fit | None:
+    """Ordinary least squares (``statistics.linear_regression`` is Python 3.10+)."""
+    if len(points) < 2:
+        return None
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if not spread:
+        return None
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+    return Fit(mean_y - slope * mean_x, slope)
+
+
+def scaling_rows(results: Sequence[Result]) -> list[list[str]]:
+    table = by_remote_nodes(results)
+    if not table:
+        return []
+    base = table[0][3] + table[0][4]
+    return [
+        [
+            str(remote),
+            str(hosts),
+            str(polls),
+            f"{read:.0f}",
+            f"{decide:.0f}",
+            f"{read + decide:.0f}",
+            f"{(read + decide) / base:.1f}x",
+            f"{(read + decide) / REAL_INTERVAL_US * 100:.1f}",
+        ]
+        for remote, hosts, polls, read, decide in table
+    ]
+
+
+def machine_lines(argv: Sequence[str]) -> list[str]:
+    """The command and the machine; no uWSGI, nginx or locust runs here."""
+    env = {
+        "nproc": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"),
+        "cpu": _cpu_model(),
+        "ram": _ram(),
+        "kernel": platform.release(),
+        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "python": platform.python_version(),
+        "uwsgi": "-",
+        "nginx": "-",
+        "locust": "-",
+        "django": "-",
+    }
+    command, machine, _ = environment_lines(
+        command_line(["-m", "uwsgi_reload_loadtests.simulate_fleet", *argv]), env
+    )
+    versions = (
+        f"versions: python {env['python']} ({platform.python_implementation()}), "
+        f"uwsgi_reload {ur.__version__}; no uWSGI, nginx or load: a simulation"
+    )
+    return [command, machine, versions]
+
+
+def markdown(results: Sequence[Result], env_lines: Sequence[str], args: argparse.Namespace) -> str:
+    lines = ["# A fleet rolled host by host, simulated: makespan and the tool's CPU per poll", ""]
+    lines += [f"- {line}" for line in env_lines]
+    routers = "1 fastrouter" if args.routers == 1 else f"{args.routers} fastrouters"
+    lines += [
+        f"- simulation: H hosts x N vassals under one key behind {routers}; "
+        "each vassal takes exactly 1 reload time from its touch to live again in every router; "
+        f"the tool polls every {args.check_interval:g} reload time(s) (`--check-interval`), "
+        f"`--timeout {TIMEOUT:g}` reload times. The hosts are rolled one by one (as "
+        "`examples/ansible/reload.yml`, `serial: 1`); on each, `uwsgi_reload.run` itself "
+        "decides (only its `Io` is simulated: the emperor's and the routers' stats as JSON, "
+        "the touch, the clock, `/proc`).",
+        "- m is: how the fleet minimum m was chosen for F = H x N nodes: `half` = F/2, `F-N` = "
+        "a whole host out at once exactly, `F-1` = one vassal of the fleet at a time.",
+        "- at once: min(N, F - m), the vassals of one host that may be down together; bound = "
+        "H x ceil(N / at once) reload times; ratio = makespan / bound.",
+        "- read: the tool's decoding of one poll's stats (`json.loads`, `parse_emperor_stats`, "
+        "`parse_fastrouter_stats`, `Snapshot`); decide: the tool's work between two polls "
+        "(`Rollout.step` and `_drive`'s handling of its events, the simulator's time in the "
+        "touch left out; after a host's last poll, its summary too); both "
+        "`time.process_time`, means over the polls; start: each host run's start-up checks "
+        "(`locate`, `check_fleet`), from its first poll to its first reading of the clock.",
+        "- fewest live / minimum held: the fewest nodes live for the key, in each router and "
+        "in every router, counted by the simulator at every poll and after every touch; held: "
+        "never below m.",
+        "",
+        markdown_table(HEADERS, rows(results)),
+        "",
+        "## CPU per poll against the number of remote nodes",
+        "",
+        "Per H, over every row of that H, weighted by polls; remote nodes = "
+        "(H-1) x N, the other hosts' nodes the tool reads and counts at every poll. % of a core "
+        "at 0.1 s polls: read + decide against the tool's default `--check-interval` of 0.1 s "
+        "(a real run polls that often whatever the reload time).",
+        "",
+        markdown_table(SCALING_HEADERS, scaling_rows(results)),
+        "",
+    ]
+    points = by_remote_nodes(results)
+    read_fit = fit([(float(p[0]), p[3]) for p in points])
+    decide_fit = fit([(float(p[0]), p[4]) for p in points])
+    if read_fit and decide_fit:
+        lines += [
+            "Least squares over these rows: read = "
+            f"{read_fit.intercept:.0f} us {read_fit.slope * 1000:+.0f} us per 1000 remote "
+            f"nodes; decide = {decide_fit.intercept:.0f} us "
+            f"{decide_fit.slope * 1000:+.0f} us per 1000 remote nodes.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def scenarios(args: argparse.Namespace) -> list[Scenario]:
+    """Every (H, m) asked for, m in 0..F-1, each m once per H."""
+    out = []
+    for hosts in args.hosts:
+        seen = set()
+        for token in args.minimums:
+            m = minimum_for(token, hosts, args.vassals)
+            if not 0 <= m < hosts * args.vassals or m in seen:
+                continue
+            seen.add(m)
+            out.append(
+                Scenario(
+                    hosts,
+                    args.vassals,
+                    m,
+                    routers=args.routers,
+                    check_interval=args.check_interval,
+                    label=token,
+                )
+            )
+    return out
+
+
+def _hosts(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"hosts are whole numbers: {text!r}") from None
+    if not values or any(h < 1 for h in values):
+        raise argparse.ArgumentTypeError(f"every number of hosts must be 1 or more: {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m uwsgi_reload_loadtests.simulate_fleet",
+        description="Roll a simulated fleet host by host with the tool's own run: makespan in "
+        "reload times, the tool's CPU per poll, the minimum checked at every poll.",
+    )
+    parser.add_argument(
+        "--hosts",
+        type=_hosts,
+        default=list(DEFAULT_HOSTS),
+        help=f"numbers of hosts, one fleet each (default {','.join(map(str, DEFAULT_HOSTS))})",
+    )
+    parser.add_argument(
+        "--vassals",
+        type=ur.positive_int,
+        default=16,
+        help="vassals per host (default 16)",
+    )
+    parser.add_argument(
+        "--minimums",
+        type=parse_minimums,
+        default=list(DEFAULT_MINIMUMS),
+        help="fleet minimums: a number, half, F-N (a whole host out at once), F-K (K of the "
+        f"fleet's F = H*N out at once) (default {','.join(DEFAULT_MINIMUMS)})",
+    )
+    parser.add_argument(
+        "--routers", type=int, choices=(1, 2), default=1, help="fastrouters (default 1)"
+    )
+    parser.add_argument(
+        "--check-interval",
+        type=ur.positive_float,
+        default=DEFAULT_INTERVAL,
+        help="the tool's --check-interval, in reload times; a power of 2 keeps polls on whole "
+        f"reload times (default {DEFAULT_INTERVAL:g})",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="where fleet-simulated.md and fleet-simulated.json go "
+        "(default reports/simulate-fleet-<date>-<time>)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    results = results_dir(args.results_dir, "simulate-fleet")
+    env_lines = machine_lines(argv)
+    for line in env_lines:
+        print(line, flush=True)
+    done: list[Result] = []
+    started = time.monotonic()
+    for scenario in scenarios(args):
+        result = roll(scenario)
+        done.append(result)
+        print(
+            f"H={scenario.hosts} N={scenario.vassals} m={scenario.minimum} ({scenario.label}): "
+            f"exit {','.join(map(str, sorted(set(result.exit_codes))))} "
+            f"({len(result.exit_codes)} hosts), makespan {result.makespan:g} "
+            f"(bound {scenario.bound}), {result.polls} polls, read {result.read_us:.0f} us + "
+            f"decide {result.decide_us:.0f} us per poll, minimum held: {result.minimum_held}, "
+            f"{result.cpu_s:.1f} s CPU",
+            flush=True,
+        )
+    text = markdown(done, env_lines, args)
+    (results / "fleet-simulated.md").write_text(text)
+    (results / "fleet-simulated.json").write_text(
+        json.dumps({"environment": env_lines, "results": [r.as_json() for r in done]}, indent=1)
+        + "\n"
+    )
+    print()
+    print(text)
+    print(f"simulation took {time.monotonic() - started:.0f} s")
+    print(f"table: {results / 'fleet-simulated.md'}")
+    ok = all(r.ok and r.minimum_held for r in done)
+    return EXIT_OK if ok else EXIT_SOME_RUN_FAILED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
