@@ -83,6 +83,8 @@ FLEET_VASSAL_INI = "fleet_vassal.ini"
 FLEET_CONF_D = "uwsgi.conf.d.fragment"
 ROUTER_INI = "fastrouter.ini"
 FLEET_NGINX_FRAGMENT = "nginx.conf.fragment"
+#: The playbook that rolls a fleet host by host (examples/ansible/reload.yml).
+PLAYBOOK = render.EXAMPLES_DIR / "ansible" / "reload.yml"
 
 #: Placeholders of examples/fleet: an app host's private address, its emperor's stats server,
 #: the router hosts' private addresses and the ports of a router (socket, subscriptions, stats).
@@ -289,6 +291,44 @@ class Fleet(ProcessGroup):
             f"reload_timeout={timeout:g}",
         ]
         return "\n".join(["[app]", *hosts, "", "[app:vars]", *group_vars]) + "\n"
+
+    def playbook_command(
+        self, work_dir: Path, minimum: int, *, timeout: float = 30, serial: str | None = None
+    ) -> list[str]:
+        """``ansible-playbook`` running ``examples/ansible/reload.yml`` against this fleet, as
+        one command (for a load run to start). Writes the inventory (:meth:`ansible_inventory`)
+        into ``work_dir``, where each host gets its copy of the tool. ``serial``: a copy of the
+        playbook with its ``serial: 1`` changed (``"100%"``: every host at once), to measure what
+        the playbook avoids."""
+        ansible_playbook = Path(sys.executable).with_name("ansible-playbook")
+        if not ansible_playbook.exists():
+            raise render.MissingTool(
+                f"{ansible_playbook} is missing: install the fleet extra (ansible-core)"
+            )
+        inventory = work_dir / "inventory.ini"
+        inventory.write_text(self.ansible_inventory(work_dir, minimum, timeout))
+        playbook = PLAYBOOK
+        if serial is not None:
+            text = PLAYBOOK.read_text()
+            if text.count("\n  serial: 1\n") != 1:
+                raise ValueError(f"{PLAYBOOK} has no single 'serial: 1' to change")
+            playbook = work_dir / PLAYBOOK.name
+            playbook.write_text(text.replace("\n  serial: 1\n", f"\n  serial: {serial!r}\n"))
+        return [
+            "env",
+            "ANSIBLE_LOCALHOST_WARNING=0",
+            "ANSIBLE_NOCOLOR=1",
+            f"ANSIBLE_LOCAL_TEMP={work_dir / 'ansible-local'}",
+            f"ANSIBLE_REMOTE_TEMP={work_dir / 'ansible-remote'}",
+            str(ansible_playbook),
+            "-i",
+            str(inventory),
+            # where the tool comes from: this installation's (the playbook's default is the
+            # tool beside examples/ in a checkout)
+            "-e",
+            f"tool_source={render.RELOAD_TOOL}",
+            str(playbook),
+        ]
 
     def rolling_reload_command(
         self, *flags: str, drain: bool = True, hosts: Sequence[FleetHost] | None = None

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from uwsgi_reload_harness.fleet import Fleet
+from uwsgi_reload_harness.fleet import Fleet, FleetHost
 from uwsgi_reload_harness.stack import Stack
 
 from .endstate import EndState, wrapped
@@ -91,9 +91,11 @@ class Target:
     """Worker pids by vassal id (a fleet's ids are unique: its configs are named by port)."""
 
     @classmethod
-    def of(cls, what: Stack | Fleet) -> Target:
+    def of(cls, what: Stack | Fleet, hosts: Sequence[FleetHost] | None = None) -> Target:
+        """``hosts``: of a fleet, the hosts the command reloads (default: every host); the
+        workers and the end state are theirs, the routers count every host's nodes."""
         if isinstance(what, Fleet):
-            hosts = what.hosts
+            hosts = what.hosts if hosts is None else list(hosts)
 
             def fleet_workers() -> dict[str, list[int]]:
                 return {vid: pids for h in hosts for vid, pids in h.worker_pids().items()}
@@ -538,6 +540,7 @@ def reload_under_load(
     load_json: Path | None = None,
     show_progress: bool = False,
     max_run_time: float | None = None,
+    hosts: Sequence[FleetHost] | None = None,
 ) -> ReloadRun:
     """Load through nginx on the stack's (or fleet's) health path, ``command`` ``reload_at`` s
     in, the router (every router) watched the whole time.
@@ -546,9 +549,10 @@ def reload_under_load(
     the command under a wrapper that records its CPU seconds. ``load_json``: keep the load
     report there. ``show_progress``: print the live node count every second. ``max_run_time``
     bounds the load (default ``reload_at + after_reload + COMMAND_GRACE_S``): a command still
-    running then is killed.
+    running then is killed. ``hosts``: of a fleet, the hosts ``command`` reloads (see
+    :meth:`Target.of`).
     """
-    target = Target.of(stack)
+    target = Target.of(stack, hosts)
     workers_before = target.worker_pids()
     observer = target.observer(interval=observer_interval, readers=observer_readers)
     shown = progress(observer, target.vassals) if show_progress else contextlib.nullcontext()
@@ -626,13 +630,13 @@ def stop_reload_commands(emperor_paths: Sequence[Path], timeout: float = 10.0) -
 # ---------------------------------------------------------------------------------------------
 
 
-def again(stack: Stack | Fleet, command: Sequence[str]) -> Callable[[], ReloadRun]:
+def again(stack: Stack | Fleet, command: Sequence[str], **options: Any) -> Callable[[], ReloadRun]:
     """One reload under load of ``stack`` (or a fleet), repeatable: each starts with every
-    vassal live."""
+    vassal live. ``options``: of :func:`reload_under_load`."""
 
     def attempt() -> ReloadRun:
         stack.wait_all_live(timeout=30)
-        return reload_under_load(stack, command)
+        return reload_under_load(stack, command, **options)
 
     return attempt
 

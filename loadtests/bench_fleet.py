@@ -1,0 +1,365 @@
+"""Fleets under load: makespan host by host against its bound, and hosts all at once.
+
+    python -m uwsgi_reload_loadtests.bench_fleet [--hosts 2,3,4] [--vassals 4] [--rate 300]
+                                    [--all-at-once-runs 20] [--results-dir DIR]
+
+Part 1, for every H in ``--hosts``, on a fleet of H hosts of ``--vassals`` N vassals behind one
+fastrouter (``uwsgi_reload_harness.fleet``), under paced locust load through nginx:
+
+- a lone reload: ``uwsgi_reload.py`` on host 1 at a fleet minimum of H*N - 1 (one vassal at a
+  time); the median trigger-to-back of its vassals is the time of one reload alone;
+- for each fleet minimum m (1: a whole host at once; H*N - 2: two at a time), the tool on each
+  host one after the other (what the playbook runs, without Ansible's own time: ``sh -c 'host1
+  && host2 && ...'``), with drain. Fleet makespan: first trigger to last back over every host's
+  ``--json`` timeline. Bound: H x ceil(N / min(N, H*N - m)) lone reloads (hosts one by one, each
+  in as few waves as the minimum allows);
+- the same through ``examples/ansible/reload.yml`` (``serial: 1``): its wall time, Ansible
+  included.
+
+Part 2, on a fleet of 3 hosts of 3 vassals at a fleet minimum of 3: ``--all-at-once-runs`` runs
+of the playbook changed to ``serial: "100%"`` (every host at once), each under load, counting
+the runs in which the observer saw fewer than 3 live nodes. Each host's tool counts the others'
+nodes live at the moment it decides; hosts deciding together can all go below the minimum.
+
+Output, in the results dir (default ``reports/bench-fleet-<date>-<time>``): ``fleet.md`` (the
+command, the machine, the versions, the tables) and ``fleet.json`` (every run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from uwsgi_reload import non_negative_float, non_negative_int, positive_int
+from uwsgi_reload_harness.fleet import Fleet, FleetConfig, running_fleet
+
+from .cli import EXIT_OK, EXIT_SOME_RUN_FAILED, guarded, print_environment, results_dir
+from .measure import ReloadRun, VassalSpan, reload_under_load, vassal_spans
+from .tables import markdown_table, seconds
+
+ALL_AT_ONCE = (3, 3, 3)  # hosts, vassals, fleet minimum
+USERS = 8
+
+
+def tool_reports(stdout: str) -> list[dict[str, Any]]:
+    """Every ``--json`` report on ``stdout`` (one per host the command reloaded), in order."""
+    reports = []
+    for line in stdout.splitlines():
+        with contextlib.suppress(ValueError):
+            data = json.loads(line)
+            if isinstance(data, dict) and isinstance(data.get("vassals"), list):
+                reports.append(data)
+    return reports
+
+
+def spans(run: ReloadRun) -> list[VassalSpan]:
+    stdout = "" if run.load.reload is None else run.load.reload.stdout
+    return [span for report in tool_reports(stdout) for span in vassal_spans(report)]
+
+
+def fleet_makespan(run: ReloadRun, vassals: int) -> float | None:
+    """First trigger to last back over every host's timeline; None unless all came back."""
+    every = spans(run)
+    if len(every) < vassals or any(s.triggered is None or s.back is None for s in every):
+        return None
+    return max(s.back for s in every if s.back is not None) - min(
+        s.triggered for s in every if s.triggered is not None
+    )
+
+
+def waves_per_host(hosts: int, vassals: int, minimum: int) -> int:
+    """Waves a host needs when every other host is live: its N vassals, at most H*N - m out."""
+    return math.ceil(vassals / min(vassals, hosts * vassals - minimum))
+
+
+@dataclasses.dataclass
+class MakespanRow:
+    hosts: int
+    vassals: int
+    minimum: int
+    lone_s: float
+    rolled: ReloadRun
+    playbook: ReloadRun
+
+    @property
+    def bound_s(self) -> float:
+        return self.hosts * waves_per_host(self.hosts, self.vassals, self.minimum) * self.lone_s
+
+    @property
+    def makespan_s(self) -> float | None:
+        return fleet_makespan(self.rolled, self.hosts * self.vassals)
+
+    @property
+    def ok(self) -> bool:
+        return self.rolled.check(self.minimum) == [] and self.playbook.check(self.minimum) == []
+
+    def cells(self) -> list[str]:
+        makespan = self.makespan_s
+        ratio = "-" if makespan is None else f"{makespan / self.bound_s:.2f}"
+        waves = waves_per_host(self.hosts, self.vassals, self.minimum)
+        return [
+            f"{self.hosts} x {self.vassals}",
+            str(self.minimum),
+            seconds(self.lone_s),
+            f"{self.hosts} x {waves} x lone = {seconds(self.bound_s)}",
+            seconds(makespan),
+            ratio,
+            seconds(self.rolled.command_seconds),
+            seconds(self.playbook.command_seconds),
+            f"{self.rolled.observer.min_live} / {self.playbook.observer.min_live}",
+            f"{self.rolled.load.total.failures} / {self.playbook.load.total.failures}",
+        ]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "hosts": self.hosts,
+            "vassals": self.vassals,
+            "minimum": self.minimum,
+            "lone_reload_s": self.lone_s,
+            "bound_s": self.bound_s,
+            "fleet_makespan_s": self.makespan_s,
+            "rolled": self.rolled.as_json(),
+            "playbook": self.playbook.as_json(),
+        }
+
+
+MAKESPAN_HEADERS = [
+    "fleet",
+    "minimum",
+    "lone reload",
+    "bound (hosts one by one)",
+    "fleet makespan",
+    "makespan / bound",
+    "tool, host after host",
+    "playbook (Ansible included)",
+    "observer min (tool / playbook)",
+    "failed (tool / playbook)",
+]
+
+
+@dataclasses.dataclass
+class AllAtOnceRun:
+    index: int
+    serial: str
+    run: ReloadRun
+
+    @property
+    def broke(self) -> bool:
+        return self.run.observer.min_live < ALL_AT_ONCE[2]
+
+    def cells(self) -> list[str]:
+        return [
+            str(self.index),
+            self.serial,
+            str(self.run.returncode),
+            str(self.run.observer.min_live),
+            "yes" if self.broke else "no",
+            str(self.run.load.total.failures),
+            seconds(self.run.command_seconds),
+        ]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"index": self.index, "serial": self.serial, **self.run.as_json()}
+
+
+ALL_AT_ONCE_HEADERS = [
+    "run",
+    "serial",
+    "exit",
+    "observer min",
+    "minimum broken",
+    "failed",
+    "playbook s",
+]
+
+
+@contextlib.contextmanager
+def work_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ur-bf-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def measure(fleet: Fleet, command: list[str], args: argparse.Namespace) -> ReloadRun:
+    fleet.wait_all_live(60)
+    return reload_under_load(
+        fleet,
+        command,
+        users=USERS,
+        rate=args.rate,
+        reload_at=args.reload_at,
+        after_reload=args.after_reload,
+        observer_interval=0.02,
+        observer_readers=2,
+        max_run_time=args.reload_at + args.after_reload + 300,
+    )
+
+
+def lone_reload(fleet: Fleet, args: argparse.Namespace) -> float:
+    """Median trigger-to-back of host 1's vassals reloaded one at a time."""
+    total = len(fleet.expected_nodes())
+    command = fleet.hosts[0].reload_command("--minimum-active-vassals", str(total - 1), "--json")
+    run = measure(fleet, command, args)
+    durations = run.durations()
+    if run.returncode != 0 or not durations:
+        raise SystemExit(f"the lone reload failed: {run.output[-2000:]}")
+    return statistics.median(durations)
+
+
+def bench_makespan(hosts: int, args: argparse.Namespace, rows: list[MakespanRow]) -> None:
+    n = args.vassals
+    print(f"H={hosts} x N={n}: starting the fleet...", flush=True)
+    with running_fleet(FleetConfig(hosts=hosts, vassals=n)) as fleet, work_dir() as tmp:
+        lone = lone_reload(fleet, args)
+        print(f"  lone reload {lone:.2f} s", flush=True)
+        for m in sorted({1, hosts * n - 2}):
+            rolled = measure(
+                fleet,
+                fleet.rolling_reload_command("--minimum-active-vassals", str(m), "--json"),
+                args,
+            )
+            playbook = measure(fleet, fleet.playbook_command(tmp, m), args)
+            row = MakespanRow(hosts, n, m, lone, rolled, playbook)
+            rows.append(row)
+            print("  " + " | ".join(row.cells()), flush=True)
+
+
+def bench_all_at_once(args: argparse.Namespace, runs: list[AllAtOnceRun]) -> None:
+    hosts, n, m = ALL_AT_ONCE
+    print(f"all at once: H={hosts} x N={n}, fleet minimum {m}: starting the fleet...", flush=True)
+    with running_fleet(FleetConfig(hosts=hosts, vassals=n)) as fleet, work_dir() as tmp:
+        for index in range(1, args.all_at_once_runs + 1):
+            run = measure(fleet, fleet.playbook_command(tmp, m, serial="100%"), args)
+            runs.append(AllAtOnceRun(index, "100%", run))
+            print("  " + " | ".join(runs[-1].cells()), flush=True)
+
+
+def markdown(
+    rows: Sequence[MakespanRow], runs: Sequence[AllAtOnceRun], env_lines: Sequence[str]
+) -> str:
+    lines = ["# Fleet benchmark", "", *(f"    {line}" for line in env_lines), ""]
+    lines += [
+        "## Makespan, hosts one by one",
+        "",
+        "Times in seconds. Fleet makespan: first trigger to last back over every host (the tool "
+        "on each host in turn, with drain). Bound: hosts x waves per host x a lone reload. The "
+        "playbook column is the wall time of `examples/ansible/reload.yml`, Ansible included.",
+        "",
+        markdown_table(MAKESPAN_HEADERS, [r.cells() for r in rows]) if rows else "(no run)",
+        "",
+    ]
+    broke = sum(r.broke for r in runs)
+    hosts, n, m = ALL_AT_ONCE
+    lines += [
+        f'## Every host at once (`serial: "100%"`), {hosts} hosts x {n} vassals, minimum {m}',
+        "",
+        f"The fleet minimum was broken in {broke} of {len(runs)} runs.",
+        "",
+        markdown_table(ALL_AT_ONCE_HEADERS, [r.cells() for r in runs]) if runs else "(no run)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def parse_hosts(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"host counts are whole numbers: {text!r}") from None
+    if not values or min(values) < 2:
+        raise argparse.ArgumentTypeError(f"every host count must be 2 or more: {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m uwsgi_reload_loadtests.bench_fleet",
+        description="Fleet makespan host by host against its bound, and hosts all at once.",
+    )
+    parser.add_argument(
+        "--hosts", type=parse_hosts, default=[2, 3, 4], help="values of H (default 2,3,4)"
+    )
+    parser.add_argument(
+        "--vassals", type=positive_int, default=4, help="vassals per host (default 4)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=non_negative_float,
+        default=300.0,
+        help="requests per second over all users: paced, the load leaves the machine's two "
+        "cores to the reloads and to Ansible (default 300)",
+    )
+    parser.add_argument(
+        "--all-at-once-runs",
+        type=non_negative_int,
+        default=20,
+        help='runs of the playbook with serial: "100%%" (default 20)',
+    )
+    parser.add_argument(
+        "--reload-at", type=non_negative_float, default=1.5, help="seconds of load before"
+    )
+    parser.add_argument(
+        "--after-reload", type=non_negative_float, default=1.0, help="seconds of load after"
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="where fleet.md and fleet.json go (default reports/bench-fleet-<date>-<time>)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    results = results_dir(args.results_dir, "bench-fleet")
+    env_lines = print_environment("uwsgi_reload_loadtests.bench_fleet", argv)
+    rows: list[MakespanRow] = []
+    runs: list[AllAtOnceRun] = []
+    started = time.monotonic()
+
+    def every_run() -> None:
+        for hosts in args.hosts:
+            bench_makespan(hosts, args, rows)
+        if args.all_at_once_runs:
+            bench_all_at_once(args, runs)
+
+    code = guarded("bench", every_run, "fleets stopped; partial results follow")
+    if code is None:
+        code = EXIT_OK if all(r.ok for r in rows) else EXIT_SOME_RUN_FAILED
+    text = markdown(rows, runs, env_lines)
+    (results / "fleet.md").write_text(text)
+    (results / "fleet.json").write_text(
+        json.dumps(
+            {
+                "environment": env_lines,
+                "makespan": [r.as_json() for r in rows],
+                "all_at_once": [r.as_json() for r in runs],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    print()
+    print(text)
+    print(f"benchmark took {time.monotonic() - started:.0f} s")
+    print(f"table: {results / 'fleet.md'}")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
