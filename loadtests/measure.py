@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from uwsgi_reload_harness.fleet import Fleet, FleetHost
 from uwsgi_reload_harness.stack import Stack
@@ -641,18 +641,22 @@ def again(stack: Stack | Fleet, command: Sequence[str], **options: Any) -> Calla
     return attempt
 
 
-class FreshStacks:
-    """A new stack for each attempt of a run that leaves its stack changed (a broken deploy).
+StackOrFleet = TypeVar("StackOrFleet", Stack, Fleet)
+
+
+class FreshStacks(Generic[StackOrFleet]):
+    """A new stack (or fleet) for each attempt of a run that leaves it changed (a broken
+    deploy).
 
     Making one stops the one before, so two stacks never share the machine.
     """
 
-    def __init__(self, make: Callable[..., Stack], **config: object) -> None:
+    def __init__(self, make: Callable[..., StackOrFleet], **config: object) -> None:
         self._make = make
         self._config = config
-        self.current: Stack | None = None
+        self.current: StackOrFleet | None = None
 
-    def __call__(self) -> Stack:
+    def __call__(self) -> StackOrFleet:
         if self.current is not None:
             self.current.stop()
         self.current = self._make(**self._config)

@@ -110,6 +110,11 @@ def test_the_playbook_reloads_the_fleet_host_by_host(
     }
     assert kept == set(), kept
     assert summary(done.stdout) == [f"{h.address}: 2/2 vassals reloaded, ok" for h in fleet.hosts]
+    # the inventory's own variables win over the playbook's defaults: each host's copy went to
+    # its tool_path, none to the default /usr/local/bin
+    for h in fleet.hosts:
+        copy = tool_dir / h.address / "uwsgi_reload.py"
+        assert copy.read_bytes() == (REPO / "uwsgi_reload.py").read_bytes(), copy
 
 
 @pytest.mark.e2e

@@ -22,6 +22,7 @@ import pytest
 from uwsgi_reload_harness.fleet import Fleet, FleetHost
 from uwsgi_reload_loadtests.measure import (
     Broken,
+    FreshStacks,
     ReloadRun,
     again,
     observed,
@@ -139,20 +140,31 @@ BROKEN_USERS, BROKEN_MINIMUM, BROKEN_TIMEOUT = 16, 4, 5
 def test_a_broken_deploy_on_host_2_stops_the_rollout_there_losing_nothing(
     make_uwsgi_fleet: MakeFleet, record_reload: Record, work_dir: Path
 ) -> None:
-    fleet = make_uwsgi_fleet(
+    fresh = FreshStacks(
+        make_uwsgi_fleet,
         hosts=HOSTS,
         vassals=VASSALS,
         routers=2,
         start_delay=START_DELAY,
         request_delay=REQUEST_DELAY,
     )
+
+    def broken_deploy() -> ReloadRun:
+        fleet = fresh()
+        fleet.deploy(hosts=[fleet.hosts[1]], version="v2", broken=True)
+        command = fleet.playbook_command(work_dir, BROKEN_MINIMUM, timeout=BROKEN_TIMEOUT)
+        return reload_under_load(fleet, command, users=BROKEN_USERS, rate=RATE)
+
+    name = "fleet: broken deploy on host 2, drain"
+    run = observed(
+        broken_deploy, name, BROKEN_MINIMUM, record_reload, all_replaced=False, expected_exit=2
+    )
+    fleet = fresh.current
+    assert fleet is not None
     first, broken, last = fleet.hosts
-    fleet.deploy(hosts=[broken], version="v2", broken=True)
-    command = fleet.playbook_command(work_dir, BROKEN_MINIMUM, timeout=BROKEN_TIMEOUT)
-    run = reload_under_load(fleet, command, users=BROKEN_USERS, rate=RATE)
-    record_reload(run.row("fleet: broken deploy on host 2, drain", BROKEN_MINIMUM))
-    assert run.returncode not in (0, None), run.output[-4000:]
+    assert run.returncode == 2, run.output[-4000:]  # ansible-playbook: a host failed
     assert f"the rollout stopped at {broken.address}" in run.output
+    assert f"timed out after {BROKEN_TIMEOUT}s" in run.output  # the inventory's timeout
     assert f"{last.address}: untouched (the rollout stopped before it)" in run.output
     assert set(run.replaced()) == vassals_of([first])
     assert set(run.kept_workers()) == vassals_of([last])
