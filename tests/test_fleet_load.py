@@ -171,3 +171,39 @@ def test_a_broken_deploy_on_host_2_stops_the_rollout_there_losing_nothing(
     # drained first, host 2's vassals had no request queued when they went down
     assert run.check(BROKEN_MINIMUM, all_replaced=False) == [], run.output[-4000:]
     assert run.load.total.failures == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Teardown
+# ---------------------------------------------------------------------------------------------
+
+
+def argv_mentions(words: Sequence[str]) -> list[int]:
+    """Pids of the processes whose command line mentions one of ``words``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = entry.joinpath("cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if any(word in argv for word in words):
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_fleet_load_run_leaves_nothing_behind(
+    make_uwsgi_fleet: MakeFleet, work_dir: Path
+) -> None:
+    fleet = make_uwsgi_fleet(hosts=2, vassals=2, routers=2)
+    run = reload_under_load(fleet, fleet.playbook_command(work_dir, 2), rate=RATE)
+    assert run.returncode == 0, run.output[-4000:]
+    dirs = fleet.base_dirs
+    seen = fleet.processes() | fleet.stop()
+    assert [p for p in seen if p.alive()] == []
+    assert [d for d in dirs if d.exists()] == []
+    # nothing the run started is left: no playbook, no tool, no locust, no end-state wrapper
+    assert argv_mentions([str(work_dir), *map(str, dirs)]) == []
+    # Ansible's temp dirs were its own run's, under the work dir, and it emptied them
+    for temp in ("ansible-local", "ansible-remote"):
+        assert not any(work_dir.joinpath(temp).glob("*")), temp
