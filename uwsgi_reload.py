@@ -437,6 +437,78 @@ def owns(name: str, addresses: frozenset[str], node_name: str) -> bool:
     return node_vassal_name(node_name) == name
 
 
+class NodeIndex:
+    """One snapshot's nodes by what ``owns`` matches them on: each node's address and socket
+    name are worked out once (one pass over the nodes), then a vassal's nodes are a lookup, not
+    a scan. The counts per key are taken once too, so that the other hosts' nodes are the total
+    less this host's own. Built from one snapshot's nodes and never changed (``Snapshot.index``):
+    nothing carries over to the next poll."""
+
+    def __init__(self, nodes: Iterable[Node]) -> None:
+        self.nodes = tuple(nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @functools.cached_property
+    def _by_address(self) -> dict[str, list[int]]:
+        found: dict[str, list[int]] = {}
+        for i, node in enumerate(self.nodes):
+            found.setdefault(canonical_address(node.name), []).append(i)
+        return found
+
+    @functools.cached_property
+    def _by_vassal_name(self) -> dict[str, list[int]]:
+        found: dict[str, list[int]] = {}
+        for i, node in enumerate(self.nodes):
+            found.setdefault(node_vassal_name(node.name), []).append(i)
+        return found
+
+    def _positions(self, name: str, addresses: frozenset[str]) -> list[int]:
+        if not addresses:
+            return self._by_vassal_name.get(name, [])
+        if len(addresses) == 1:
+            return self._by_address.get(next(iter(addresses)), [])
+        return sorted(i for a in addresses for i in self._by_address.get(a, ()))
+
+    def of_vassal(self, name: str, addresses: frozenset[str] = frozenset()) -> list[Node]:
+        """The nodes ``owns`` gives the vassal, in the snapshot's order."""
+        return [self.nodes[i] for i in self._positions(name, addresses)]
+
+    def of_fleet(self, fleet: Iterable[VassalReload]) -> list[Node]:
+        """The nodes that are a vassal's of ``fleet``, each once, in the snapshot's order."""
+        positions: set[int] = set()
+        for v in fleet:
+            positions.update(self._positions(v.name, v.addresses))
+        return [self.nodes[i] for i in sorted(positions)]
+
+    @functools.cached_property
+    def live_per_key(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for node in self.nodes:
+            if node.live:
+                counts[node.key] = counts.get(node.key, 0) + 1
+        return counts
+
+    @functools.cached_property
+    def live_per_place(self) -> dict[tuple[str, str], int]:
+        """Live nodes per (router, key)."""
+        counts: dict[tuple[str, str], int] = {}
+        for node in self.nodes:
+            if node.live:
+                place = (node.router, node.key)
+                counts[place] = counts.get(place, 0) + 1
+        return counts
+
+
+def _indexed(nodes: Iterable[Node]) -> NodeIndex:
+    """``nodes`` as an index: a snapshot's own (``Snapshot.index``) as it is."""
+    return nodes if isinstance(nodes, NodeIndex) else NodeIndex(nodes)
+
+
 # ---------------------------------------------------------------------------------------------
 # The uwsgi protocol: subscription packets and the readiness probe
 # ---------------------------------------------------------------------------------------------
@@ -655,6 +727,16 @@ class Snapshot:
         every = set(self.routers)
         return tuple(node for kn, node in first.items() if live_in[kn] >= every)
 
+    @functools.cached_property
+    def index(self) -> NodeIndex:
+        """``nodes``, indexed (pass it where ``nodes`` goes)."""
+        return NodeIndex(self.nodes)
+
+    @functools.cached_property
+    def live_index(self) -> NodeIndex:
+        """``live_nodes``, indexed (pass it where ``live_nodes`` goes)."""
+        return NodeIndex(self.live_nodes)
+
 
 def live_keys(
     vassal: EmperorVassal | None,
@@ -665,28 +747,30 @@ def live_keys(
     """The fastrouter keys under which this vassal is live; empty when it is not live.
 
     Live means the emperor says accepting and the vassal's node is subscribed with death_mark 0
-    (pass ``Snapshot.live_nodes``: live in every router). ``addresses``: see ``owns``.
+    (pass ``Snapshot.live_index``: live in every router). ``addresses``: see ``owns``.
     """
     if vassal is None or not vassal.accepting:
         return frozenset()
-    return frozenset(node.key for node in nodes if node.live and owns(name, addresses, node.name))
+    mine = _indexed(nodes).of_vassal(name, addresses)
+    return frozenset(node.key for node in mine if node.live)
 
 
-def _others(nodes: Iterable[Node], fleet: Iterable[VassalReload]) -> Iterator[Node]:
-    """The live nodes that are no vassal of ``fleet``."""
-    mine = [(v.name, v.addresses) for v in fleet]
-    for node in nodes:
-        if node.live and not any(owns(name, addrs, node.name) for name, addrs in mine):
-            yield node
+def _less(totals: Mapping[Place, int], mine: Iterable[Place]) -> dict[Place, int]:
+    """``totals`` less one per place in ``mine``; places left with none are left out."""
+    counts = dict(totals)
+    for place in mine:
+        counts[place] -= 1
+    return {place: count for place, count in counts.items() if count}
 
 
 def others_live(nodes: Iterable[Node], fleet: Iterable[VassalReload]) -> dict[str, int]:
     """Per key, the live nodes that are no vassal of ``fleet``: other hosts' (or vassals of this
-    emperor this run does not reload). They count for the minimum and are never touched."""
-    counts: dict[str, int] = {}
-    for node in _others(nodes, fleet):
-        counts[node.key] = counts.get(node.key, 0) + 1
-    return counts
+    emperor this run does not reload). They count for the minimum and are never touched.
+
+    Every live node less ``fleet``'s own: a lookup per vassal, not a scan of the other hosts'
+    nodes per vassal (pass ``Snapshot.live_index``)."""
+    index = _indexed(nodes)
+    return _less(index.live_per_key, (n.key for n in index.of_fleet(fleet) if n.live))
 
 
 def placements(
@@ -699,19 +783,17 @@ def placements(
     router): a vassal live in one router and not in another still counts in the first one."""
     if vassal is None or not vassal.accepting:
         return frozenset()
-    return frozenset(
-        (node.router, node.key) for node in nodes if node.live and owns(name, addresses, node.name)
-    )
+    mine = _indexed(nodes).of_vassal(name, addresses)
+    return frozenset((node.router, node.key) for node in mine if node.live)
 
 
 def others_placed(
     nodes: Iterable[Node], fleet: Iterable[VassalReload]
 ) -> dict[tuple[str, str], int]:
-    """``others_live`` per (router, key): each router's own count."""
-    counts: dict[tuple[str, str], int] = {}
-    for node in _others(nodes, fleet):
-        counts[node.router, node.key] = counts.get((node.router, node.key), 0) + 1
-    return counts
+    """``others_live`` per (router, key): each router's own count (pass ``Snapshot.index``)."""
+    index = _indexed(nodes)
+    mine = ((n.router, n.key) for n in index.of_fleet(fleet) if n.live)
+    return _less(index.live_per_place, mine)
 
 
 def reload_registered(baseline: EmperorVassal, current: EmperorVassal | None) -> bool:
@@ -1007,7 +1089,7 @@ def nodes_of(
     name: str, nodes: Iterable[Node], addresses: frozenset[str] = frozenset()
 ) -> list[Node]:
     """The fastrouter nodes of one vassal, live or not, under any key, in any router."""
-    return [n for n in nodes if owns(name, addresses, n.name)]
+    return _indexed(nodes).of_vassal(name, addresses)
 
 
 def drain_done(
@@ -1100,8 +1182,8 @@ class Rollout:
         for v in self.vassals.values():
             if v.phase in COUNTS_LIVE:
                 current = snapshot.vassals.get(v.id)
-                places = placements(current, v.name, snapshot.nodes, v.addresses)
-                everywhere = live_keys(current, v.name, snapshot.live_nodes, v.addresses)
+                places = placements(current, v.name, snapshot.index, v.addresses)
+                everywhere = live_keys(current, v.name, snapshot.live_index, v.addresses)
                 places |= {(EVERY_ROUTER, key) for key in everywhere}
                 if places:
                     live[v.id] = places
@@ -1110,7 +1192,7 @@ class Rollout:
     def _observe(self, v: VassalReload, snapshot: Snapshot) -> Stage:
         assert v.baseline is not None
         current = snapshot.vassals.get(v.id)
-        keys = live_keys(current, v.name, snapshot.live_nodes, v.addresses)
+        keys = live_keys(current, v.name, snapshot.live_index, v.addresses)
         return reload_stage(v.baseline, current, keys)
 
     def step(self, snapshot: Snapshot, now: float) -> list[Event]:
@@ -1136,8 +1218,8 @@ class Rollout:
         # Each router keeps the minimum on its own, and so do the nodes live in every router
         # (what a client sees whichever router it reaches).
         live = self._live(snapshot)
-        others = others_placed(snapshot.nodes, self.vassals.values())
-        for key, count in others_live(snapshot.live_nodes, self.vassals.values()).items():
+        others = others_placed(snapshot.index, self.vassals.values())
+        for key, count in others_live(snapshot.live_index, self.vassals.values()).items():
             others[EVERY_ROUTER, key] = count
         counts = dict(others)
         for places in live.values():
@@ -1155,7 +1237,7 @@ class Rollout:
         for vassal_id in pick_reloads(candidates, live, self.minimum, free, others):
             v = self.vassals[vassal_id]
             v.baseline = snapshot.vassals[vassal_id]
-            v.nodes = tuple(nodes_of(v.name, snapshot.nodes, v.addresses))
+            v.nodes = tuple(nodes_of(v.name, snapshot.index, v.addresses))
             # live in any router: a node live in one router only is drained from it too
             live_nodes = tuple(n for n in v.nodes if n.live)
             if self.subscriptions and v.baseline.accepting and live_nodes:
@@ -1226,7 +1308,7 @@ class Rollout:
     def _probe_target(self, v: VassalReload, snapshot: Snapshot) -> Node | None:
         """The node to probe: as it is in the router now, or as it was when the vassal was picked
         (the socket path is the same across a reload)."""
-        mine = nodes_of(v.name, snapshot.nodes, v.addresses)
+        mine = nodes_of(v.name, snapshot.index, v.addresses)
         known = sorted(mine or v.nodes, key=lambda n: (n.key, n.name))
         return known[0] if known else None
 
@@ -1297,7 +1379,7 @@ class Rollout:
         given)."""
         again = [
             n
-            for n in nodes_of(v.name, snapshot.nodes, v.addresses)
+            for n in nodes_of(v.name, snapshot.index, v.addresses)
             if n.live and (routers is None or n.router in routers)
         ]
         if not again:
@@ -1323,11 +1405,11 @@ class Rollout:
             v.drained, v.triggered, v.phase = now - v.drain_started, now, Phase.STARTING
             pids = (v.baseline.pid, current.pid)
             return [_event(v, EventKind.RESTARTED, now, pids=pids)]
-        mine = nodes_of(v.name, snapshot.nodes, v.addresses)
+        mine = nodes_of(v.name, snapshot.index, v.addresses)
         acted = self._acted.setdefault(v.id, set())
         live_in = {n.router for n in mine if n.live}
         acted.update(r for r in snapshot.routers if r not in live_in)
-        drained, in_flight = drain_done(v.name, snapshot.nodes, v.addresses)
+        drained, in_flight = drain_done(v.name, snapshot.index, v.addresses)
         took = now - v.drain_started
         if not drained and took >= self.drain_timeout:
             ignored = tuple(r for r in snapshot.routers if r in live_in and r not in acted)
