@@ -1667,7 +1667,7 @@ def check_fleet(fleet: Sequence[VassalReload], snapshot: Snapshot, minimum: int)
     if not known:
         ids = ", ".join(sorted(snapshot.vassals)) or "none"
         raise ReloadError(f"the emperor runs none of the configs found (its vassals: {ids})")
-    others = others_live(snapshot.live_nodes, fleet)
+    others = others_live(snapshot.live_index, fleet)
     most_others = max(others.values(), default=0)
     if minimum >= len(known) + most_others:
         elsewhere = f" and the router has {most_others} other live nodes" if most_others else ""
@@ -1676,20 +1676,16 @@ def check_fleet(fleet: Sequence[VassalReload], snapshot: Snapshot, minimum: int)
             f"{len(known)} vassals{elsewhere} and at least {minimum} must stay live"
         )
     live = {
-        v.id: live_keys(snapshot.vassals[v.id], v.name, snapshot.live_nodes, v.addresses)
+        v.id: live_keys(snapshot.vassals[v.id], v.name, snapshot.live_index, v.addresses)
         for v in known
     }
-    stray = sorted(
-        {
-            n.name
-            for n in snapshot.nodes
-            if n.live and not any(owns(v.name, v.addresses, n.name) for v in fleet)
-        }
-    )
+    # whether a node is a vassal's depends on its name only (``owns``)
+    mine = {n.name for n in snapshot.index.of_fleet(fleet)}
+    stray = sorted({n.name for n in snapshot.nodes if n.live and n.name not in mine})
     unmatched = [
         v
         for v in known
-        if snapshot.vassals[v.id].accepting and not nodes_of(v.name, snapshot.nodes, v.addresses)
+        if snapshot.vassals[v.id].accepting and not nodes_of(v.name, snapshot.index, v.addresses)
     ]
     if stray and unmatched:
         v = unmatched[0]
@@ -1896,8 +1892,8 @@ def locate(
             except OSError:
                 listening = ()
         addresses = node_addresses(listening, names, is_local)
-        by_socket = any(owns(v.name, addresses, n) for n in names) if addresses else False
-        by_name = any(node_vassal_name(n) == v.name for n in names)
+        by_socket = bool(addresses) and bool(snapshot.index.of_vassal(v.name, addresses))
+        by_name = bool(snapshot.index.of_vassal(v.name))
         if not by_socket and by_name:
             addresses = frozenset()
         located.append(dataclasses.replace(v, addresses=addresses, listening=listening))
@@ -1906,10 +1902,10 @@ def locate(
 
 def describe_plan(fleet: Sequence[VassalReload], snapshot: Snapshot, options: Options) -> list[str]:
     live = {
-        v.id: live_keys(snapshot.vassals.get(v.id), v.name, snapshot.live_nodes, v.addresses)
+        v.id: live_keys(snapshot.vassals.get(v.id), v.name, snapshot.live_index, v.addresses)
         for v in fleet
     }
-    others = others_live(snapshot.live_nodes, fleet)
+    others = others_live(snapshot.live_index, fleet)
     routers = (
         "router counts" if len(snapshot.routers) == 1 else f"{len(snapshot.routers)} routers count"
     )
