@@ -269,7 +269,9 @@ def _host_port_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-@functools.lru_cache(maxsize=4096)  # every poll compares every node with every vassal
+# every poll indexes every node by its address (``NodeIndex``): a cache smaller than the
+# fleet's node names would miss on every one of them, at every poll
+@functools.lru_cache(maxsize=65536)
 def canonical_address(name: str) -> str:
     """A node or socket address in one spelling: ``127.0.0.2:3121``, ``[::1]:3121``; a unix
     path (or anything that is not an IP and a port) as it is."""
