@@ -171,7 +171,7 @@ def _objects(value: object, what: str) -> list[Mapping[str, Any]]:
     if not isinstance(value, list):
         raise StatsError(f"{what} is {_shown(value)}, not a list")
     for i, entry in enumerate(value):
-        if not isinstance(entry, Mapping):
+        if not isinstance(entry, (dict, Mapping)):  # dict first: what JSON gives, no ABC check
             raise StatsError(f"{what}[{i}] is {_shown(entry)}, not an object")
     return value
 
@@ -222,23 +222,33 @@ def parse_fastrouter_stats(data: Mapping[str, Any], router: str = "") -> list[No
         key = _text(sub, "key", f"fastrouter stats: subscriptions[{i}]", default="")
         where = f"fastrouter stats: key {key!r}: nodes"
         for j, node in enumerate(_objects(sub.get("nodes", []), where)):
-            name = _text(node, "name", f"{where}[{j}]")
-            what = f"{where}: {name}"
-            nodes.append(
-                Node(
-                    key=key,
-                    name=name,
-                    death_mark=bool(_int_field(node, "death_mark", what)),
-                    ref=_int_field(node, "ref", what),
-                    modifier1=_int_field(node, "modifier1", what),
-                    modifier2=_int_field(node, "modifier2", what),
-                    cores=_int_field(node, "cores", what),
-                    load=_int_field(node, "load", what),
-                    weight=_int_field(node, "weight", what),
-                    router=router,
-                )
-            )
+            nodes.append(_node(node, key, router, where, j))
     return nodes
+
+
+#: The integer fields of a node the tool reads, in ``Node``'s order.
+_NODE_NUMBERS = ("death_mark", "ref", "modifier1", "modifier2", "cores", "load", "weight")
+
+
+def _node(raw: Mapping[str, Any], key: str, router: str, where: str, j: int) -> Node:
+    """One node of ``key``. What a fastrouter writes (a name, integers) is taken as it is, in one
+    look per field; anything else goes through the checks that say what is wrong."""
+    name = raw.get("name", "")
+    numbers = [raw.get(field, 0) for field in _NODE_NUMBERS]
+    death_mark, ref, modifier1, modifier2, cores, load, weight = numbers
+    plain = (
+        type(name) is str
+        and name != ""
+        and type(death_mark) is type(ref) is type(modifier1) is type(modifier2) is int
+        and type(cores) is type(load) is type(weight) is int
+    )
+    if not plain:
+        name = _text(raw, "name", f"{where}[{j}]")
+        what = f"{where}: {name}"
+        numbers = [_int_field(raw, field, what) for field in _NODE_NUMBERS]
+        death_mark, ref, modifier1, modifier2, cores, load, weight = numbers
+    # positional, in Node's field order: keywords cost a third more per node
+    return Node(key, name, bool(death_mark), ref, modifier1, modifier2, cores, load, weight, router)
 
 
 def strip_suffix(name: str, suffix: str) -> str:
