@@ -449,6 +449,30 @@ def owns(name: str, addresses: frozenset[str], node_name: str) -> bool:
     return node_vassal_name(node_name) == name
 
 
+class _Positions:
+    """The positions in a sequence of each key, found in one pass and kept in ints only: a list
+    per key would add an object per node to every poll, and with them the garbage collector's
+    passes over the whole heap."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        #: key -> its last position; position -> the one before it with the same key, or -1
+        self._last: dict[str, int] = {}
+        self._before: list[int] = []
+        for i, key in enumerate(keys):
+            self._before.append(self._last.get(key, -1))
+            self._last[key] = i
+
+    def get(self, key: str) -> list[int]:
+        """``key``'s positions, in order."""
+        found = []
+        i = self._last.get(key, -1)
+        while i >= 0:
+            found.append(i)
+            i = self._before[i]
+        found.reverse()
+        return found
+
+
 class NodeIndex:
     """One snapshot's nodes by what ``owns`` matches them on: each node's address and socket
     name are worked out once (one pass over the nodes), then a vassal's nodes are a lookup, not
@@ -466,25 +490,19 @@ class NodeIndex:
         return len(self.nodes)
 
     @functools.cached_property
-    def _by_address(self) -> dict[str, list[int]]:
-        found: dict[str, list[int]] = {}
-        for i, node in enumerate(self.nodes):
-            found.setdefault(canonical_address(node.name), []).append(i)
-        return found
+    def _by_address(self) -> _Positions:
+        return _Positions(canonical_address(node.name) for node in self.nodes)
 
     @functools.cached_property
-    def _by_vassal_name(self) -> dict[str, list[int]]:
-        found: dict[str, list[int]] = {}
-        for i, node in enumerate(self.nodes):
-            found.setdefault(node_vassal_name(node.name), []).append(i)
-        return found
+    def _by_vassal_name(self) -> _Positions:
+        return _Positions(node_vassal_name(node.name) for node in self.nodes)
 
     def _positions(self, name: str, addresses: frozenset[str]) -> list[int]:
         if not addresses:
-            return self._by_vassal_name.get(name, [])
+            return self._by_vassal_name.get(name)
         if len(addresses) == 1:
-            return self._by_address.get(next(iter(addresses)), [])
-        return sorted(i for a in addresses for i in self._by_address.get(a, ()))
+            return self._by_address.get(next(iter(addresses)))
+        return sorted(i for a in addresses for i in self._by_address.get(a))
 
     def of_vassal(self, name: str, addresses: frozenset[str] = frozenset()) -> list[Node]:
         """The nodes ``owns`` gives the vassal, in the snapshot's order."""
