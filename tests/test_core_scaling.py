@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import uwsgi_reload as ur
 from uwsgi_reload_loadtests import simulate_fleet as sf
@@ -101,6 +103,67 @@ def test_a_poll_looks_at_each_remote_node_once(
 
 #: the integer fields of a node the tool reads
 NODE_NUMBERS = ("death_mark", "ref", "modifier1", "modifier2", "cores", "load", "weight")
+
+
+#: node names as routers show them: spellings of the same address, and sockets named after
+#: vassals
+NAMES = (
+    "127.0.0.2:8001",
+    "[::ffff:127.0.0.2]:8001",
+    "127.0.0.2:8002",
+    "10.0.0.3:8001",
+    "[::1]:8001",
+    "[0:0::1]:8001",
+    "/run/uwsgi/a.sock",
+    "/run/other/a.sock",
+    "/run/uwsgi/b.sock",
+    "/run/uwsgi/a.v2.sock",
+)
+VASSAL_NAMES = ("a", "b", "a.v2", "c")
+ADDRESSES = ("127.0.0.2:8001", "127.0.0.2:8002", "[::1]:8001", "10.0.0.9:1")
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    placed=st.lists(
+        st.tuples(st.sampled_from(NAMES), st.sampled_from(("k1", "k2")), st.booleans()),
+        max_size=12,
+    ),
+    routers=st.lists(st.sampled_from(("", "fr-b")), min_size=12, max_size=12),
+    fleet=st.lists(
+        st.tuples(st.sampled_from(VASSAL_NAMES), st.frozensets(st.sampled_from(ADDRESSES))),
+        max_size=4,
+    ),
+)
+def test_the_index_finds_what_owns_finds(
+    placed: list[tuple[str, str, bool]],
+    routers: list[str],
+    fleet: list[tuple[str, frozenset[str]]],
+) -> None:
+    nodes = [
+        ur.Node(key, name, dead, 0, router=router)
+        for (name, key, dead), router in zip(placed, routers)
+    ]
+    index = ur.NodeIndex(nodes)
+    vassals = [
+        ur.VassalReload(f"{name}.ini", name, f"/e/{name}.ini", addresses=addresses)
+        for name, addresses in fleet
+    ]
+    for v in vassals:
+        scanned = [n for n in nodes if ur.owns(v.name, v.addresses, n.name)]
+        assert index.of_vassal(v.name, v.addresses) == scanned
+    others = [
+        n
+        for n in nodes
+        if n.live and not any(ur.owns(v.name, v.addresses, n.name) for v in vassals)
+    ]
+    per_key: dict[str, int] = {}
+    per_place: dict[tuple[str, str], int] = {}
+    for n in others:
+        per_key[n.key] = per_key.get(n.key, 0) + 1
+        per_place[n.router, n.key] = per_place.get((n.router, n.key), 0) + 1
+    assert ur.others_live(index, vassals) == per_key
+    assert ur.others_placed(index, vassals) == per_place
 
 
 def node(**fields: Any) -> dict[str, Any]:
