@@ -171,7 +171,7 @@ def _objects(value: object, what: str) -> list[Mapping[str, Any]]:
     if not isinstance(value, list):
         raise StatsError(f"{what} is {_shown(value)}, not a list")
     for i, entry in enumerate(value):
-        if not isinstance(entry, Mapping):
+        if not isinstance(entry, (dict, Mapping)):  # dict first: what JSON gives, no ABC check
             raise StatsError(f"{what}[{i}] is {_shown(entry)}, not an object")
     return value
 
@@ -222,23 +222,33 @@ def parse_fastrouter_stats(data: Mapping[str, Any], router: str = "") -> list[No
         key = _text(sub, "key", f"fastrouter stats: subscriptions[{i}]", default="")
         where = f"fastrouter stats: key {key!r}: nodes"
         for j, node in enumerate(_objects(sub.get("nodes", []), where)):
-            name = _text(node, "name", f"{where}[{j}]")
-            what = f"{where}: {name}"
-            nodes.append(
-                Node(
-                    key=key,
-                    name=name,
-                    death_mark=bool(_int_field(node, "death_mark", what)),
-                    ref=_int_field(node, "ref", what),
-                    modifier1=_int_field(node, "modifier1", what),
-                    modifier2=_int_field(node, "modifier2", what),
-                    cores=_int_field(node, "cores", what),
-                    load=_int_field(node, "load", what),
-                    weight=_int_field(node, "weight", what),
-                    router=router,
-                )
-            )
+            nodes.append(_node(node, key, router, where, j))
     return nodes
+
+
+#: The integer fields of a node the tool reads, in ``Node``'s order.
+_NODE_NUMBERS = ("death_mark", "ref", "modifier1", "modifier2", "cores", "load", "weight")
+
+
+def _node(raw: Mapping[str, Any], key: str, router: str, where: str, j: int) -> Node:
+    """One node of ``key``. What a fastrouter writes (a name, integers) is taken as it is, in one
+    look per field; anything else goes through the checks that say what is wrong."""
+    name = raw.get("name", "")
+    numbers = [raw.get(field, 0) for field in _NODE_NUMBERS]
+    death_mark, ref, modifier1, modifier2, cores, load, weight = numbers
+    plain = (
+        type(name) is str
+        and name != ""
+        and type(death_mark) is type(ref) is type(modifier1) is type(modifier2) is int
+        and type(cores) is type(load) is type(weight) is int
+    )
+    if not plain:
+        name = _text(raw, "name", f"{where}[{j}]")
+        what = f"{where}: {name}"
+        numbers = [_int_field(raw, field, what) for field in _NODE_NUMBERS]
+        death_mark, ref, modifier1, modifier2, cores, load, weight = numbers
+    # positional, in Node's field order: keywords cost a third more per node
+    return Node(key, name, bool(death_mark), ref, modifier1, modifier2, cores, load, weight, router)
 
 
 def strip_suffix(name: str, suffix: str) -> str:
@@ -269,7 +279,9 @@ def _host_port_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-@functools.lru_cache(maxsize=4096)  # every poll compares every node with every vassal
+# every poll indexes every node by its address (``NodeIndex``): a cache smaller than the
+# fleet's node names would miss on every one of them, at every poll
+@functools.lru_cache(maxsize=65536)
 def canonical_address(name: str) -> str:
     """A node or socket address in one spelling: ``127.0.0.2:3121``, ``[::1]:3121``; a unix
     path (or anything that is not an IP and a port) as it is."""
@@ -435,6 +447,96 @@ def owns(name: str, addresses: frozenset[str], node_name: str) -> bool:
     if addresses:
         return canonical_address(node_name) in addresses
     return node_vassal_name(node_name) == name
+
+
+class _Positions:
+    """The positions in a sequence of each key, found in one pass and kept in ints only: a list
+    per key would add an object per node to every poll, and with them the garbage collector's
+    passes over the whole heap."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        #: key -> its last position; position -> the one before it with the same key, or -1
+        self._last: dict[str, int] = {}
+        self._before: list[int] = []
+        for i, key in enumerate(keys):
+            self._before.append(self._last.get(key, -1))
+            self._last[key] = i
+
+    def get(self, key: str) -> list[int]:
+        """``key``'s positions, in order."""
+        found = []
+        i = self._last.get(key, -1)
+        while i >= 0:
+            found.append(i)
+            i = self._before[i]
+        found.reverse()
+        return found
+
+
+class NodeIndex:
+    """One snapshot's nodes by what ``owns`` matches them on: each node's address and socket
+    name are worked out once (one pass over the nodes), then a vassal's nodes are a lookup, not
+    a scan. The counts per key are taken once too, so that the other hosts' nodes are the total
+    less this host's own. Built from one snapshot's nodes and never changed (``Snapshot.index``):
+    nothing carries over to the next poll."""
+
+    def __init__(self, nodes: Iterable[Node]) -> None:
+        self.nodes = tuple(nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @functools.cached_property
+    def _by_address(self) -> _Positions:
+        return _Positions(canonical_address(node.name) for node in self.nodes)
+
+    @functools.cached_property
+    def _by_vassal_name(self) -> _Positions:
+        return _Positions(node_vassal_name(node.name) for node in self.nodes)
+
+    def _positions(self, name: str, addresses: frozenset[str]) -> list[int]:
+        if not addresses:
+            return self._by_vassal_name.get(name)
+        if len(addresses) == 1:
+            return self._by_address.get(next(iter(addresses)))
+        return sorted(i for a in addresses for i in self._by_address.get(a))
+
+    def of_vassal(self, name: str, addresses: frozenset[str] = frozenset()) -> list[Node]:
+        """The nodes ``owns`` gives the vassal, in the snapshot's order."""
+        return [self.nodes[i] for i in self._positions(name, addresses)]
+
+    def of_fleet(self, fleet: Iterable[VassalReload]) -> list[Node]:
+        """The nodes that are a vassal's of ``fleet``, each once, in the snapshot's order."""
+        positions: set[int] = set()
+        for v in fleet:
+            positions.update(self._positions(v.name, v.addresses))
+        return [self.nodes[i] for i in sorted(positions)]
+
+    @functools.cached_property
+    def live_per_key(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for node in self.nodes:
+            if node.live:
+                counts[node.key] = counts.get(node.key, 0) + 1
+        return counts
+
+    @functools.cached_property
+    def live_per_place(self) -> dict[tuple[str, str], int]:
+        """Live nodes per (router, key)."""
+        counts: dict[tuple[str, str], int] = {}
+        for node in self.nodes:
+            if node.live:
+                place = (node.router, node.key)
+                counts[place] = counts.get(place, 0) + 1
+        return counts
+
+
+def _indexed(nodes: Iterable[Node]) -> NodeIndex:
+    """``nodes`` as an index: a snapshot's own (``Snapshot.index``) as it is."""
+    return nodes if isinstance(nodes, NodeIndex) else NodeIndex(nodes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,6 +757,16 @@ class Snapshot:
         every = set(self.routers)
         return tuple(node for kn, node in first.items() if live_in[kn] >= every)
 
+    @functools.cached_property
+    def index(self) -> NodeIndex:
+        """``nodes``, indexed (pass it where ``nodes`` goes)."""
+        return NodeIndex(self.nodes)
+
+    @functools.cached_property
+    def live_index(self) -> NodeIndex:
+        """``live_nodes``, indexed (pass it where ``live_nodes`` goes)."""
+        return NodeIndex(self.live_nodes)
+
 
 def live_keys(
     vassal: EmperorVassal | None,
@@ -665,28 +777,30 @@ def live_keys(
     """The fastrouter keys under which this vassal is live; empty when it is not live.
 
     Live means the emperor says accepting and the vassal's node is subscribed with death_mark 0
-    (pass ``Snapshot.live_nodes``: live in every router). ``addresses``: see ``owns``.
+    (pass ``Snapshot.live_index``: live in every router). ``addresses``: see ``owns``.
     """
     if vassal is None or not vassal.accepting:
         return frozenset()
-    return frozenset(node.key for node in nodes if node.live and owns(name, addresses, node.name))
+    mine = _indexed(nodes).of_vassal(name, addresses)
+    return frozenset(node.key for node in mine if node.live)
 
 
-def _others(nodes: Iterable[Node], fleet: Iterable[VassalReload]) -> Iterator[Node]:
-    """The live nodes that are no vassal of ``fleet``."""
-    mine = [(v.name, v.addresses) for v in fleet]
-    for node in nodes:
-        if node.live and not any(owns(name, addrs, node.name) for name, addrs in mine):
-            yield node
+def _less(totals: Mapping[Place, int], mine: Iterable[Place]) -> dict[Place, int]:
+    """``totals`` less one per place in ``mine``; places left with none are left out."""
+    counts = dict(totals)
+    for place in mine:
+        counts[place] -= 1
+    return {place: count for place, count in counts.items() if count}
 
 
 def others_live(nodes: Iterable[Node], fleet: Iterable[VassalReload]) -> dict[str, int]:
     """Per key, the live nodes that are no vassal of ``fleet``: other hosts' (or vassals of this
-    emperor this run does not reload). They count for the minimum and are never touched."""
-    counts: dict[str, int] = {}
-    for node in _others(nodes, fleet):
-        counts[node.key] = counts.get(node.key, 0) + 1
-    return counts
+    emperor this run does not reload). They count for the minimum and are never touched.
+
+    Every live node less ``fleet``'s own: a lookup per vassal, not a scan of the other hosts'
+    nodes per vassal (pass ``Snapshot.live_index``)."""
+    index = _indexed(nodes)
+    return _less(index.live_per_key, (n.key for n in index.of_fleet(fleet) if n.live))
 
 
 def placements(
@@ -699,19 +813,17 @@ def placements(
     router): a vassal live in one router and not in another still counts in the first one."""
     if vassal is None or not vassal.accepting:
         return frozenset()
-    return frozenset(
-        (node.router, node.key) for node in nodes if node.live and owns(name, addresses, node.name)
-    )
+    mine = _indexed(nodes).of_vassal(name, addresses)
+    return frozenset((node.router, node.key) for node in mine if node.live)
 
 
 def others_placed(
     nodes: Iterable[Node], fleet: Iterable[VassalReload]
 ) -> dict[tuple[str, str], int]:
-    """``others_live`` per (router, key): each router's own count."""
-    counts: dict[tuple[str, str], int] = {}
-    for node in _others(nodes, fleet):
-        counts[node.router, node.key] = counts.get((node.router, node.key), 0) + 1
-    return counts
+    """``others_live`` per (router, key): each router's own count (pass ``Snapshot.index``)."""
+    index = _indexed(nodes)
+    mine = ((n.router, n.key) for n in index.of_fleet(fleet) if n.live)
+    return _less(index.live_per_place, mine)
 
 
 def reload_registered(baseline: EmperorVassal, current: EmperorVassal | None) -> bool:
@@ -1007,7 +1119,7 @@ def nodes_of(
     name: str, nodes: Iterable[Node], addresses: frozenset[str] = frozenset()
 ) -> list[Node]:
     """The fastrouter nodes of one vassal, live or not, under any key, in any router."""
-    return [n for n in nodes if owns(name, addresses, n.name)]
+    return _indexed(nodes).of_vassal(name, addresses)
 
 
 def drain_done(
@@ -1100,8 +1212,8 @@ class Rollout:
         for v in self.vassals.values():
             if v.phase in COUNTS_LIVE:
                 current = snapshot.vassals.get(v.id)
-                places = placements(current, v.name, snapshot.nodes, v.addresses)
-                everywhere = live_keys(current, v.name, snapshot.live_nodes, v.addresses)
+                places = placements(current, v.name, snapshot.index, v.addresses)
+                everywhere = live_keys(current, v.name, snapshot.live_index, v.addresses)
                 places |= {(EVERY_ROUTER, key) for key in everywhere}
                 if places:
                     live[v.id] = places
@@ -1110,7 +1222,7 @@ class Rollout:
     def _observe(self, v: VassalReload, snapshot: Snapshot) -> Stage:
         assert v.baseline is not None
         current = snapshot.vassals.get(v.id)
-        keys = live_keys(current, v.name, snapshot.live_nodes, v.addresses)
+        keys = live_keys(current, v.name, snapshot.live_index, v.addresses)
         return reload_stage(v.baseline, current, keys)
 
     def step(self, snapshot: Snapshot, now: float) -> list[Event]:
@@ -1136,8 +1248,8 @@ class Rollout:
         # Each router keeps the minimum on its own, and so do the nodes live in every router
         # (what a client sees whichever router it reaches).
         live = self._live(snapshot)
-        others = others_placed(snapshot.nodes, self.vassals.values())
-        for key, count in others_live(snapshot.live_nodes, self.vassals.values()).items():
+        others = others_placed(snapshot.index, self.vassals.values())
+        for key, count in others_live(snapshot.live_index, self.vassals.values()).items():
             others[EVERY_ROUTER, key] = count
         counts = dict(others)
         for places in live.values():
@@ -1155,7 +1267,7 @@ class Rollout:
         for vassal_id in pick_reloads(candidates, live, self.minimum, free, others):
             v = self.vassals[vassal_id]
             v.baseline = snapshot.vassals[vassal_id]
-            v.nodes = tuple(nodes_of(v.name, snapshot.nodes, v.addresses))
+            v.nodes = tuple(nodes_of(v.name, snapshot.index, v.addresses))
             # live in any router: a node live in one router only is drained from it too
             live_nodes = tuple(n for n in v.nodes if n.live)
             if self.subscriptions and v.baseline.accepting and live_nodes:
@@ -1226,7 +1338,7 @@ class Rollout:
     def _probe_target(self, v: VassalReload, snapshot: Snapshot) -> Node | None:
         """The node to probe: as it is in the router now, or as it was when the vassal was picked
         (the socket path is the same across a reload)."""
-        mine = nodes_of(v.name, snapshot.nodes, v.addresses)
+        mine = nodes_of(v.name, snapshot.index, v.addresses)
         known = sorted(mine or v.nodes, key=lambda n: (n.key, n.name))
         return known[0] if known else None
 
@@ -1297,7 +1409,7 @@ class Rollout:
         given)."""
         again = [
             n
-            for n in nodes_of(v.name, snapshot.nodes, v.addresses)
+            for n in nodes_of(v.name, snapshot.index, v.addresses)
             if n.live and (routers is None or n.router in routers)
         ]
         if not again:
@@ -1323,11 +1435,11 @@ class Rollout:
             v.drained, v.triggered, v.phase = now - v.drain_started, now, Phase.STARTING
             pids = (v.baseline.pid, current.pid)
             return [_event(v, EventKind.RESTARTED, now, pids=pids)]
-        mine = nodes_of(v.name, snapshot.nodes, v.addresses)
+        mine = nodes_of(v.name, snapshot.index, v.addresses)
         acted = self._acted.setdefault(v.id, set())
         live_in = {n.router for n in mine if n.live}
         acted.update(r for r in snapshot.routers if r not in live_in)
-        drained, in_flight = drain_done(v.name, snapshot.nodes, v.addresses)
+        drained, in_flight = drain_done(v.name, snapshot.index, v.addresses)
         took = now - v.drain_started
         if not drained and took >= self.drain_timeout:
             ignored = tuple(r for r in snapshot.routers if r in live_in and r not in acted)
@@ -1585,7 +1697,7 @@ def check_fleet(fleet: Sequence[VassalReload], snapshot: Snapshot, minimum: int)
     if not known:
         ids = ", ".join(sorted(snapshot.vassals)) or "none"
         raise ReloadError(f"the emperor runs none of the configs found (its vassals: {ids})")
-    others = others_live(snapshot.live_nodes, fleet)
+    others = others_live(snapshot.live_index, fleet)
     most_others = max(others.values(), default=0)
     if minimum >= len(known) + most_others:
         elsewhere = f" and the router has {most_others} other live nodes" if most_others else ""
@@ -1594,20 +1706,16 @@ def check_fleet(fleet: Sequence[VassalReload], snapshot: Snapshot, minimum: int)
             f"{len(known)} vassals{elsewhere} and at least {minimum} must stay live"
         )
     live = {
-        v.id: live_keys(snapshot.vassals[v.id], v.name, snapshot.live_nodes, v.addresses)
+        v.id: live_keys(snapshot.vassals[v.id], v.name, snapshot.live_index, v.addresses)
         for v in known
     }
-    stray = sorted(
-        {
-            n.name
-            for n in snapshot.nodes
-            if n.live and not any(owns(v.name, v.addresses, n.name) for v in fleet)
-        }
-    )
+    # whether a node is a vassal's depends on its name only (``owns``)
+    mine = {n.name for n in snapshot.index.of_fleet(fleet)}
+    stray = sorted({n.name for n in snapshot.nodes if n.live and n.name not in mine})
     unmatched = [
         v
         for v in known
-        if snapshot.vassals[v.id].accepting and not nodes_of(v.name, snapshot.nodes, v.addresses)
+        if snapshot.vassals[v.id].accepting and not nodes_of(v.name, snapshot.index, v.addresses)
     ]
     if stray and unmatched:
         v = unmatched[0]
@@ -1814,8 +1922,8 @@ def locate(
             except OSError:
                 listening = ()
         addresses = node_addresses(listening, names, is_local)
-        by_socket = any(owns(v.name, addresses, n) for n in names) if addresses else False
-        by_name = any(node_vassal_name(n) == v.name for n in names)
+        by_socket = bool(addresses) and bool(snapshot.index.of_vassal(v.name, addresses))
+        by_name = bool(snapshot.index.of_vassal(v.name))
         if not by_socket and by_name:
             addresses = frozenset()
         located.append(dataclasses.replace(v, addresses=addresses, listening=listening))
@@ -1824,10 +1932,10 @@ def locate(
 
 def describe_plan(fleet: Sequence[VassalReload], snapshot: Snapshot, options: Options) -> list[str]:
     live = {
-        v.id: live_keys(snapshot.vassals.get(v.id), v.name, snapshot.live_nodes, v.addresses)
+        v.id: live_keys(snapshot.vassals.get(v.id), v.name, snapshot.live_index, v.addresses)
         for v in fleet
     }
-    others = others_live(snapshot.live_nodes, fleet)
+    others = others_live(snapshot.live_index, fleet)
     routers = (
         "router counts" if len(snapshot.routers) == 1 else f"{len(snapshot.routers)} routers count"
     )
