@@ -294,6 +294,8 @@ def markdown(
         markdown_table(MAKESPAN_HEADERS, [r.cells() for r in rows]) if rows else "(no run)",
         "",
     ]
+    if not runs:
+        return "\n".join(lines)
     broke = sum(r.broke for r in runs)
     hosts, n, m = ALL_AT_ONCE
     lines += [
@@ -301,7 +303,7 @@ def markdown(
         "",
         f"The fleet minimum was broken in {broke} of {len(runs)} runs.",
         "",
-        markdown_table(ALL_AT_ONCE_HEADERS, [r.cells() for r in runs]) if runs else "(no run)",
+        markdown_table(ALL_AT_ONCE_HEADERS, [r.cells() for r in runs]),
         "",
     ]
     return "\n".join(lines)
