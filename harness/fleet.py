@@ -171,6 +171,8 @@ class FleetHost:
     ports: dict[str, int]
     routers: tuple[FleetRouter, ...]
     substitutions: list[Substitution]
+    #: the app's health path: with drain, the tool probes it before a vassal goes back
+    health_path: str = "/"
 
     @property
     def name(self) -> str:
@@ -218,8 +220,12 @@ class FleetHost:
         return mtime
 
     def reload_command(self, *flags: str, drain: bool = True) -> list[str]:
-        """uwsgi_reload.py as it runs on this host: every router's stats (and subscription
-        server, with ``drain``), then ``flags``."""
+        """uwsgi_reload.py as it runs on this host: every router's stats (and, with ``drain``,
+        every subscription server and ``--probe`` of the health path), then ``flags``.
+
+        The probe is part of drain here: the tool would otherwise subscribe a reloaded vassal on
+        the Emperor's "accepting", which worker 1 sends before its accepting hooks run, and the
+        examples' ``spinningfifo`` hook can hold that worker for a second (docs/design.md)."""
         routers = [a for r in self.routers for a in ("--fastrouter-stats-socket", r.stats)]
         servers = [
             a for r in self.routers for a in ("--subscription-server", r.subscription_server)
@@ -232,7 +238,7 @@ class FleetHost:
             "--emperor-stats-socket",
             self.emperor_stats,
             *routers,
-            *(servers if drain else []),
+            *([*servers, "--probe", self.health_path] if drain else []),
             *flags,
         ]
 
@@ -285,6 +291,7 @@ class Fleet(ProcessGroup):
         ]
         group_vars = [
             f"python={sys.executable}",
+            f"probe_path={self.config.health_path}",
             f"fleet_minimum={minimum}",
             f"fastrouter_stats={json.dumps([r.stats for r in self.routers])}",
             f"subscription_servers={json.dumps([r.subscription_server for r in self.routers])}",
@@ -589,6 +596,7 @@ def _render(fleet: Fleet, built_in: bool) -> None:
             ports={f"{port}.ini": port for port in ports},
             routers=tuple(fleet.routers),
             substitutions=subs,
+            health_path=config.health_path,
         )
         fleet.hosts.append(host)  # listed: prepare() removes its dir if rendering fails
         for directory in (host_layout.run_dir, host_layout.vassals_dir):

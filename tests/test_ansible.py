@@ -26,7 +26,13 @@ ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 ENV = {**os.environ, "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_NOCOLOR": "1"}
 #: What the playbook reads from the inventory: per host, then for the group.
 HOST_VARS = {"emperor_stats"}
-GROUP_VARS = {"emperor_path", "fleet_minimum", "fastrouter_stats", "subscription_servers"}
+GROUP_VARS = {
+    "emperor_path",
+    "fleet_minimum",
+    "fastrouter_stats",
+    "subscription_servers",
+    "probe_path",
+}
 
 MakeFleet = Callable[..., Fleet]
 

@@ -59,7 +59,9 @@ def test_with_two_routers_every_node_is_live_in_both_and_commands_name_both(
     assert servers == [r.subscription_server for r in fleet.routers]
     assert ("--emperor-stats-socket", fleet.hosts[1].emperor_stats) in pairs
     assert ("--emperor-path", str(fleet.hosts[1].emperor_path)) in pairs
+    assert ("--probe", fleet.config.health_path) in pairs  # drain goes with a probe
     assert "--subscription-server" not in fleet.hosts[1].reload_command(drain=False)
+    assert "--probe" not in fleet.hosts[1].reload_command(drain=False)
     sh, dash_c, script = fleet.rolling_reload_command("--timeout", "30")
     assert [sh, dash_c] == ["sh", "-c"]
     assert [shlex.split(part) for part in script.split(" && ")] == [
