@@ -1982,10 +1982,15 @@ def plan_fleet(configs: Sequence[str], suffix: str) -> list[VassalReload]:
 
 
 def check_fleet(
-    fleet: Sequence[VassalReload], snapshot: Snapshot, minimum: int, surge: int = 0
+    fleet: Sequence[VassalReload],
+    snapshot: Snapshot,
+    minimum: int,
+    surge: int = 0,
+    twins: Sequence[Twin] = (),
 ) -> None:
     """Refuse, before touching anything, a run that cannot keep its promises. ``surge``: the
-    twins per key that will be live before the first reload (they count for the minimum)."""
+    twins per key that will be live before the first reload (they count for the minimum);
+    ``twins``: those an earlier run left (their nodes are known, not strays)."""
     known = [v for v in fleet if v.id in snapshot.vassals]
     if not known:
         ids = ", ".join(sorted(snapshot.vassals)) or "none"
@@ -1994,10 +1999,10 @@ def check_fleet(
     most_others = max(others.values(), default=0)
     if minimum >= len(known) + most_others + surge:
         elsewhere = f" and the router has {most_others} other live nodes" if most_others else ""
-        twins = f", with {surge} twins per key from --max-surge," if surge else ""
+        added = f", with {surge} twins per key from --max-surge," if surge else ""
         raise ReloadError(
             f"--minimum-active-vassals {minimum} leaves nothing to reload: the emperor runs "
-            f"{len(known)} vassals{elsewhere}{twins} and at least {minimum} must stay live"
+            f"{len(known)} vassals{elsewhere}{added} and at least {minimum} must stay live"
         )
     live = {
         v.id: live_keys(snapshot.vassals[v.id], v.name, snapshot.live_nodes, v.addresses)
@@ -2007,7 +2012,9 @@ def check_fleet(
         {
             n.name
             for n in snapshot.nodes
-            if n.live and not any(owns(v.name, v.addresses, n.name) for v in fleet)
+            if n.live
+            and not any(owns(v.name, v.addresses, n.name) for v in fleet)
+            and not any(owns(t.name, t.addresses, n.name) for t in twins)
         }
     )
     unmatched = [
@@ -2512,7 +2519,7 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
     if first.unreadable:
         raise StatsError("; ".join(first.unreadable.values()))
     fleet = locate(fleet, first, io.sockets, io.is_local)
-    check_fleet(fleet, first, options.minimum_active_vassals, options.max_surge)
+    check_fleet(fleet, first, options.minimum_active_vassals, options.max_surge, leftovers)
     twins = _plan_surge(fleet, first, options, io, leftovers)
     started_wall, started = io.wall_clock(), io.clock()
     if options.dry_run:
@@ -2650,50 +2657,37 @@ class _SurgeDriver:
         self.started, self.interrupted = started, interrupted
 
     def before(self, leftovers: Surge, twins: Surge) -> tuple[int, str, bool]:
-        """(exit code, error, whether the rollout may run)."""
+        """Add the new twins, then remove the leftovers (the new twins keep the minimum while
+        they go: a killed run may have left an original drained, out of the router). Returns
+        (exit code, error, whether the rollout may run); on a failure every twin is removed."""
         emperor_path = self.options.emperor_path
-        if leftovers.twins:
+        stopped = False
+        if twins.twins:
+            # recorded before any link exists: a run killed from here on leaves them all listed
+            self.io.write_state(emperor_path, leftovers.left + twins.twins)
+            self._line(f"surge: adding {len(twins.twins)} twins")
+            stopped = self.drive(twins, removing=False)
+        failed = twins.failed
+        if leftovers.twins and not stopped and not failed:
             self._line(f"surge: removing {len(leftovers.twins)} twins an earlier run left")
             stopped = self.drive(leftovers, removing=True)
-            self.io.write_state(emperor_path, leftovers.left)
-            if stopped:
-                return (
-                    EXIT_INTERRUPTED,
-                    "interrupted while removing the twins an earlier run left",
-                    False,
-                )
-            if leftovers.left:
-                return (
-                    EXIT_NOT_ALL_RELOADED,
-                    f"the twins an earlier run left could not all be removed: "
-                    f"{self._why(leftovers.left)}; nothing was reloaded",
-                    False,
-                )
-        if not twins.twins:
+            self.io.write_state(emperor_path, leftovers.left + twins.left)
+        if not stopped and not failed and not leftovers.left:
             return EXIT_OK, "", True
-        # recorded before any link exists: a run killed from here on leaves them all listed
-        self.io.write_state(emperor_path, twins.twins)
-        self._line(f"surge: adding {len(twins.twins)} twins")
-        stopped = self.drive(twins, removing=False)
-        if not stopped and not twins.failed:
-            return EXIT_OK, "", True
-        failed = twins.failed
-        self.drive(twins, removing=True)
-        self.io.write_state(emperor_path, twins.left)
-        left = f"; twins left in place: {self._why(twins.left)}" if twins.left else ""
+        for surge in (twins, leftovers):
+            if surge.left:
+                self.drive(surge, removing=True)
+        left = leftovers.left + twins.left
+        self.io.write_state(emperor_path, left)
+        kept = f"; twins left in place: {self._why(left)}" if left else ""
         if stopped:
             why = f"interrupted by {signal.Signals(self.interrupted.signal or 2).name}"
-            return (
-                EXIT_INTERRUPTED,
-                f"{why} while adding the twins: nothing was reloaded{left}",
-                False,
-            )
-        return (
-            EXIT_NOT_ALL_RELOADED,
-            f"surge: twin {failed[0].name} of {failed[0].of} failed: {failed[0].detail}; "
-            f"nothing was reloaded{left}",
-            False,
-        )
+            return EXIT_INTERRUPTED, f"{why} before the first reload{kept}", False
+        if failed:
+            what = f"surge: twin {failed[0].name} of {failed[0].of} failed: {failed[0].detail}"
+        else:
+            what = "the twins an earlier run left could not all be removed"
+        return EXIT_NOT_ALL_RELOADED, f"{what}; nothing was reloaded{kept}", False
 
     def after(self, twins: Surge) -> str:
         """Remove the twins; what is left, or ``""``."""
