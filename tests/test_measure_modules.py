@@ -13,7 +13,7 @@ import pytest
 LOADTESTS = Path(__file__).resolve().parent.parent / "loadtests"
 PACKAGE = "uwsgi_reload_loadtests"
 #: Modules run with ``python -m``: nothing imports them.
-COMMANDS = {"demo", "bench", "bench_drain", "original_plan"}
+COMMANDS = {"demo", "bench", "bench_drain", "bench_surge", "original_plan"}
 PICTURE = "picture"
 
 
