@@ -1607,12 +1607,19 @@ class Twin:
     drained: float | None = None
     nodes: tuple[Node, ...] = ()
     detail: str = ""
+    #: the nodes it will be announced as: its original's, renamed after it (``twin_nodes``);
+    #: subscribed by the tool as soon as it accepts, once its master is seen listening there
+    announce: tuple[Node, ...] = ()
+    #: when the tool subscribed it (the fast start), and whether its probe passed
+    subscribed: float | None = None
+    probe_passed: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "config": self.config,
             "of": self.of,
+            "subscribed": _round(self.subscribed),
             "leftover": self.leftover,
             "phase": self.phase.name.lower(),
             "added": _round(self.added),
@@ -1631,6 +1638,8 @@ class TwinEventKind(enum.Enum):
     #: the caller makes its link (``Surge.add_failed`` on an error)
     ADD = enum.auto()
     PROBE = enum.auto()
+    #: the fast start: subscribed as soon as it accepts (and passed the probe)
+    SUBSCRIBED = enum.auto()
     LIVE = enum.auto()
     FAILED = enum.auto()
     DRAINING = enum.auto()
@@ -1717,13 +1726,22 @@ class Surge:
                 current = snapshot.vassals.get(t.id)
                 if live_keys(current, t.name, snapshot.live_nodes, t.addresses):
                     mine = nodes_of(t.name, snapshot.live_nodes, t.addresses)
-                    if self.probe:
+                    if self.probe and not t.probe_passed:
                         t.phase = TwinPhase.PROBING
                         target = sorted(mine, key=lambda n: (n.key, n.name))[0]
                         events.append(_twin_event(t, TwinEventKind.PROBE, now, probe=target))
                     else:
                         t.live, t.phase = now, TwinPhase.LIVE
                         events.append(_twin_event(t, TwinEventKind.LIVE, now))
+                elif self._may_start(t, current):
+                    # Its master announces itself only once its accepting hook ran (and, when
+                    # that hook had to retry, subscribe-freq cycles later: core/master.c).
+                    if self.probe and not t.probe_passed:
+                        t.phase = TwinPhase.PROBING
+                        target = t.announce[0]
+                        events.append(_twin_event(t, TwinEventKind.PROBE, now, probe=target))
+                    else:
+                        events.append(self._subscribe(t, now))
                 elif t.added is not None and now - t.added >= self.timeout:
                     if current is None:
                         how = "the emperor never ran it (or it keeps dying: see its log)"
@@ -1733,6 +1751,23 @@ class Surge:
                         how = "accepting, but its node never became live in the fastrouter"
                     events.append(self._fail(t, f"not live after {self.timeout:g}s: {how}", now))
         return events
+
+    def _may_start(self, t: Twin, current: EmperorVassal | None) -> bool:
+        """The fast start: the tool can subscribe the twin itself (it has the subscription
+        server, the twin accepts, its master listens where its nodes will be) and has not yet."""
+        return (
+            self.subscriptions
+            and t.subscribed is None
+            and bool(t.announce)
+            and bool(t.addresses)
+            and current is not None
+            and current.accepting
+        )
+
+    def _subscribe(self, t: Twin, now: float) -> TwinEvent:
+        t.subscribed = now
+        send = subscriptions(Command.SUBSCRIBE, t.announce)
+        return _twin_event(t, TwinEventKind.SUBSCRIBED, now, send=send)
 
     def _fail(self, t: Twin, detail: str, now: float) -> TwinEvent:
         t.detail, t.phase = detail, TwinPhase.FAILED
@@ -1745,10 +1780,15 @@ class Surge:
     def probed(self, t: Twin, result: ProbeResult, now: float) -> list[TwinEvent]:
         if t.phase is not TwinPhase.PROBING:
             return []
-        if result.ok:
+        if not result.ok:
+            return [self._fail(t, f"probe failed: {result.detail}", now)]
+        t.probe_passed = True
+        last = self._last
+        if last is not None and self._keys(t, last):
             t.live, t.phase = now, TwinPhase.LIVE
             return [_twin_event(t, TwinEventKind.LIVE, now)]
-        return [self._fail(t, f"probe failed: {result.detail}", now)]
+        t.phase = TwinPhase.STARTING
+        return [self._subscribe(t, now)] if self.subscriptions and t.subscribed is None else []
 
     def add_failed(self, t: Twin, error: str, now: float) -> list[TwinEvent]:
         """Its link could not be made: there is nothing to remove."""
@@ -1848,6 +1888,13 @@ class Surge:
         """The node names the twin's master listens on (found in /proc by the caller)."""
         t.addresses = addresses
 
+    def listening(self, t: Twin, sockets: Iterable[str]) -> None:
+        """What the twin's master listens on (/proc): where it announces itself, when that is
+        where its original's nodes, renamed after it, say (``Twin.announce``)."""
+        found = {canonical_address(a) for a in sockets}
+        if t.announce and all(canonical_address(n.name) in found for n in t.announce):
+            t.addresses = frozenset(canonical_address(n.name) for n in t.announce)
+
 
 def twin_event_text(event: TwinEvent) -> str:
     t, kind = event.twin, event.kind
@@ -1858,6 +1905,8 @@ def twin_event_text(event: TwinEvent) -> str:
     if kind is TwinEventKind.PROBE:
         assert event.probe is not None
         return f"probing {event.probe.name}"
+    if kind is TwinEventKind.SUBSCRIBED:
+        return f"accepting: subscribed to {keys}"
     if kind is TwinEventKind.LIVE:
         assert t.added is not None
         return f"live after {event.at - t.added:.2f}s"
@@ -1914,6 +1963,7 @@ def plan_twins(
                     f"--max-surge {surge}: no free port for a twin of {v.id} (its name is its port)"
                 )
             names.add(name + suffix)
+            mine = nodes_of(v.name, snapshot.live_nodes, v.addresses)
             twins.append(
                 Twin(
                     id=name + suffix,
@@ -1921,11 +1971,32 @@ def plan_twins(
                     config=os.path.join(os.path.dirname(v.config), name + suffix),
                     target=target_of(v.config),
                     of=v.id,
+                    announce=twin_nodes(v.name, name, mine),
                 )
             )
             for k in live[v.id]:
                 covered[k] = covered.get(k, 0) + 1
     return twins
+
+
+def twin_nodes(original: str, twin: str, nodes: Iterable[Node]) -> tuple[Node, ...]:
+    """The original's nodes renamed after its twin: ``/run/a.sock`` -> ``/run/a.surge-1.sock``,
+    ``10.0.0.2:8001`` -> ``10.0.0.2:8005`` (what ``%n`` makes of the twin's name); none when a
+    node's name does not carry the original's."""
+    renamed = []
+    for n in nodes:
+        if _is_host_port(n.name):
+            host, port = _split_host_port(n.name)
+            if str(port) != original or not twin.isdigit():
+                return ()
+            name = _host_port_text(host, int(twin))
+        else:
+            head, _, base = n.name.rpartition("/")
+            if node_vassal_name(n.name) != original:
+                return ()
+            name = f"{head}/{twin}{base[len(original) :]}" if head else twin + base[len(original) :]
+        renamed.append(dataclasses.replace(n, name=name, death_mark=False, ref=0, router=""))
+    return tuple(renamed)
 
 
 def _twin_name(
@@ -2792,6 +2863,9 @@ class _SurgeDriver:
             try:
                 listening = tuple(self.io.sockets(current.pid))
             except OSError:
+                continue
+            surge.listening(t, listening)
+            if t.addresses:
                 continue
             addresses = node_addresses(listening, names, self.io.is_local)
             if addresses and any(owns(t.name, addresses, n) for n in names):

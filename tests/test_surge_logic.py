@@ -5,6 +5,7 @@ capacity (live nodes per key) never below N with m = N and K >= 1."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -470,3 +471,40 @@ def test_property_capacity_never_below_n(
     assert links(emperor_dir) == originals(n), out
     assert set(stack.vassals) == originals(n), out
     assert not os.path.exists(emperor_dir / ur.SURGE_STATE)
+
+
+def test_twin_nodes_are_the_originals_renamed() -> None:
+    unix = ur.Node(key="k", name="/run/shop.v2.sock", death_mark=True, ref=3, weight=2)
+    [renamed] = ur.twin_nodes("shop.v2", "shop.v2.surge-1", [unix])
+    assert (renamed.name, renamed.key, renamed.weight) == ("/run/shop.v2.surge-1.sock", "k", 2)
+    assert renamed.live and renamed.ref == 0
+    tcp = ur.Node(key="k", name="10.0.0.2:8001", death_mark=False, ref=0)
+    assert [n.name for n in ur.twin_nodes("8001", "8005", [tcp])] == ["10.0.0.2:8005"]
+    # a node that does not carry the original's name: no fast start, its master announces it
+    assert ur.twin_nodes("a", "a.surge-1", [ur.Node("k", "/run/other.sock", False, 0)]) == ()
+
+
+def test_with_drain_a_twin_is_subscribed_as_soon_as_it_accepts(tmp_path: Path) -> None:
+    """Its master's first announce can come subscribe-freq cycles late (a retried accepting
+    hook); the tool subscribes the twin itself once it accepts where its original's node says."""
+
+    def proc(stack: SurgeSim) -> None:
+        pids = {v.pid: vid for vid, v in stack.vassals.items()}
+        io = stack.io
+
+        def sockets(pid: int) -> tuple[str, ...]:
+            for vid, v in stack.vassals.items():
+                pids.setdefault(v.pid, vid)
+            return (f"/run/{ur.strip_suffix(pids[pid], '.ini')}.sock",) if pid in pids else ()
+
+        stack.io = lambda: dataclasses.replace(io(), sockets=sockets)  # type: ignore[method-assign]
+
+    code, stack, out = surge_run(
+        tmp_path, n=1, surge=1, probe="/", setup=proc, twin_start=0.5, announce_delay=10.0
+    )
+    assert code == ur.EXIT_OK, out
+    assert "vassal_01.surge-1: accepting: subscribed to domain.tld" in out, out
+    assert ("/run/vassal_01.surge-1.sock", KEY, "/") in stack.probes
+    live = float(out.split("vassal_01.surge-1: live after ")[1].split("s")[0])
+    assert live < 1.0, out
+    assert stack.fewest_in_router >= 1
