@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,9 +65,13 @@ def summary(run: ReloadRun, vassals: int) -> str:
     )
 
 
-def twins(run: ReloadRun) -> list[dict[str, object]]:
+def report(run: ReloadRun) -> dict[str, Any]:
     assert run.tool_json is not None, run.output
-    return list(run.tool_json["twins"])
+    return dict(run.tool_json)
+
+
+def twins(run: ReloadRun) -> list[dict[str, Any]]:
+    return list(report(run)["twins"])
 
 
 def clean(stack: Stack) -> list[str]:
@@ -112,9 +117,9 @@ def test_surge_reloads_a_lone_vassal_with_no_capacity_lost(
     assert lost(run, 1) == 0.0
     [twin] = twins(run)
     assert twin["phase"] == "gone" and twin["live"] is not None, twin
-    triggered = min(float(v["triggered"]) for v in run.tool_json["vassals"])  # type: ignore[index]
-    back = max(float(v["back"]) for v in run.tool_json["vassals"])  # type: ignore[index]
-    assert float(twin["live"]) <= triggered and float(twin["removed"]) >= back  # type: ignore[arg-type]
+    triggered = min(float(v["triggered"]) for v in report(run)["vassals"])
+    back = max(float(v["back"]) for v in report(run)["vassals"])
+    assert float(twin["live"]) <= triggered and float(twin["removed"]) >= back
     assert clean(stack) == []
 
 
@@ -200,7 +205,7 @@ def test_broken_deploy_with_surge_touches_no_original(
     assert run.load.total.failures == 0
     [twin] = twins(run)
     assert twin["live"] is None and twin["phase"] == "gone", twin
-    assert all(v["triggered"] is None for v in run.tool_json["vassals"])  # type: ignore[index]
+    assert all(v["triggered"] is None for v in report(run)["vassals"])
     assert clean(stack) == []
 
 
