@@ -17,6 +17,7 @@ import pytest
 
 from tests.procedures import with_fault
 from tests.test_proof import procedure
+from uwsgi_reload_harness.fleet import Fleet
 from uwsgi_reload_harness.stack import Stack
 from uwsgi_reload_loadtests.capacity import lost_capacity
 from uwsgi_reload_loadtests.measure import (
@@ -33,6 +34,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 Record = Callable[[dict[str, object]], None]
 MakeStack = Callable[..., Stack]
+MakeFleet = Callable[..., Fleet]
 
 #: Users for the broken deploy: enough that every vassal has requests queued (tests/test_drain.py).
 BROKEN_USERS = 32
@@ -264,3 +266,28 @@ def test_a_run_killed_mid_surge_is_cleaned_up_by_the_next(
     assert all(t["phase"] == "gone" for t in found), found
     assert found[0]["name"] == "uwsgi_vassal_01.surge-1"
     assert clean(stack) == []
+
+
+def test_surge_on_a_fleet_is_per_host(make_uwsgi_fleet: MakeFleet, record_reload: Record) -> None:
+    """Two hosts of two vassals each (configs named after their ports) behind two routers,
+    rolled host after host with --max-surge 1 and the minimum at every node of the key: each
+    host adds its own twin on a free port of its own address; never fewer than 4 live."""
+    fleet = make_uwsgi_fleet(hosts=2, vassals=2, routers=2)
+    command = fleet.rolling_reload_command(
+        "--json", "--minimum-active-vassals", "4", "--max-surge", "1", "--timeout", "60"
+    )
+    run = observed(
+        again(fleet, command), "surge on a fleet: 2 hosts x 2, K=1 m=4", 4, record_reload
+    )
+    print(summary(run, 4))
+    assert run.returncode == 0, run.output
+    assert run.check(4) == [], run.output
+    assert lost(run, 4) == 0.0
+    for host in fleet.hosts:
+        left = sorted(p.name for p in host.emperor_path.iterdir())
+        assert left == sorted(host.vassal_ids), left
+        assert sorted(host.emperor_vassals()) == sorted(host.vassal_ids)
+    # each host's twin: a port-named link on that host's address
+    added = [line for line in run.output.splitlines() if ": added (twin of " in line]
+    assert len(added) == 2, run.output
+    assert all(line.split(": added")[0].strip().split()[-1].isdigit() for line in added), added
