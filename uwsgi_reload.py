@@ -2457,7 +2457,7 @@ def describe_plan(
         elsewhere = total - count - options.max_surge
         counted = (
             f"; the {routers} {total} live ({count} on this host, {elsewhere} on other hosts"
-            + (f", {options.max_surge} twins)" if options.max_surge else ")")
+            + (f", {options.max_surge} twins to add)" if options.max_surge else ")")
         )
         lines.append(head + tail + counted)
     if options.subscription_server:

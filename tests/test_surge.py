@@ -291,3 +291,24 @@ def test_surge_on_a_fleet_is_per_host(make_uwsgi_fleet: MakeFleet, record_reload
     added = [line for line in run.output.splitlines() if ": added (twin of " in line]
     assert len(added) == 2, run.output
     assert all(line.split(": added")[0].strip().split()[-1].isdigit() for line in added), added
+
+
+def test_surge_with_two_keys_each_served_by_one_vassal(
+    make_uwsgi_stack: MakeStack, record_reload: Record
+) -> None:
+    """Two fastrouter keys, one vassal each: one twin per key, and neither key is ever without
+    a node (the observer holds the minimum per key)."""
+    stack = make_uwsgi_stack(vassals=1, extra_keys=(("other.test", 1),))
+    run = observed(
+        again(stack, surge_command(stack, 1, 1)),
+        "surge: 2 keys x 1 vassal, K=1 m=1",
+        1,
+        record_reload,
+        verify=lambda r: check_surged(r, stack, 1),
+    )
+    print(summary(run, 1))
+    assert run.returncode == 0, run.output
+    assert run.check(1) == [], run.output
+    assert sorted(run.replaced()) == sorted(stack.vassal_ids)
+    assert run.observer.min_live_by_key() == {stack.host: 1, "other.test": 1}
+    assert len(twins(run)) == 2
