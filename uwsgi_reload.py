@@ -17,6 +17,7 @@ lock, 130 interrupted (SIGINT or SIGTERM).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -1656,6 +1657,478 @@ def event_text(event: Event, rollout: Rollout) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Surge: temporary twins that keep every key at full capacity while the originals reload
+# ---------------------------------------------------------------------------------------------
+
+#: The tool's record of the twins it made, in the emperor directory, written (atomically) before
+#: any twin link exists: a run killed with SIGKILL leaves it, and the next run removes exactly the
+#: links it lists. Not a name the emperor takes for a config (core/emperor.c
+#: ``uwsgi_emperor_is_valid``: .ini .xml .yml .yaml .js .json).
+SURGE_STATE = ".uwsgi-reload-surge"
+#: A twin of ``shop.v2.ini`` is ``shop.v2.surge-1.ini``: uWSGI's ``%n`` cuts the name at its last
+#: dot (core/uwsgi.c, the magic table), so its socket, log, pid and fifo are its own.
+SURGE_MARK = ".surge-"
+
+
+class TwinPhase(enum.Enum):
+    """Where one twin is: the one record of it, owned by ``Surge``."""
+
+    #: in the state file; its link is not made yet
+    PLANNED = enum.auto()
+    #: its link is made: the emperor spawns it; not live in the router yet
+    STARTING = enum.auto()
+    #: live in the router; the probe is out
+    PROBING = enum.auto()
+    LIVE = enum.auto()
+    #: never came up in time, its probe failed, or its link could not be made: the run stops
+    FAILED = enum.auto()
+    #: unsubscribed from the router; its link goes once no request is in flight to it
+    DRAINING = enum.auto()
+    #: its link is removed; the emperor still lists it (its master is stopping)
+    REMOVED = enum.auto()
+    #: the emperor no longer lists it
+    GONE = enum.auto()
+    #: left in place: removing it would take a key below the minimum, its link is no longer the
+    #: one the tool made, or the run was given up; the next run removes it
+    KEPT = enum.auto()
+
+
+#: Twins whose removal has not begun.
+TWIN_UP = frozenset({TwinPhase.STARTING, TwinPhase.PROBING, TwinPhase.LIVE, TwinPhase.FAILED})
+
+
+@dataclasses.dataclass
+class Twin:
+    """One temporary vassal: a new link to the config of an original (``of``)."""
+
+    id: str
+    name: str
+    config: str
+    #: what its link points to: the original's link target (or the original itself)
+    target: str
+    of: str
+    phase: TwinPhase = TwinPhase.PLANNED
+    #: found in the state file of an earlier run
+    leftover: bool = False
+    addresses: frozenset[str] = frozenset()
+    added: float | None = None
+    live: float | None = None
+    removed: float | None = None
+    gone: float | None = None
+    drain_started: float | None = None
+    drained: float | None = None
+    nodes: tuple[Node, ...] = ()
+    detail: str = ""
+    #: the nodes it will be announced as: its original's, renamed after it (``twin_nodes``);
+    #: subscribed by the tool as soon as it accepts, once its master is seen listening there
+    announce: tuple[Node, ...] = ()
+    #: when the tool subscribed it (the fast start), and whether its probe passed
+    subscribed: float | None = None
+    probe_passed: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "config": self.config,
+            "of": self.of,
+            "subscribed": _round(self.subscribed),
+            "leftover": self.leftover,
+            "phase": self.phase.name.lower(),
+            "added": _round(self.added),
+            "live": _round(self.live),
+            "drain": _round(self.drained),
+            "removed": _round(self.removed),
+            "gone": _round(self.gone),
+            "detail": self.detail,
+        }
+
+    def state(self) -> dict[str, str]:
+        return {"id": self.id, "target": self.target, "of": self.of}
+
+
+class TwinEventKind(enum.Enum):
+    #: the caller makes its link (``Surge.add_failed`` on an error)
+    ADD = enum.auto()
+    PROBE = enum.auto()
+    #: the fast start: subscribed as soon as it accepts (and passed the probe)
+    SUBSCRIBED = enum.auto()
+    LIVE = enum.auto()
+    FAILED = enum.auto()
+    DRAINING = enum.auto()
+    UNSUBSCRIBED_AGAIN = enum.auto()
+    #: the caller removes its link (``Surge.remove_failed`` on an error)
+    REMOVE = enum.auto()
+    GONE = enum.auto()
+    KEPT = enum.auto()
+
+
+@dataclasses.dataclass(frozen=True)
+class TwinEvent:
+    at: float
+    twin: Twin
+    kind: TwinEventKind
+    send: tuple[Subscription, ...] = ()
+    probe: Node | None = None
+
+
+def _twin_event(t: Twin, kind: TwinEventKind, now: float, **details: Any) -> TwinEvent:
+    return TwinEvent(now, t, kind, **details)
+
+
+class Surge:
+    """The twins' state; ``up`` and ``down`` decide from one snapshot, with no I/O of their own.
+
+    ``up`` adds every twin and follows it until it is live in the router (and passed the probe);
+    one that is not within ``timeout`` fails the surge. ``down`` removes the twins, each only
+    while every key it is live under keeps ``minimum`` live nodes without it: drained first (with
+    ``subscriptions``), then its link removed, then gone once the emperor no longer lists it.
+    """
+
+    def __init__(
+        self,
+        twins: Sequence[Twin],
+        minimum: int,
+        timeout: float,
+        *,
+        subscriptions: bool = False,
+        drain_timeout: float = 5.0,
+        probe: bool = False,
+    ) -> None:
+        self.twins = list(twins)
+        self.minimum = minimum
+        self.timeout = timeout
+        self.subscriptions = subscriptions
+        self.drain_timeout = drain_timeout
+        self.probe = probe
+        #: when ``down`` first ran: the deadline of the whole removal
+        self.removal_started: float | None = None
+        self._last: Snapshot | None = None
+
+    def in_phase(self, *phases: TwinPhase) -> list[Twin]:
+        return [t for t in self.twins if t.phase in phases]
+
+    @property
+    def failed(self) -> list[Twin]:
+        return self.in_phase(TwinPhase.FAILED)
+
+    @property
+    def up_done(self) -> bool:
+        """Every twin live, or one failed (the run stops)."""
+        if self.failed:
+            return not self.in_phase(TwinPhase.PROBING)
+        return all(t.phase is TwinPhase.LIVE for t in self.twins)
+
+    @property
+    def down_done(self) -> bool:
+        return not self.in_phase(*TWIN_UP, TwinPhase.PLANNED, TwinPhase.DRAINING, TwinPhase.REMOVED)
+
+    @property
+    def left(self) -> list[Twin]:
+        """The twins whose links may still be there (or whose masters still run)."""
+        return self.in_phase(*TWIN_UP, TwinPhase.DRAINING, TwinPhase.REMOVED, TwinPhase.KEPT)
+
+    def up(self, snapshot: Snapshot, now: float) -> list[TwinEvent]:
+        self._last = snapshot
+        events = []
+        for t in self.twins:
+            if t.phase is TwinPhase.PLANNED:
+                t.added, t.phase = now, TwinPhase.STARTING
+                events.append(_twin_event(t, TwinEventKind.ADD, now))
+            elif t.phase is TwinPhase.STARTING:
+                current = snapshot.vassals.get(t.id)
+                if live_keys(current, t.name, snapshot.live_nodes, t.addresses):
+                    mine = nodes_of(t.name, snapshot.live_nodes, t.addresses)
+                    if self.probe and not t.probe_passed:
+                        t.phase = TwinPhase.PROBING
+                        target = sorted(mine, key=lambda n: (n.key, n.name))[0]
+                        events.append(_twin_event(t, TwinEventKind.PROBE, now, probe=target))
+                    else:
+                        t.live, t.phase = now, TwinPhase.LIVE
+                        events.append(_twin_event(t, TwinEventKind.LIVE, now))
+                elif self._may_start(t, current):
+                    # Its master announces itself only once its accepting hook ran (and, when
+                    # that hook had to retry, subscribe-freq cycles later: core/master.c).
+                    if self.probe and not t.probe_passed:
+                        t.phase = TwinPhase.PROBING
+                        target = t.announce[0]
+                        events.append(_twin_event(t, TwinEventKind.PROBE, now, probe=target))
+                    else:
+                        events.append(self._subscribe(t, now))
+                elif t.added is not None and now - t.added >= self.timeout:
+                    if current is None:
+                        how = "the emperor never ran it (or it keeps dying: see its log)"
+                    elif not current.accepting:
+                        how = "never accepting (did the app fail to load? see its log)"
+                    else:
+                        how = "accepting, but its node never became live in the fastrouter"
+                    events.append(self._fail(t, f"not live after {self.timeout:g}s: {how}", now))
+        return events
+
+    def _may_start(self, t: Twin, current: EmperorVassal | None) -> bool:
+        """The fast start: the tool can subscribe the twin itself (it has the subscription
+        server, the twin accepts, its master listens where its nodes will be) and has not yet."""
+        return (
+            self.subscriptions
+            and t.subscribed is None
+            and bool(t.announce)
+            and bool(t.addresses)
+            and current is not None
+            and current.accepting
+        )
+
+    def _subscribe(self, t: Twin, now: float) -> TwinEvent:
+        t.subscribed = now
+        send = subscriptions(Command.SUBSCRIBE, t.announce)
+        return _twin_event(t, TwinEventKind.SUBSCRIBED, now, send=send)
+
+    def _fail(self, t: Twin, detail: str, now: float) -> TwinEvent:
+        t.detail, t.phase = detail, TwinPhase.FAILED
+        return _twin_event(t, TwinEventKind.FAILED, now)
+
+    def fail(self, t: Twin, detail: str, now: float) -> list[TwinEvent]:
+        """The caller gave the twin up (stats unreadable for the whole timeout)."""
+        return [self._fail(t, detail, now)]
+
+    def probed(self, t: Twin, result: ProbeResult, now: float) -> list[TwinEvent]:
+        if t.phase is not TwinPhase.PROBING:
+            return []
+        if not result.ok:
+            return [self._fail(t, f"probe failed: {result.detail}", now)]
+        t.probe_passed = True
+        last = self._last
+        if last is not None and self._keys(t, last):
+            t.live, t.phase = now, TwinPhase.LIVE
+            return [_twin_event(t, TwinEventKind.LIVE, now)]
+        t.phase = TwinPhase.STARTING
+        return [self._subscribe(t, now)] if self.subscriptions and t.subscribed is None else []
+
+    def add_failed(self, t: Twin, error: str, now: float) -> list[TwinEvent]:
+        """Its link could not be made: there is nothing to remove."""
+        event = self._fail(t, f"cannot make its link: {error}", now)
+        t.phase = TwinPhase.GONE
+        return [event]
+
+    def remove_failed(self, t: Twin, error: str, now: float) -> list[TwinEvent]:
+        t.detail, t.phase = f"not removed: {error}", TwinPhase.KEPT
+        return [_twin_event(t, TwinEventKind.KEPT, now)]
+
+    def _keys(self, t: Twin, snapshot: Snapshot) -> frozenset[str]:
+        return live_keys(snapshot.vassals.get(t.id), t.name, snapshot.live_nodes, t.addresses)
+
+    def down(self, snapshot: Snapshot, now: float) -> list[TwinEvent]:
+        """Drain and remove every twin that may go now; follow the removed ones until gone."""
+        self._last = snapshot
+        if self.removal_started is None:
+            self.removal_started = now
+        overdue = now - self.removal_started >= self.timeout
+        events: list[TwinEvent] = []
+        for t in self.in_phase(TwinPhase.PLANNED):
+            t.phase = TwinPhase.GONE  # never made
+        for t in self.in_phase(TwinPhase.REMOVED):
+            if t.id not in snapshot.vassals:
+                t.gone, t.phase = now, TwinPhase.GONE
+                events.append(_twin_event(t, TwinEventKind.GONE, now))
+            elif overdue:
+                t.detail = f"link removed, but the emperor still lists it after {self.timeout:g}s"
+                t.phase = TwinPhase.KEPT
+                events.append(_twin_event(t, TwinEventKind.KEPT, now))
+        for t in self.in_phase(TwinPhase.DRAINING):
+            events += self._drain(t, snapshot, now)
+        if snapshot.unreadable:
+            return events
+        # Per key, the live nodes of everything but the twins on their way out.
+        leaving = self.in_phase(TwinPhase.DRAINING, TwinPhase.REMOVED)
+        counts: dict[str, int] = {}
+        for n in snapshot.live_nodes:
+            if not any(owns(t.name, t.addresses, n.name) for t in leaving):
+                counts[n.key] = counts.get(n.key, 0) + 1
+        for t in self.in_phase(*TWIN_UP):
+            keys = self._keys(t, snapshot)
+            if not all(counts.get(k, 0) - 1 >= self.minimum for k in keys):
+                if overdue:
+                    t.detail = (
+                        f"removing it would leave fewer than {self.minimum} live; the next "
+                        "run removes it"
+                    )
+                    t.phase = TwinPhase.KEPT
+                    events.append(_twin_event(t, TwinEventKind.KEPT, now))
+                continue
+            for k in keys:
+                counts[k] -= 1
+            t.nodes = tuple(nodes_of(t.name, snapshot.nodes, t.addresses))
+            live_nodes = tuple(n for n in t.nodes if n.live)
+            if self.subscriptions and live_nodes:
+                t.drain_started, t.phase = now, TwinPhase.DRAINING
+                send = subscriptions(Command.UNSUBSCRIBE, live_nodes)
+                events.append(_twin_event(t, TwinEventKind.DRAINING, now, send=send))
+            else:
+                events.append(self._remove(t, now))
+        return events
+
+    def _remove(self, t: Twin, now: float) -> TwinEvent:
+        t.removed, t.phase = now, TwinPhase.REMOVED
+        return _twin_event(t, TwinEventKind.REMOVE, now)
+
+    def _drain(self, t: Twin, snapshot: Snapshot, now: float) -> list[TwinEvent]:
+        assert t.drain_started is not None
+        drained, _ = drain_done(t.name, snapshot.nodes, t.addresses)
+        took = now - t.drain_started
+        if drained or took >= self.drain_timeout:
+            t.drained = took
+            return [self._remove(t, now)]
+        # its master re-announces every subscribe-freq cycles (core/master.c)
+        again = [n for n in nodes_of(t.name, snapshot.nodes, t.addresses) if n.live]
+        if not again:
+            return []
+        send = subscriptions(Command.UNSUBSCRIBE, again)
+        return [_twin_event(t, TwinEventKind.UNSUBSCRIBED_AGAIN, now, send=send)]
+
+    def give_up(self, reason: str, now: float) -> list[TwinEvent]:
+        """Stop removing: what is left stays for the next run (the state file keeps it)."""
+        events = []
+        for t in self.in_phase(*TWIN_UP, TwinPhase.DRAINING):
+            t.detail, t.phase = reason, TwinPhase.KEPT
+            events.append(_twin_event(t, TwinEventKind.KEPT, now))
+        return events
+
+    def watch_closely(self) -> bool:
+        """A drained twin may be re-announced by its master: poll often (``CLOSE_WATCH_INTERVAL``
+        while one drains)."""
+        return bool(self.in_phase(TwinPhase.DRAINING))
+
+    def located(self, t: Twin, addresses: frozenset[str]) -> None:
+        """The node names the twin's master listens on (found in /proc by the caller)."""
+        t.addresses = addresses
+
+    def listening(self, t: Twin, sockets: Iterable[str]) -> None:
+        """What the twin's master listens on (/proc): where it announces itself, when that is
+        where its original's nodes, renamed after it, say (``Twin.announce``)."""
+        found = {canonical_address(a) for a in sockets}
+        if t.announce and all(canonical_address(n.name) in found for n in t.announce):
+            t.addresses = frozenset(canonical_address(n.name) for n in t.announce)
+
+
+def twin_event_text(event: TwinEvent) -> str:
+    t, kind = event.twin, event.kind
+    keys = ", ".join(sorted({s.node.key for s in event.send}))
+    of = f"twin of {strip_suffix(t.of, os.path.splitext(t.of)[1])}"
+    if kind is TwinEventKind.ADD:
+        return f"added ({of})"
+    if kind is TwinEventKind.PROBE:
+        assert event.probe is not None
+        return f"probing {event.probe.name}"
+    if kind is TwinEventKind.SUBSCRIBED:
+        return f"accepting: subscribed to {keys}"
+    if kind is TwinEventKind.LIVE:
+        assert t.added is not None
+        return f"live after {event.at - t.added:.2f}s"
+    if kind is TwinEventKind.FAILED:
+        return f"failed: {t.detail}"
+    if kind is TwinEventKind.DRAINING:
+        return f"draining: unsubscribed from {keys}"
+    if kind is TwinEventKind.UNSUBSCRIBED_AGAIN:
+        return "re-announced while draining: unsubscribed again"
+    if kind is TwinEventKind.REMOVE:
+        drained = "" if t.drained is None else f" after draining {t.drained:.2f}s"
+        return f"link removed{drained}"
+    if kind is TwinEventKind.GONE:
+        return "gone"
+    return f"left in place: {t.detail}"
+
+
+def _all_digits(stem: str) -> bool:
+    return stem.isdigit() and 0 < int(stem) < 65536
+
+
+def plan_twins(
+    fleet: Sequence[VassalReload],
+    snapshot: Snapshot,
+    surge: int,
+    suffix: str,
+    taken: Iterable[str],
+    target_of: Callable[[str], str],
+    port_free: Callable[[int, str], bool],
+) -> list[Twin]:
+    """``surge`` twins per fastrouter key, each a twin of a live original of that key (in turn).
+
+    A name-based original ``S<suffix>`` gets ``S.surge-<i><suffix>``; an original named after its
+    port (all digits: ``socket = ADDRESS:%n``) gets a free port (``port_free(port, host)``, none
+    of ``taken``). ``taken``: every file name in the emperor directory.
+    """
+    names = set(taken)
+    live = {
+        v.id: live_keys(snapshot.vassals.get(v.id), v.name, snapshot.live_nodes, v.addresses)
+        for v in fleet
+    }
+    keys = sorted({k for ks in live.values() for k in ks})
+    twins: list[Twin] = []
+    covered: dict[str, int] = {}
+    for key in keys:
+        serving = [v for v in fleet if key in live[v.id]]
+        i = 0
+        while covered.get(key, 0) < surge:
+            v = serving[i % len(serving)]
+            i += 1
+            name = _twin_name(v, suffix, names, port_free)
+            if name is None:
+                raise ReloadError(
+                    f"--max-surge {surge}: no free port for a twin of {v.id} (its name is its port)"
+                )
+            names.add(name + suffix)
+            mine = nodes_of(v.name, snapshot.live_nodes, v.addresses)
+            twins.append(
+                Twin(
+                    id=name + suffix,
+                    name=name,
+                    config=os.path.join(os.path.dirname(v.config), name + suffix),
+                    target=target_of(v.config),
+                    of=v.id,
+                    announce=twin_nodes(v.name, name, mine),
+                )
+            )
+            for k in live[v.id]:
+                covered[k] = covered.get(k, 0) + 1
+    return twins
+
+
+def twin_nodes(original: str, twin: str, nodes: Iterable[Node]) -> tuple[Node, ...]:
+    """The original's nodes renamed after its twin: ``/run/a.sock`` -> ``/run/a.surge-1.sock``,
+    ``10.0.0.2:8001`` -> ``10.0.0.2:8005`` (what ``%n`` makes of the twin's name); none when a
+    node's name does not carry the original's."""
+    renamed = []
+    for n in nodes:
+        if _is_host_port(n.name):
+            host, port = _split_host_port(n.name)
+            if str(port) != original or not twin.isdigit():
+                return ()
+            name = _host_port_text(host, int(twin))
+        else:
+            head, _, base = n.name.rpartition("/")
+            if node_vassal_name(n.name) != original:
+                return ()
+            name = f"{head}/{twin}{base[len(original) :]}" if head else twin + base[len(original) :]
+        renamed.append(dataclasses.replace(n, name=name, death_mark=False, ref=0, router=""))
+    return tuple(renamed)
+
+
+def _twin_name(
+    v: VassalReload, suffix: str, taken: set[str], port_free: Callable[[int, str], bool]
+) -> str | None:
+    if _all_digits(v.name):
+        host = _split_host_port(v.listening[0])[0] if v.listening else ""
+        stems = [n[: -len(suffix)] for n in taken if n.endswith(suffix)]
+        ports = [int(s) for s in stems if _all_digits(s)] + [int(v.name)]
+        for port in range(max(ports) + 1, 65536):
+            if f"{port}{suffix}" not in taken and port_free(port, host):
+                return str(port)
+        return None
+    i = 1
+    while f"{v.name}{SURGE_MARK}{i}{suffix}" in taken:
+        i += 1
+    return f"{v.name}{SURGE_MARK}{i}"
+
+
+# ---------------------------------------------------------------------------------------------
 # The edges: configs, checks before touching anything, the lock, touching
 # ---------------------------------------------------------------------------------------------
 
@@ -1691,27 +2164,44 @@ def plan_fleet(configs: Sequence[str], suffix: str) -> list[VassalReload]:
     ]
 
 
-def check_fleet(fleet: Sequence[VassalReload], snapshot: Snapshot, minimum: int) -> None:
-    """Refuse, before touching anything, a run that cannot keep its promises."""
+def check_fleet(
+    fleet: Sequence[VassalReload],
+    snapshot: Snapshot,
+    minimum: int,
+    surge: int = 0,
+    twins: Sequence[Twin] = (),
+) -> None:
+    """Refuse, before touching anything, a run that cannot keep its promises. ``surge``: the
+    twins per key that will be live before the first reload (they count for the minimum);
+    ``twins``: those an earlier run left (their nodes are known, not strays)."""
     known = [v for v in fleet if v.id in snapshot.vassals]
     if not known:
         ids = ", ".join(sorted(snapshot.vassals)) or "none"
         raise ReloadError(f"the emperor runs none of the configs found (its vassals: {ids})")
     others = others_live(snapshot.live_index, fleet)
     most_others = max(others.values(), default=0)
-    if minimum >= len(known) + most_others:
+    if minimum >= len(known) + most_others + surge:
         elsewhere = f" and the router has {most_others} other live nodes" if most_others else ""
+        added = f", with {surge} twins per key from --max-surge," if surge else ""
         raise ReloadError(
             f"--minimum-active-vassals {minimum} leaves nothing to reload: the emperor runs "
-            f"{len(known)} vassals{elsewhere} and at least {minimum} must stay live"
+            f"{len(known)} vassals{elsewhere}{added} and at least {minimum} must stay live"
         )
     live = {
         v.id: live_keys(snapshot.vassals[v.id], v.name, snapshot.live_index, v.addresses)
         for v in known
     }
-    # whether a node is a vassal's depends on its name only (``owns``)
+    # whether a node is a vassal's (or a twin's) depends on its name only (``owns``)
     mine = {n.name for n in snapshot.index.of_fleet(fleet)}
-    stray = sorted({n.name for n in snapshot.nodes if n.live and n.name not in mine})
+    stray = sorted(
+        {
+            n.name
+            for n in snapshot.nodes
+            if n.live
+            and n.name not in mine
+            and not any(owns(t.name, t.addresses, n.name) for t in twins)
+        }
+    )
     unmatched = [
         v
         for v in known
@@ -1734,8 +2224,10 @@ def check_fleet(fleet: Sequence[VassalReload], snapshot: Snapshot, minimum: int)
         for key in keys:
             per_key[key] = per_key.get(key, 0) + 1
     for key, count in sorted(per_key.items()):
-        if count + others.get(key, 0) + not_live <= minimum:
+        if count + others.get(key, 0) + not_live + surge <= minimum:
             elsewhere = f" and {others[key]} other live nodes" if others.get(key) else ""
+            if surge:
+                elsewhere += f" and {surge} twins from --max-surge"
             raise ReloadError(
                 f"fastrouter key {key!r} has {count} live vassals{elsewhere}: with "
                 f"--minimum-active-vassals {minimum} none of them could be reloaded"
@@ -1774,6 +2266,114 @@ def touch(config: str, mtime: int) -> None:
     moves past the config's current one (``touch_mtime``): a touch pending in the same second."""
     mtime = max(mtime, int(os.lstat(config).st_mtime) + 1)
     os.utime(config, ns=(mtime * 10**9, mtime * 10**9), follow_symlinks=False)
+
+
+def link_target(config: str) -> str:
+    """What a twin of ``config`` links to: the config's own link target, or the config itself."""
+    return os.readlink(config) if os.path.islink(config) else os.path.abspath(config)
+
+
+def make_twin_link(target: str, config: str) -> None:
+    """A new link; never replaces a file that is there (``FileExistsError``)."""
+    os.symlink(target, config)
+
+
+def remove_twin_link(config: str, target: str) -> None:
+    """Remove a twin's link, only if it is still the link the tool made (already gone: fine)."""
+    try:
+        current = os.readlink(config)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OSError(f"{config} is no longer a link uwsgi-reload made ({exc.strerror})") from None
+    if current != target:
+        raise OSError(f"{config} now points to {current}, not to {target}: not the tool's link")
+    os.unlink(config)
+
+
+def port_free(port: int, host: str) -> bool:
+    """Nothing listens on ``port`` (at ``host``, or any address): binding it works."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host or "0.0.0.0", port))
+    except OSError:
+        return False
+    return True
+
+
+def write_surge_state(emperor_path: str, twins: Sequence[Twin]) -> None:
+    """Record the twins (atomically: a new file renamed over the old one); none: remove it.
+
+    Written before any twin link is made, so a run killed at any moment leaves every link it
+    made listed; the next run removes exactly those (``read_surge_state``)."""
+    path = os.path.join(emperor_path, SURGE_STATE)
+    if not twins:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    data = {"version": 1, "pid": os.getpid(), "twins": [t.state() for t in twins]}
+    temporary = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    directory = os.open(emperor_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def read_surge_state(emperor_path: str, suffix: str) -> list[Twin]:
+    """The twins an earlier run left (killed, or stopped before it could remove them): those whose
+    link is still the one it made (to be drained and removed), or whose link is gone (to be
+    waited for until the emperor drops them). A link someone else changed is not the tool's."""
+    path = os.path.join(emperor_path, SURGE_STATE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise ReloadError(f"cannot read the surge state {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
+        raw = f.read()
+    bad = ReloadError(
+        f"the surge state {path} is not one uwsgi-reload writes: check the links it lists "
+        "and remove it"
+    )
+    try:
+        entries = json.loads(raw)["twins"]
+        records = [(e["id"], e["target"], e["of"]) for e in entries]
+    except (ValueError, TypeError, KeyError):
+        raise bad from None
+    twins = []
+    for vid, target, of in records:
+        if not all(isinstance(x, str) and x for x in (vid, target, of)):
+            raise bad
+        if "/" in vid or vid in (".", "..") or vid == SURGE_STATE:
+            raise bad
+        config = os.path.join(emperor_path, vid)
+        twin = Twin(id=vid, name=strip_suffix(vid, suffix), config=config, target=target, of=of)
+        twin.leftover = True
+        try:
+            ours = os.readlink(config) == target
+        except FileNotFoundError:
+            twin.phase = TwinPhase.REMOVED  # removed; its master may still be stopping
+        except OSError:
+            continue  # not a link: not the tool's
+        else:
+            if not ours:
+                continue
+            twin.phase = TwinPhase.STARTING
+        twins.append(twin)
+    return twins
 
 
 def lock_holder(directory_stat: os.stat_result, locks_file: str = "/proc/locks") -> int | None:
@@ -1863,6 +2463,8 @@ class Options:
     drain_timeout: float = 5.0
     probe: str | None = None
     probe_timeout: float = 5.0
+    #: temporary twins per fastrouter key, live before the first reload, removed after the last
+    max_surge: int = 0
 
     @property
     def routers(self) -> tuple[str, ...]:
@@ -1930,7 +2532,12 @@ def locate(
     return located
 
 
-def describe_plan(fleet: Sequence[VassalReload], snapshot: Snapshot, options: Options) -> list[str]:
+def describe_plan(
+    fleet: Sequence[VassalReload],
+    snapshot: Snapshot,
+    options: Options,
+    twins: Sequence[Twin] = (),
+) -> list[str]:
     live = {
         v.id: live_keys(snapshot.vassals.get(v.id), v.name, snapshot.live_index, v.addresses)
         for v in fleet
@@ -1951,7 +2558,7 @@ def describe_plan(fleet: Sequence[VassalReload], snapshot: Snapshot, options: Op
         lines.append(f"  {v.name} ({v.id}): {state}")
     for key in keys:
         count = sum(1 for ks in live.values() if key in ks)
-        total = count + others.get(key, 0)
+        total = count + others.get(key, 0) + options.max_surge
         at_once = min(count, total - options.minimum_active_vassals)
         if options.max_parallel is not None:
             at_once = min(at_once, options.max_parallel)
@@ -1961,8 +2568,10 @@ def describe_plan(fleet: Sequence[VassalReload], snapshot: Snapshot, options: Op
             tail = f"up to {at_once} reloading at once, about {rounds} reload times"
         else:
             tail = "its live vassals wait until the not-live ones are back"
+        elsewhere = total - count - options.max_surge
         counted = (
-            f"; the {routers} {total} live ({count} on this host, {total - count} on other hosts)"
+            f"; the {routers} {total} live ({count} on this host, {elsewhere} on other hosts"
+            + (f", {options.max_surge} twins to add)" if options.max_surge else ")")
         )
         lines.append(head + tail + counted)
     if options.subscription_server:
@@ -1977,6 +2586,18 @@ def describe_plan(fleet: Sequence[VassalReload], snapshot: Snapshot, options: Op
             f"probe: GET {options.probe} on each reloaded vassal's socket before counting it "
             "back; a failure stops the rollout"
         )
+    for t in twins:
+        if t.leftover:
+            lines.append(
+                f"surge: twin {t.name} ({t.id}, twin of {t.of}) was left by an earlier run: "
+                "drained and removed first"
+            )
+    for t in twins:
+        if not t.leftover:
+            lines.append(
+                f"surge: would add {t.id} (a link to {t.target}, twin of {t.of}), live before "
+                "the first reload, drained and removed after the last"
+            )
     return lines
 
 
@@ -1988,6 +2609,7 @@ def report_json(
     exit_code: int,
     rollout: Rollout | None,
     details: Mapping[str, str] | None = None,
+    twins: Sequence[Twin] = (),
 ) -> dict[str, Any]:
     return {
         "version": __version__,
@@ -2003,6 +2625,8 @@ def report_json(
         "drain_timeout": options.drain_timeout if options.subscription_server else None,
         "probe": options.probe,
         "vassals": [v.as_json((details or {}).get(v.id, "")) for v in fleet],
+        "max_surge": options.max_surge,
+        "twins": [t.as_json() for t in twins],
     }
 
 
@@ -2016,9 +2640,12 @@ def _one_or_all(values: Sequence[str]) -> str | list[str] | None:
 class _Interrupted:
     def __init__(self) -> None:
         self.signal: int | None = None
+        #: signals received so far: one more while twins are removed gives the removal up
+        self.count = 0
 
     def __call__(self, signum: int, frame: object) -> None:
         self.signal = signum
+        self.count += 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2040,12 +2667,29 @@ class Io:
     sockets: Callable[[int], tuple[str, ...]] = listening_sockets
     #: is this IP address one of this machine's (a node of a vassal bound on 0.0.0.0 or ::)
     is_local: Callable[[str], bool] = is_local_host
+    #: surge: (target, link) makes a twin's link; (link, target) removes it
+    make_link: Callable[[str, str], None] = make_twin_link
+    remove_link: Callable[[str, str], None] = remove_twin_link
+    #: (emperor path, twins) records the twins made (none: removes the record)
+    write_state: Callable[[str, Sequence[Twin]], None] = write_surge_state
+    #: (port, host): nothing listens there (a twin of a config named after its port)
+    port_free: Callable[[int, str], bool] = port_free
 
 
 def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
     io = io or Io()
-    configs = find_configs(options.emperor_path, options.vassal_config_file_suffix)
-    fleet = plan_fleet(configs, options.vassal_config_file_suffix)
+    suffix = options.vassal_config_file_suffix
+    configs = find_configs(options.emperor_path, suffix)
+    # Twins an earlier run left are no vassals to reload: they are removed first.
+    leftovers = read_surge_state(options.emperor_path, suffix)
+    left_ids = {t.id for t in leftovers}
+    configs = [c for c in configs if os.path.basename(c) not in left_ids]
+    if not configs:
+        raise ReloadError(
+            f"no vassal config ending in {suffix!r} in {options.emperor_path} but the twins an "
+            "earlier run left"
+        )
+    fleet = plan_fleet(configs, suffix)
     first = io.snapshot(options)
     for _ in range(FOLLOW_RECHECKS):
         if not any(
@@ -2060,13 +2704,17 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
     if first.unreadable:
         raise StatsError("; ".join(first.unreadable.values()))
     fleet = locate(fleet, first, io.sockets, io.is_local)
-    check_fleet(fleet, first, options.minimum_active_vassals)
+    check_fleet(fleet, first, options.minimum_active_vassals, options.max_surge, leftovers)
+    twins = _plan_surge(fleet, first, options, io, leftovers)
     started_wall, started = io.wall_clock(), io.clock()
     if options.dry_run:
-        for line in describe_plan(fleet, first, options):
+        for line in describe_plan(fleet, first, options, leftovers + twins):
             reporter.line(line)
         if options.json:
-            print(json.dumps(report_json(fleet, options, started_wall, 0.0, EXIT_OK, None)))
+            report = report_json(
+                fleet, options, started_wall, 0.0, EXIT_OK, None, twins=leftovers + twins
+            )
+            print(json.dumps(report))
         return EXIT_OK
 
     interrupted = _Interrupted()
@@ -2080,19 +2728,36 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
         drain_timeout=options.drain_timeout,
         probe=options.probe is not None,
     )
+    surges = [_surge(leftovers, options), _surge(twins, options)]
     try:
         with emperor_lock(options.emperor_path), io.probe_pool() as pool:
             probes = _Probes(pool, options, io)
-            exit_code = _drive_to_the_end(
-                rollout, options, reporter, first, started, interrupted, probes
-            )
+            driver = _SurgeDriver(options, reporter, io, started, interrupted)
+            exit_code, extra, ran = driver.before(*surges)
+            if ran:
+                exit_code = _drive_to_the_end(
+                    rollout, options, reporter, None, started, interrupted, probes
+                )
+                extra = driver.after(surges[1])
+                if extra and exit_code == EXIT_OK:
+                    exit_code = EXIT_NOT_ALL_RELOADED
         elapsed = io.clock() - started
         details = _details(rollout)
         try:
-            _summarise(rollout, details, reporter, elapsed, exit_code)
+            if not ran and exit_code != EXIT_OK:
+                reporter.error(extra)
+            else:
+                _summarise(rollout, details, reporter, elapsed, exit_code, extra)
             if options.json:
                 report = report_json(
-                    fleet, options, started_wall, elapsed, exit_code, rollout, details
+                    fleet,
+                    options,
+                    started_wall,
+                    elapsed,
+                    exit_code,
+                    rollout,
+                    details,
+                    [t for s in surges for t in s.twins],
                 )
                 print(json.dumps(report), flush=True)
         except OSError:
@@ -2103,6 +2768,222 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return exit_code
+
+
+def _plan_surge(
+    fleet: Sequence[VassalReload],
+    first: Snapshot,
+    options: Options,
+    io: Io,
+    leftovers: Sequence[Twin],
+) -> list[Twin]:
+    """The twins to add (none without ``--max-surge``); a ``ReloadError`` when the emperor
+    directory cannot hold them."""
+    if not options.max_surge:
+        return []
+    if not os.access(options.emperor_path, os.W_OK | os.X_OK):
+        raise ReloadError(
+            f"--max-surge {options.max_surge}: cannot make links in {options.emperor_path} "
+            "(not writable by this user)"
+        )
+    try:
+        taken = set(os.listdir(options.emperor_path))
+    except OSError as exc:
+        raise ReloadError(
+            f"cannot read emperor path {options.emperor_path}: {exc.strerror or exc}"
+        ) from None
+    taken |= {t.id for t in leftovers}
+    try:
+        return plan_twins(
+            fleet,
+            first,
+            options.max_surge,
+            options.vassal_config_file_suffix,
+            taken,
+            link_target,
+            io.port_free,
+        )
+    except OSError as exc:
+        raise ReloadError(
+            f"--max-surge {options.max_surge}: cannot read a vassal's link: {exc}"
+        ) from None
+
+
+def _surge(twins: Sequence[Twin], options: Options) -> Surge:
+    return Surge(
+        twins,
+        options.minimum_active_vassals,
+        options.timeout,
+        subscriptions=options.subscription_server is not None,
+        drain_timeout=options.drain_timeout,
+        probe=options.probe is not None,
+    )
+
+
+def _names(twins: Sequence[Twin]) -> str:
+    shown = ", ".join(t.name for t in twins[:MISSED_SHOWN])
+    return shown + (f" and {len(twins) - MISSED_SHOWN} more" if len(twins) > MISSED_SHOWN else "")
+
+
+class _SurgeDriver:
+    """Drives a ``Surge``: makes and removes the links, sends its packets, probes, records the
+    twins left in the state file. The explicit phases of a run with twins: remove the leftovers,
+    add the twins (``before``), the rollout, remove the twins (``after``)."""
+
+    def __init__(
+        self,
+        options: Options,
+        reporter: Reporter,
+        io: Io,
+        started: float,
+        interrupted: _Interrupted,
+    ) -> None:
+        self.options, self.reporter, self.io = options, reporter, io
+        self.started, self.interrupted = started, interrupted
+
+    def before(self, leftovers: Surge, twins: Surge) -> tuple[int, str, bool]:
+        """Add the new twins, then remove the leftovers (the new twins keep the minimum while
+        they go: a killed run may have left an original drained, out of the router). Returns
+        (exit code, error, whether the rollout may run); on a failure every twin is removed."""
+        emperor_path = self.options.emperor_path
+        stopped = False
+        if twins.twins:
+            # recorded before any link exists: a run killed from here on leaves them all listed
+            self.io.write_state(emperor_path, leftovers.left + twins.twins)
+            self._line(f"surge: adding {len(twins.twins)} twins")
+            stopped = self.drive(twins, removing=False)
+        failed = twins.failed
+        if leftovers.twins and not stopped and not failed:
+            self._line(f"surge: removing {len(leftovers.twins)} twins an earlier run left")
+            stopped = self.drive(leftovers, removing=True)
+            self.io.write_state(emperor_path, leftovers.left + twins.left)
+        if not stopped and not failed and not leftovers.left:
+            return EXIT_OK, "", True
+        for surge in (twins, leftovers):
+            if surge.left:
+                self.drive(surge, removing=True)
+        left = leftovers.left + twins.left
+        self.io.write_state(emperor_path, left)
+        kept = f"; twins left in place: {self._why(left)}" if left else ""
+        if stopped:
+            why = f"interrupted by {signal.Signals(self.interrupted.signal or 2).name}"
+            return EXIT_INTERRUPTED, f"{why} before the first reload{kept}", False
+        if failed:
+            what = f"surge: twin {failed[0].name} of {failed[0].of} failed: {failed[0].detail}"
+        else:
+            what = "the twins an earlier run left could not all be removed"
+        return EXIT_NOT_ALL_RELOADED, f"{what}; nothing was reloaded{kept}", False
+
+    def after(self, twins: Surge) -> str:
+        """Remove the twins; what is left, or ``""``."""
+        if not twins.twins:
+            return ""
+        self._line(f"surge: removing {len(twins.twins)} twins")
+        self.drive(twins, removing=True)
+        self.io.write_state(self.options.emperor_path, twins.left)
+        if twins.left:
+            return f"twins left in place: {self._why(twins.left)} (the next run removes them)"
+        return ""
+
+    @staticmethod
+    def _why(twins: Sequence[Twin]) -> str:
+        return "; ".join(f"{t.name}: {t.detail}" if t.detail else t.name for t in twins)
+
+    def _line(self, text: str) -> None:
+        self.reporter.line(f"{self.io.clock() - self.started:8.2f}s  {text}")
+
+    def drive(self, surge: Surge, *, removing: bool) -> bool:
+        """Step ``surge`` until it is done; True when a signal stopped it (while removing: a
+        signal more than there were when the removal began)."""
+        io, options = self.io, self.options
+        signals = self.interrupted.count
+        unreadable_since: float | None = None
+        while True:
+            now = io.clock() - self.started
+            if self.interrupted.count > signals:
+                if removing:
+                    name = signal.Signals(self.interrupted.signal or 2).name
+                    self._report(surge.give_up(f"interrupted by {name} while removing", now))
+                return True
+            try:
+                snapshot = io.snapshot(options)
+            except StatsError as exc:
+                unreadable_since = now if unreadable_since is None else unreadable_since
+                if now - unreadable_since >= options.timeout:
+                    reason = f"stats unreadable for {options.timeout:g}s: {exc}"
+                    if removing:
+                        self._report(surge.give_up(reason, now))
+                    else:
+                        for t in surge.in_phase(TwinPhase.STARTING, TwinPhase.PROBING):
+                            self._report(surge.fail(t, reason, now))
+                    return False
+                io.sleep(options.check_interval)
+                continue
+            unreadable_since = None
+            self._locate(surge, snapshot)
+            events = surge.down(snapshot, now) if removing else surge.up(snapshot, now)
+            acted = self._report(events, surge)
+            if surge.down_done if removing else surge.up_done:
+                return False
+            if acted:
+                continue  # the emperor rescans on the next stats read: no sleep
+            interval = options.check_interval
+            if surge.watch_closely():
+                interval = min(interval, CLOSE_WATCH_INTERVAL)
+            io.sleep(interval)
+
+    def _report(self, events: list[TwinEvent], surge: Surge | None = None) -> bool:
+        """Act on each event and print it; True when a link was made or removed."""
+        acted = False
+        while events:
+            event = events.pop(0)
+            t = event.twin
+            if surge is not None and event.kind is TwinEventKind.ADD:
+                try:
+                    self.io.make_link(t.target, t.config)
+                    acted = True
+                except OSError as exc:
+                    event, *more = surge.add_failed(t, exc.strerror or str(exc), event.at)
+                    events[:0] = more
+            elif surge is not None and event.kind is TwinEventKind.REMOVE:
+                try:
+                    self.io.remove_link(t.config, t.target)
+                    acted = True
+                except OSError as exc:
+                    event, *more = surge.remove_failed(t, str(exc), event.at)
+                    events[:0] = more
+            text = twin_event_text(event)
+            if event.send:
+                problem = _send(event.send, self.options, self.reporter, self.io)
+                if problem:
+                    text += f" ({problem})"
+            self.reporter.line(f"{event.at:8.2f}s  {t.name}: {text}")
+            if surge is not None and event.kind is TwinEventKind.PROBE:
+                assert event.probe is not None and self.options.probe is not None
+                n = event.probe
+                result = self.io.probe(
+                    n.name, n.key, self.options.probe, self.options.probe_timeout
+                )
+                events += surge.probed(t, result, self.io.clock() - self.started)
+        return acted
+
+    def _locate(self, surge: Surge, snapshot: Snapshot) -> None:
+        """A twin's node: the address its master listens on, as for the originals (``locate``)."""
+        names = sorted({n.name for n in snapshot.nodes})
+        for t in surge.twins:
+            current = snapshot.vassals.get(t.id)
+            if t.addresses or current is None or current.pid <= 0:
+                continue
+            try:
+                listening = tuple(self.io.sockets(current.pid))
+            except OSError:
+                continue
+            surge.listening(t, listening)
+            if t.addresses:
+                continue
+            addresses = node_addresses(listening, names, self.io.is_local)
+            if addresses and any(owns(t.name, addresses, n) for n in names):
+                surge.located(t, addresses)
 
 
 def _drive_to_the_end(
@@ -2267,9 +3148,10 @@ def _summarise(
     reporter: Reporter,
     elapsed: float,
     exit_code: int,
+    extra: str = "",
 ) -> None:
     """What became of each vassal that did not come back, then one line: on stderr (the only
-    line there) when not all came back."""
+    line there) when not all came back (``extra``: what else went wrong, the twins left)."""
     vassals = list(rollout.vassals.values())
     for v in vassals:
         if v.drain_left is not None:
@@ -2291,7 +3173,9 @@ def _summarise(
     shown = ", ".join(names[:MISSED_SHOWN])
     if len(names) > MISSED_SHOWN:
         shown += f" and {len(names) - MISSED_SHOWN} more"
-    reporter.error(f"{summary}; not reloaded: {shown}")
+    if extra:
+        summary += f"; {extra}"
+    reporter.error(f"{summary}; not reloaded: {shown}" if names else summary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2486,6 +3370,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         metavar="<seconds>",
         help="how long the probe waits for the status line",
+    )
+    add(
+        "--max-surge",
+        type=non_negative_int,
+        default=0,
+        metavar="<int>",
+        help="before the first reload, add this many temporary twins per fastrouter key (new "
+        "links to an original's config, named <name>.surge-<i>, or a free port for configs "
+        "named after their port), wait until they are live, reload the originals counting "
+        "them, then drain and remove them: the minimum may then be the number of vassals",
     )
     add("--dry-run", action="store_true", help="print the plan and touch nothing")
     add(

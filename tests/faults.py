@@ -3,6 +3,8 @@
     python tests/faults.py kill PID -- CMD...       SIGKILL PID once CMD triggered its first reload
     python tests/faults.py interrupt [N] -- CMD... SIGINT CMD once it triggered its Nth reload (1)
     python tests/faults.py second-run -- CMD...    start CMD again once the first triggered
+    python tests/faults.py kill-and-rerun -- CMD... SIGKILL CMD itself once it triggered its first
+        reload (with --max-surge: its twins are up), then run CMD --json to the end; its exit code
     python tests/faults.py touch-all EMPEROR_STATS LINK...
         the naive reload: touch every config at once, then wait until every vassal is back
         (so that the load, which runs until the command ends, covers the whole outage)
@@ -69,6 +71,15 @@ def main(argv: Sequence[str]) -> int:
             result["killed"] = int(args[0])
         elif action == "interrupt":
             tool.send_signal(signal.SIGINT)
+        elif action == "kill-and-rerun":
+            tool.kill()
+            tool.wait()
+            result["killed"] = tool.pid
+            rerun = subprocess.run([*command, "--json"], capture_output=True, text=True)
+            sys.stdout.write(rerun.stdout)
+            sys.stderr.write(rerun.stderr)
+            result["second_exit"] = rerun.returncode
+            break
         elif action == "second-run":
             t0 = time.monotonic()
             second = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -80,7 +91,7 @@ def main(argv: Sequence[str]) -> int:
     result["exit"] = tool.wait()
     result["injected"] = injected
     sys.stdout.write(json.dumps(result) + "\n")
-    return int(result["exit"])
+    return int(result.get("second_exit", result["exit"]))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ Modes:
   vassals: it takes the other hosts' T - N nodes to be live without looking at the router, and
   reloads waves of T - M of its own N. Right while every other node is live; wrong when one is
   out (a node drained for maintenance, a host still coming back).
+- ``early-surge``: a surge done wrong: one twin (a new link ``<name>.surge-1.ini`` to the first
+  config's target), waited for until live, then each config touched one by one, and the twin's
+  link removed as soon as the last config is touched, before that vassal is back: the key falls
+  below its N vassals (to 0 with N = 1) while it restarts.
 """
 
 from __future__ import annotations
@@ -35,7 +39,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-MODES = ("one-by-one", "together", "plain-touch", "one-fewer", "all-keys", "early-exit", "own-host")
+MODES = (
+    "one-by-one",
+    "together",
+    "plain-touch",
+    "one-fewer",
+    "all-keys",
+    "early-exit",
+    "own-host",
+    "early-surge",
+)
 
 
 def read_json(address: str) -> Any:
@@ -125,6 +138,26 @@ def waves(mode: str, links: list[Path], minimum: int, fleet_nodes: int = 0) -> l
     return [links[i : i + size] for i in range(0, len(links), size)]
 
 
+def early_surge(links: list[Path], emperor: str, router: str, timeout: float) -> int:
+    first = links[0]
+    twin = first.with_name(f"{first.stem}.surge-1.ini")
+    twin.symlink_to(os.readlink(first) if first.is_symlink() else first)
+    try:
+        deadline = time.monotonic() + timeout
+        wait(f"{twin.name} to be live", lambda: node_live(router, twin.stem), deadline)
+        for number, link in enumerate(links, 1):
+            before = trigger(link, emperor)
+            if number == len(links):
+                twin.unlink()  # wrong: its original is not back yet
+            wait_back(link, before, emperor, router, timeout)
+    finally:
+        if twin.is_symlink():
+            twin.unlink()
+    deadline = time.monotonic() + timeout
+    wait(f"{twin.name} to stop", lambda: vassal(emperor, twin.name) is None, deadline)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reload_procedures.py")
     parser.add_argument("mode", choices=MODES)
@@ -136,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fleet-nodes", type=int, default=0)
     args = parser.parse_args(argv)
     links = sorted(args.emperor_dir.glob("*.ini"))
+    if args.mode == "early-surge":
+        return early_surge(links, args.emperor_stats, args.fastrouter_stats, args.timeout)
     for number, wave in enumerate(waves(args.mode, links, args.minimum, args.fleet_nodes), 1):
         plain = args.mode == "plain-touch"
         triggered = [(link, trigger(link, args.emperor_stats, plain=plain)) for link in wave]

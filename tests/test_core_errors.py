@@ -278,6 +278,31 @@ def touch_refused(*vids: str) -> Setup:
     return setup
 
 
+def nothing(stack: FakeStack, _: pytest.MonkeyPatch) -> None:
+    return None
+
+
+def emperor_dir_not_writable(stack: FakeStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    access = os.access
+    emperor = str(stack.emperor)
+
+    def refused(path: Any, mode: int, **kwargs: Any) -> bool:
+        return False if str(path) == emperor and mode & os.W_OK else access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", refused)
+
+
+def surge_state(text: str) -> Setup:
+    def setup(stack: FakeStack, _: pytest.MonkeyPatch) -> None:
+        (stack.emperor / ur.SURGE_STATE).write_text(text)
+        os.utime(stack.emperor / ur.SURGE_STATE, (1000, 1000))
+
+    return setup
+
+
+SURGE_1 = ("--max-surge", "1")
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     id: str
@@ -343,6 +368,46 @@ CASES = [
         fastrouter_answers(nodes_doc({"name": "/run/vassal_01.sock", "ref": [1]})),
         2,
         "not a number",
+    ),
+    # surge: refused before anything is touched or made
+    Case("--max-surge -1", nothing, 2, "must be 0 or more", ("--max-surge", "-1")),
+    Case(
+        "minimum = N without surge",
+        nothing,
+        2,
+        "leaves nothing to reload",
+        ("--minimum-active-vassals", "4"),
+    ),
+    Case(
+        "minimum = N + K with surge",
+        nothing,
+        2,
+        "with 1 twins per key from --max-surge",
+        ("--minimum-active-vassals", "5", *SURGE_1),
+    ),
+    Case(
+        "surge: emperor dir not writable", emperor_dir_not_writable, 2, "cannot make links", SURGE_1
+    ),
+    Case(
+        "surge: a state file not the tool's",
+        surge_state('{"twins": 3}'),
+        2,
+        "not one uwsgi-reload writes",
+        SURGE_1,
+    ),
+    Case(
+        "surge: a state file naming a path",
+        surge_state('{"twins": [{"id": "../x.ini", "target": "/t", "of": "vassal_01.ini"}]}'),
+        2,
+        "not one uwsgi-reload writes",
+    ),
+    # surge: a twin that never comes up stops the run before any original is touched
+    Case(
+        "surge: the twin never comes up",
+        nothing,
+        1,
+        "nothing was reloaded",
+        ("--minimum-active-vassals", "4", *SURGE_1, *QUICK_TIMEOUT),
     ),
     Case("interrupted before the run", on_snapshot(1, raise_(KeyboardInterrupt())), 130, "before"),
     Case(

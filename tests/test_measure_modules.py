@@ -13,7 +13,15 @@ import pytest
 LOADTESTS = Path(__file__).resolve().parent.parent / "loadtests"
 PACKAGE = "uwsgi_reload_loadtests"
 #: Modules run with ``python -m``: nothing imports them.
-COMMANDS = {"demo", "bench", "bench_drain", "bench_fleet", "original_plan", "simulate_fleet"}
+COMMANDS = {
+    "demo",
+    "bench",
+    "bench_drain",
+    "bench_fleet",
+    "bench_surge",
+    "original_plan",
+    "simulate_fleet",
+}
 PICTURE = "picture"
 
 
