@@ -49,9 +49,11 @@ def test_small_fleets_take_exactly_the_bound(
 def test_the_makespan_does_not_depend_on_the_poll_interval(interval: float) -> None:
     result = sf.roll(sf.Scenario(3, 4, 10, check_interval=interval))
     assert result.makespan == 6 and result.ok and result.minimum_held
-    # one poll per interval and one more after each round's touches, per host run
-    rounds = 2 * 3
-    assert result.polls == rounds * (round(1 / interval) + 1) + 3
+    # one poll per interval and one more after each round's touches, per host run, and a few
+    # at each host's start (how many is the start's business, not the schedule's)
+    rounds, hosts = 2 * 3, 3
+    per_rounds = rounds * (round(1 / interval) + 1)
+    assert per_rounds + hosts <= result.polls <= per_rounds + 3 * hosts
 
 
 def test_the_cpu_is_measured_per_poll() -> None:
