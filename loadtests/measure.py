@@ -652,7 +652,7 @@ class FreshStacks(Generic[StackOrFleet]):
     """
 
     def __init__(self, make: Callable[..., StackOrFleet], **config: object) -> None:
-        self._make = make
+        self._make: Callable[..., StackOrFleet] = make
         self._config = config
         self.current: StackOrFleet | None = None
 

@@ -177,7 +177,7 @@ def test_control_without_surge_four_vassals_fall_below_four(
     assert lost(run, 4) > 0
 
 
-def broken_run(fresh: FreshStacks, command: Callable[[Stack], list[str]]) -> ReloadRun:
+def broken_run(fresh: FreshStacks[Stack], command: Callable[[Stack], list[str]]) -> ReloadRun:
     stack = fresh()
     stack.deploy(version="v2", broken=True)
     return reload_under_load(stack, command(stack), users=BROKEN_USERS)
