@@ -91,7 +91,8 @@ def main(argv: Sequence[str]) -> int:
     result["exit"] = tool.wait()
     result["injected"] = injected
     sys.stdout.write(json.dumps(result) + "\n")
-    return int(result.get("second_exit", result["exit"]))
+    # kill-and-rerun: the command's outcome is its second run's; second-run: the first's
+    return int(result["second_exit"] if action == "kill-and-rerun" else result["exit"])
 
 
 if __name__ == "__main__":

@@ -268,6 +268,33 @@ def test_a_run_killed_mid_surge_is_cleaned_up_by_the_next(
     assert clean(stack) == []
 
 
+def test_ctrl_c_mid_surge_removes_the_twin_before_exiting(
+    make_uwsgi_stack: MakeStack, record_reload: Record
+) -> None:
+    """SIGINT once the twin is live and the first original triggered: nothing more starts, the
+    twin is drained and removed only while the minimum holds without it, and the tool exits 130
+    leaving no twin behind."""
+    stack = make_uwsgi_stack(vassals=2)
+    # without --json: the fault waits for the tool's "triggered" line on stdout
+    tool = [part for part in surge_command(stack, 2, 1) if part != "--json"]
+    command = with_fault("interrupt", tool)
+    run = observed(
+        again(stack, command),
+        "surge: SIGINT mid-surge",
+        2,
+        record_reload,
+        all_replaced=False,
+        expected_exit=130,
+        verify=lambda r: clean(stack),
+    )
+    print(summary(run, 2))
+    assert run.returncode == 130, run.output
+    assert run.check(2, all_replaced=False) == [], run.output
+    assert lost(run, 2) == 0.0
+    assert clean(stack) == []
+    assert not (Path(stack.emperor_path) / ".uwsgi-reload-surge").exists()
+
+
 def test_surge_on_a_fleet_is_per_host(make_uwsgi_fleet: MakeFleet, record_reload: Record) -> None:
     """Two hosts of two vassals each (configs named after their ports) behind two routers,
     rolled host after host with --max-surge 1 and the minimum at every node of the key: each
