@@ -148,7 +148,9 @@ def test_tiny_drain_bench_writes_both_tables_and_leaves_nothing_running(tmp_path
     assert "**0 failed in 1 of 1 runs**" in table
     data = json.loads((results / "drain.json").read_text())
     for run in data["runs"]:
-        assert run["failures"] == 0, run
+        # Without drain, uWSGI can reset a request handed to a vassal as its graceful reload
+        # begins (docs/design.md): rare, the reason to drain, tolerated as in test_drain.
+        assert run["failures"] <= (0 if run["drain"].startswith("on") else 2), run
         for vassal in run["result"]["vassals"]:
             assert vassal["triggered"] <= vassal["accepting"] <= vassal["back"], vassal
     [broken] = data["broken_runs"]
