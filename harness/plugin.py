@@ -33,11 +33,14 @@ ROWS = pytest.StashKey[list[dict[str, object]]]()
 #: The reload command when ``--reload-command`` is not given: this project's tool, draining each
 #: vassal first. Without drain, uWSGI can reset a connection the router already handed to a
 #: vassal as its graceful reload begins (the router logs ``fr_instance_read(): Connection reset
-#: by peer`` and does not retry a node that accepted): rare, but a lost request.
+#: by peer`` and does not retry a node that accepted): rare, but a lost request. Drain goes with
+#: ``--probe``: drain subscribes a vassal back itself, and without a probe it does so when the
+#: Emperor hears "accepting", before the worker's accepting hooks have run
+#: (docs/bench/probe-stall.md).
 DEFAULT_TEMPLATE = (
     "{python} {tool} --emperor-path {emperor_path} --fastrouter-stats-socket {fastrouter_stats} "
     "--emperor-stats-socket {emperor_stats} --subscription-server {subscription_server} "
-    "--minimum-active-vassals {minimum} --timeout {timeout}"
+    "--probe {health_path} --minimum-active-vassals {minimum} --timeout {timeout}"
 )
 
 # (name, help, ini type): --uwsgi-NAME on the command line, uwsgi_NAME in the ini file.
@@ -72,7 +75,7 @@ _OPTIONS: list[tuple[str, str, str]] = [
 
 _RELOAD_HELP = (
     "the reload procedure under test: a command template with {python} {tool} {emperor_path} "
-    "{emperor_stats} {fastrouter_stats} {subscription_server} {minimum} {timeout} "
+    "{emperor_stats} {fastrouter_stats} {subscription_server} {health_path} {minimum} {timeout} "
     "(default: this project's uwsgi_reload.py)"
 )
 

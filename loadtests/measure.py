@@ -64,6 +64,7 @@ def reload_command(stack: Stack, template: str, minimum: int, timeout: float = 6
         "emperor_stats": stack.emperor_stats,
         "fastrouter_stats": stack.fastrouter_stats,
         "subscription_server": stack.subscription_server,
+        "health_path": stack.config.health_path,
         "minimum": str(minimum),
         "timeout": f"{timeout:g}",
     }
