@@ -224,8 +224,8 @@ class FleetHost:
         every subscription server and ``--probe`` of the health path), then ``flags``.
 
         The probe is part of drain here: the tool would otherwise subscribe a reloaded vassal on
-        the Emperor's "accepting", which worker 1 sends before its accepting hooks run, and the
-        examples' ``spinningfifo`` hook can hold that worker for a second (docs/design.md)."""
+        the Emperor's "accepting", which worker 1 sends before its accepting hooks run, and a
+        blocking accepting hook holds that worker (docs/design.md, "The example configs")."""
         routers = [a for r in self.routers for a in ("--fastrouter-stats-socket", r.stats)]
         servers = [
             a for r in self.routers for a in ("--subscription-server", r.subscription_server)
