@@ -9,10 +9,11 @@ from typing import Any, cast
 
 import pytest
 
+from uwsgi_reload_harness.plugin import DEFAULT_TEMPLATE
 from uwsgi_reload_loadtests import observer as observer_module
 from uwsgi_reload_loadtests import report as report_module
 from uwsgi_reload_loadtests.endstate import EndState
-from uwsgi_reload_loadtests.measure import ReloadRun, tool_report
+from uwsgi_reload_loadtests.measure import ReloadRun, reload_command, tool_report
 from uwsgi_reload_loadtests.observer import RouterObserver, Sample
 from uwsgi_reload_loadtests.report import (
     FailureAt,
@@ -318,3 +319,25 @@ def test_a_vassal_missing_after_the_reload_was_not_replaced() -> None:
         workers_after={"v_01.ini": [11]},
     )
     assert run.replaced() == ["v_01.ini"]
+
+
+class _TemplateStack:
+    """What :func:`reload_command` reads of a stack."""
+
+    emperor_path = "/run/e/vassals"
+    emperor_stats = "/run/e/stats.sock"
+    fastrouter_stats = "/run/e/fr.sock"
+    subscription_server = "/run/e/ss.sock"
+    config = dataclasses.make_dataclass("Config", [("health_path", str)])("/healthz")
+
+    def reload_command(self) -> list[str]:
+        return ["python3", "/opt/uwsgi_reload.py"]
+
+
+def test_the_default_template_drains_and_probes_the_health_path() -> None:
+    command = reload_command(cast(Any, _TemplateStack()), DEFAULT_TEMPLATE, minimum=2, timeout=5)
+    assert command[1] == "/opt/uwsgi_reload.py"
+    assert command[command.index("--subscription-server") + 1] == "/run/e/ss.sock"
+    assert command[command.index("--probe") + 1] == "/healthz"
+    assert command[command.index("--minimum-active-vassals") + 1] == "2"
+    assert not [part for part in command if "{" in part or "}" in part]
