@@ -22,10 +22,11 @@ Per configuration (H, N, m):
 * polls: the tool's reads of the stats (``Io.snapshot`` calls).
 * CPU per poll, ``time.process_time`` of this process: *read*, the tool's decoding of the stats
   JSON (``json.loads`` as ``read_stats`` does, ``parse_emperor_stats``,
-  ``parse_fastrouter_stats``, ``Snapshot``); *decide*, everything the tool does between two polls
-  (``Rollout.step`` and ``_drive``'s handling of its events; after a host's last poll, its
-  summary), less the simulator's own time in ``Io.touch``. The start-up checks of each host's run
-  (``locate``, ``check_fleet``) are counted apart. Remote nodes: ``(H-1) x N``.
+  ``parse_fastrouter_keys``, ``NodeTable``, ``Snapshot``, as ``take_snapshot`` does); *decide*,
+  everything the tool does between two polls (``Rollout.step`` and ``_drive``'s handling of its
+  events; after a host's last poll, its summary), less the simulator's own time in ``Io.touch``.
+  The start-up checks of each host's run (``locate``, ``check_fleet``) are counted apart. Remote
+  nodes: ``(H-1) x N``.
 * minimum held: the simulator counts, at every poll and after every touch, the nodes live in
   each router and in every router, and checks that the count never went below m.
 
@@ -359,10 +360,10 @@ class SimFleet:
         raw = {what: self._stats_json(what) for what in ("emperor", *options.routers)}
         started = time.process_time()
         vassals = ur.parse_emperor_stats(json.loads(raw["emperor"]))
-        nodes: list[ur.Node] = []
+        keys: list[ur.KeyNodes] = []
         for router in options.routers:
-            nodes += ur.parse_fastrouter_stats(json.loads(raw[router]), router)
-        snapshot = ur.Snapshot(vassals, nodes, options.routers)
+            keys += ur.parse_fastrouter_keys(json.loads(raw[router]), router)
+        snapshot = ur.Snapshot(vassals, ur.NodeTable(keys), options.routers)
         self._since = time.process_time()
         self.read_cpu.append(self._since - started)
         self.polls += 1
@@ -705,7 +706,8 @@ def markdown(results: Sequence[Result], env_lines: Sequence[str], args: argparse
         "- at once: min(N, F - m), the vassals of one host that may be down together; bound = "
         "H x ceil(N / at once) reload times; ratio = makespan / bound.",
         "- read: the tool's decoding of one poll's stats (`json.loads`, `parse_emperor_stats`, "
-        "`parse_fastrouter_stats`, `Snapshot`); decide: the tool's work between two polls "
+        "`parse_fastrouter_keys`, `NodeTable`, `Snapshot`, as `take_snapshot`); decide: the "
+        "tool's work between two polls "
         "(`Rollout.step` and `_drive`'s handling of its events, the simulator's time in the "
         "touch left out; after a host's last poll, its summary too); both "
         "`time.process_time`, means over the polls; start: each host run's start-up checks "
