@@ -2157,8 +2157,8 @@ class Surge:
                 events.append(_twin_event(t, TwinEventKind.ADD, now))
             elif t.phase is TwinPhase.STARTING:
                 current = snapshot.vassals.get(t.id)
-                if live_keys(current, t.name, snapshot.live_nodes, t.addresses):
-                    mine = nodes_of(t.name, snapshot.live_nodes, t.addresses)
+                if live_keys(current, t.name, snapshot.live_index, t.addresses):
+                    mine = nodes_of(t.name, snapshot.live_index, t.addresses)
                     if self.probe and not t.probe_passed:
                         t.phase = TwinPhase.PROBING
                         target = sorted(mine, key=lambda n: (n.key, n.name))[0]
@@ -2234,7 +2234,7 @@ class Surge:
         return [_twin_event(t, TwinEventKind.KEPT, now)]
 
     def _keys(self, t: Twin, snapshot: Snapshot) -> frozenset[str]:
-        return live_keys(snapshot.vassals.get(t.id), t.name, snapshot.live_nodes, t.addresses)
+        return live_keys(snapshot.vassals.get(t.id), t.name, snapshot.live_index, t.addresses)
 
     def down(self, snapshot: Snapshot, now: float) -> list[TwinEvent]:
         """Drain and remove every twin that may go now; follow the removed ones until gone."""
@@ -2259,10 +2259,10 @@ class Surge:
             return events
         # Per key, the live nodes of everything but the twins on their way out.
         leaving = self.in_phase(TwinPhase.DRAINING, TwinPhase.REMOVED)
-        counts: dict[str, int] = {}
-        for n in snapshot.live_nodes:
-            if not any(owns(t.name, t.addresses, n.name) for t in leaving):
-                counts[n.key] = counts.get(n.key, 0) + 1
+        index = snapshot.live_index
+        # one node per (key, name) there: a node of two leaving twins is left out once
+        out = {(n.key, n.name) for t in leaving for n in index.of_vassal(t.name, t.addresses)}
+        counts = _less(index.live_per_key, (key for key, _ in out))
         for t in self.in_phase(*TWIN_UP):
             keys = self._keys(t, snapshot)
             if not all(counts.get(k, 0) - 1 >= self.minimum for k in keys):
@@ -2276,7 +2276,7 @@ class Surge:
                 continue
             for k in keys:
                 counts[k] -= 1
-            t.nodes = tuple(nodes_of(t.name, snapshot.nodes, t.addresses))
+            t.nodes = tuple(nodes_of(t.name, snapshot.index, t.addresses))
             live_nodes = tuple(n for n in t.nodes if n.live)
             if self.subscriptions and live_nodes:
                 t.drain_started, t.phase = now, TwinPhase.DRAINING
@@ -2292,13 +2292,13 @@ class Surge:
 
     def _drain(self, t: Twin, snapshot: Snapshot, now: float) -> list[TwinEvent]:
         assert t.drain_started is not None
-        drained, _ = drain_done(t.name, snapshot.nodes, t.addresses)
+        drained, _ = drain_done(t.name, snapshot.index, t.addresses)
         took = now - t.drain_started
         if drained or took >= self.drain_timeout:
             t.drained = took
             return [self._remove(t, now)]
         # its master re-announces every subscribe-freq cycles (core/master.c)
-        again = [n for n in nodes_of(t.name, snapshot.nodes, t.addresses) if n.live]
+        again = [n for n in nodes_of(t.name, snapshot.index, t.addresses) if n.live]
         if not again:
             return []
         send = subscriptions(Command.UNSUBSCRIBE, again)
@@ -2378,7 +2378,7 @@ def plan_twins(
     """
     names = set(taken)
     live = {
-        v.id: live_keys(snapshot.vassals.get(v.id), v.name, snapshot.live_nodes, v.addresses)
+        v.id: live_keys(snapshot.vassals.get(v.id), v.name, snapshot.live_index, v.addresses)
         for v in fleet
     }
     keys = sorted({k for ks in live.values() for k in ks})
@@ -2396,7 +2396,7 @@ def plan_twins(
                     f"--max-surge {surge}: no free port for a twin of {v.id} (its name is its port)"
                 )
             names.add(name + suffix)
-            mine = nodes_of(v.name, snapshot.live_nodes, v.addresses)
+            mine = nodes_of(v.name, snapshot.live_index, v.addresses)
             twins.append(
                 Twin(
                     id=name + suffix,
