@@ -505,10 +505,12 @@ class _Spellings:
             self.by_address.setdefault(canonical_address(name), set()).add(name)
             self.by_vassal_name.setdefault(node_vassal_name(name), set()).add(name)
 
-    def of_vassal(self, name: str, addresses: frozenset[str]) -> set[str]:
+    def of_vassal(self, name: str, addresses: frozenset[str]) -> Collection[str]:
         """The names seen that ``owns`` gives the vassal."""
         if not addresses:
-            return self.by_vassal_name.get(name, set())
+            return self.by_vassal_name.get(name, ())
+        if len(addresses) == 1:
+            return self.by_address.get(next(iter(addresses)), ())
         return {n for a in addresses for n in self.by_address.get(a, ())}
 
 
@@ -574,11 +576,21 @@ class NodeIndex:
     def _spellings(self) -> _Spellings:
         return _learned([self._by_name.keys()])
 
+    @functools.cached_property
+    def _found(self) -> dict[tuple[str, frozenset[str]], list[int]]:
+        """``_positions`` already asked for: a poll asks for each vassal's several times."""
+        return {}
+
     def _positions(self, name: str, addresses: frozenset[str]) -> list[int]:
-        names = self._spellings.of_vassal(name, addresses)
-        if len(names) == 1:
-            return self._where(next(iter(names)))
-        return sorted(i for n in names for i in self._where(n))
+        found = self._found.get((name, addresses))
+        if found is None:
+            names = self._spellings.of_vassal(name, addresses)
+            if len(names) == 1:
+                found = self._where(next(iter(names)))
+            else:
+                found = sorted(i for n in names for i in self._where(n))
+            self._found[name, addresses] = found
+        return found
 
     def of_vassal(self, name: str, addresses: frozenset[str] = frozenset()) -> list[Node]:
         """The nodes ``owns`` gives the vassal, in the snapshot's order."""
@@ -759,7 +771,7 @@ class NodeTable(NodeIndex):
         return [(s + j, k, j) for k, s in zip(self.keys, self._starts) for j in k.where(name)]
 
     def _where(self, name: str) -> list[int]:
-        return [i for i, _, _ in self.places(name)]
+        return [s + j for k, s in zip(self.keys, self._starts) for j in k.where(name)]
 
     @functools.cached_property
     def _spellings(self) -> _Spellings:
