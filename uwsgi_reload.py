@@ -642,6 +642,7 @@ class KeyNodes:
         key: str,
         raw: Sequence[Mapping[str, Any]],
         names: Sequence[str],
+        marks: list[int],
         made: Sequence[Node] | None = None,
     ) -> None:
         self.router = router
@@ -654,11 +655,11 @@ class KeyNodes:
         self.positions: dict[str, int] = {}
         if made is None:
             self.positions = dict(zip(names, range(len(names))))  # in C: names are unique
-            self.marks = list(map(_DEATH_MARK, raw))
         else:
             for j, name in enumerate(names):
                 self.positions.setdefault(name, j)
-            self.marks = [int(not node.live) for node in made]
+        #: each node's death_mark (0: live)
+        self.marks = marks
         #: how many are live
         self.live = self.marks.count(0)
         #: no name is there twice (what a fastrouter writes)
@@ -671,20 +672,23 @@ class KeyNodes:
         """The nodes ``raw`` (JSON objects) of ``key``, each taken as ``_node`` takes it."""
         try:
             names = list(map(_NAME, raw))
+            marks = list(map(_DEATH_MARK, raw))
             plain = (
                 _DICT.issuperset(map(type, raw))
                 and _STR.issuperset(map(type, names))
                 and "" not in names
-                and all(_INT.issuperset(map(type, map(field, raw))) for field in _NUMBER_FIELDS)
+                and _INT.issuperset(map(type, marks))
+                and all(_INT.issuperset(map(type, map(f, raw))) for f in _NUMBER_FIELDS[1:])
             )
         except (KeyError, TypeError):  # a field left out, or an object that is no dict
             plain = False
         if plain:
-            nodes = cls(router, key, raw, names)
+            nodes = cls(router, key, raw, names, marks)
             if nodes.unique:
                 return nodes
         made = [_node(n, key, router, where, j) for j, n in enumerate(raw)]
-        return cls(router, key, raw, [n.name for n in made], made)
+        marks = [int(not n.live) for n in made]
+        return cls(router, key, raw, [n.name for n in made], marks, made)
 
     def __len__(self) -> int:
         return len(self.names)
