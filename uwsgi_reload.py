@@ -288,8 +288,9 @@ def _host_port_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-# every poll indexes every node by its address (``NodeIndex``): a cache smaller than the
-# fleet's node names would miss on every one of them, at every poll
+# a poll works each name out once (``_Spellings``), but ``node_addresses`` goes through every
+# node name for each vassal bound on every address: a cache smaller than the fleet's node names
+# would miss on every one of them, for each such vassal
 @functools.lru_cache(maxsize=65536)
 def canonical_address(name: str) -> str:
     """A node or socket address in one spelling: ``127.0.0.2:3121``, ``[::1]:3121``; a unix
