@@ -17,6 +17,7 @@ lock, 130 interrupted (SIGINT or SIGTERM).
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import dataclasses
 import enum
@@ -24,8 +25,10 @@ import errno
 import fcntl
 import functools
 import ipaddress
+import itertools
 import json
 import math
+import operator
 import os
 import signal
 import socket
@@ -33,7 +36,7 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, TextIO, TypeVar
@@ -167,10 +170,17 @@ def _int_field(raw: Mapping[str, Any], field: str, what: str) -> int:
         raise StatsError(f"{what} has {field} {_shown(value)}, not a number") from None
 
 
+_DICT = frozenset({dict})
+_INT = frozenset({int})
+_STR = frozenset({str})
+
+
 def _objects(value: object, what: str) -> list[Mapping[str, Any]]:
     """``value`` if it is a list of objects; a ``StatsError`` saying what is wrong otherwise."""
     if not isinstance(value, list):
         raise StatsError(f"{what} is {_shown(value)}, not a list")
+    if _DICT.issuperset(map(type, value)):
+        return value  # what JSON gives, told in one pass in C
     for i, entry in enumerate(value):
         if not isinstance(entry, (dict, Mapping)):  # dict first: what JSON gives, no ABC check
             raise StatsError(f"{what}[{i}] is {_shown(entry)}, not an object")
@@ -213,41 +223,39 @@ def parse_fastrouter_stats(data: Mapping[str, Any], router: str = "") -> list[No
 
     Anything but the shape a fastrouter's stats server writes is a ``StatsError``.
     """
+    return list(NodeTable(parse_fastrouter_keys(data, router)))
+
+
+def parse_fastrouter_keys(data: Mapping[str, Any], router: str = "") -> list[KeyNodes]:
+    """``parse_fastrouter_stats`` with the same checks and errors, each key's nodes kept as the
+    stats wrote them (``KeyNodes``): join them into a ``NodeTable``."""
     if not isinstance(data, Mapping) or not isinstance(data.get("subscriptions"), list):
         raise StatsError(
             "fastrouter stats have no 'subscriptions' list (is it a fastrouter stats server?)"
         )
-    nodes = []
+    keys = []
     subscribed = _objects(data["subscriptions"], "fastrouter stats: subscriptions")
     for i, sub in enumerate(subscribed):
         key = _text(sub, "key", f"fastrouter stats: subscriptions[{i}]", default="")
         where = f"fastrouter stats: key {key!r}: nodes"
-        for j, node in enumerate(_objects(sub.get("nodes", []), where)):
-            nodes.append(_node(node, key, router, where, j))
-    return nodes
+        keys.append(KeyNodes.checked(router, key, _objects(sub.get("nodes", []), where), where))
+    return keys
 
 
 #: The integer fields of a node the tool reads, in ``Node``'s order.
 _NODE_NUMBERS = ("death_mark", "ref", "modifier1", "modifier2", "cores", "load", "weight")
+_NAME = operator.itemgetter("name")
+_NUMBER_FIELDS = tuple(operator.itemgetter(field) for field in _NODE_NUMBERS)
+_DEATH_MARK = _NUMBER_FIELDS[0]
+_NUMBERS = operator.itemgetter(*_NODE_NUMBERS)
 
 
 def _node(raw: Mapping[str, Any], key: str, router: str, where: str, j: int) -> Node:
-    """One node of ``key``. What a fastrouter writes (a name, integers) is taken as it is, in one
-    look per field; anything else goes through the checks that say what is wrong."""
-    name = raw.get("name", "")
-    numbers = [raw.get(field, 0) for field in _NODE_NUMBERS]
+    """One node of ``key``, through the checks that say what is wrong with it."""
+    name = _text(raw, "name", f"{where}[{j}]")
+    what = f"{where}: {name}"
+    numbers = [_int_field(raw, field, what) for field in _NODE_NUMBERS]
     death_mark, ref, modifier1, modifier2, cores, load, weight = numbers
-    plain = (
-        type(name) is str
-        and name != ""
-        and type(death_mark) is type(ref) is type(modifier1) is type(modifier2) is int
-        and type(cores) is type(load) is type(weight) is int
-    )
-    if not plain:
-        name = _text(raw, "name", f"{where}[{j}]")
-        what = f"{where}: {name}"
-        numbers = [_int_field(raw, field, what) for field in _NODE_NUMBERS]
-        death_mark, ref, modifier1, modifier2, cores, load, weight = numbers
     # positional, in Node's field order: keywords cost a third more per node
     return Node(key, name, bool(death_mark), ref, modifier1, modifier2, cores, load, weight, router)
 
@@ -280,8 +288,9 @@ def _host_port_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-# every poll indexes every node by its address (``NodeIndex``): a cache smaller than the
-# fleet's node names would miss on every one of them, at every poll
+# a poll works each name out once (``_Spellings``), but ``node_addresses`` goes through every
+# node name for each vassal bound on every address: a cache smaller than the fleet's node names
+# would miss on every one of them, for each such vassal
 @functools.lru_cache(maxsize=65536)
 def canonical_address(name: str) -> str:
     """A node or socket address in one spelling: ``127.0.0.2:3121``, ``[::1]:3121``; a unix
@@ -463,6 +472,9 @@ class _Positions:
             self._before.append(self._last.get(key, -1))
             self._last[key] = i
 
+    def keys(self) -> Collection[str]:
+        return self._last.keys()
+
     def get(self, key: str) -> list[int]:
         """``key``'s positions, in order."""
         found = []
@@ -474,15 +486,64 @@ class _Positions:
         return found
 
 
+class _Spellings:
+    """Node names seen so far, under what ``owns`` matches them on: the address
+    (``canonical_address``) and the vassal a node is named after (``node_vassal_name``). A
+    fleet's node names are the same from poll to poll: each is worked out the first time it is
+    seen, and a vassal's nodes are then looked up by name, not found by a look at every node."""
+
+    #: names kept at most: past them, ``_learned`` starts a new one (an index keeps its own)
+    LIMIT = 65536
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.by_address: dict[str, set[str]] = {}
+        self.by_vassal_name: dict[str, set[str]] = {}
+
+    def learn(self, names: Iterable[str]) -> None:
+        for name in set(names) - self.seen:
+            self.seen.add(name)
+            self.by_address.setdefault(canonical_address(name), set()).add(name)
+            self.by_vassal_name.setdefault(node_vassal_name(name), set()).add(name)
+
+    def of_vassal(self, name: str, addresses: frozenset[str]) -> Collection[str]:
+        """The names seen that ``owns`` gives the vassal."""
+        if not addresses:
+            return self.by_vassal_name.get(name, ())
+        if len(addresses) == 1:
+            return self.by_address.get(next(iter(addresses)), ())
+        return {n for a in addresses for n in self.by_address.get(a, ())}
+
+
+_spellings = _Spellings()
+
+
+def _learned(names: Sequence[Collection[str]]) -> _Spellings:
+    """The spellings of node names, every one of ``names`` among them (a set check in C per
+    poll; a name is worked out once)."""
+    global _spellings
+    new = [part for part in names if not _spellings.seen.issuperset(part)]
+    if new:
+        if len(_spellings.seen) + sum(map(len, new)) > _Spellings.LIMIT:
+            _spellings, new = _Spellings(), list(names)
+        for part in new:
+            _spellings.learn(part)
+    return _spellings
+
+
 class NodeIndex:
-    """One snapshot's nodes by what ``owns`` matches them on: each node's address and socket
-    name are worked out once (one pass over the nodes), then a vassal's nodes are a lookup, not
-    a scan. The counts per key are taken once too, so that the other hosts' nodes are the total
-    less this host's own. Built from one snapshot's nodes and never changed (``Snapshot.index``):
-    nothing carries over to the next poll."""
+    """One snapshot's nodes by what ``owns`` matches them on: the nodes' names are indexed once
+    (one pass over the nodes), and the names ``owns`` gives a vassal come from ``_Spellings``,
+    so a vassal's nodes are a lookup, not a scan. The counts per key are taken once too, so that
+    the other hosts' nodes are the total less this host's own. Built from one snapshot's nodes
+    and never changed (``Snapshot.index``). ``NodeTable``: the same from the stats as read."""
 
     def __init__(self, nodes: Iterable[Node]) -> None:
-        self.nodes = tuple(nodes)
+        self._nodes = tuple(nodes)
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        return self._nodes
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes)
@@ -490,31 +551,58 @@ class NodeIndex:
     def __len__(self) -> int:
         return len(self.nodes)
 
-    @functools.cached_property
-    def _by_address(self) -> _Positions:
-        return _Positions(canonical_address(node.name) for node in self.nodes)
+    def __contains__(self, node: object) -> bool:
+        return node in self.nodes
+
+    def _at(self, i: int) -> Node:
+        return self.nodes[i]
 
     @functools.cached_property
-    def _by_vassal_name(self) -> _Positions:
-        return _Positions(node_vassal_name(node.name) for node in self.nodes)
+    def _by_name(self) -> _Positions:
+        return _Positions(node.name for node in self.nodes)
+
+    def _where(self, name: str) -> list[int]:
+        """The positions of the nodes named ``name``, in order."""
+        return self._by_name.get(name)
+
+    def names(self) -> Collection[str]:
+        """The nodes' names, each once."""
+        return self._by_name.keys()
+
+    def live_names(self) -> Collection[str]:
+        """The names of the live nodes, each once."""
+        return {node.name for node in self.nodes if node.live}
+
+    @functools.cached_property
+    def _spellings(self) -> _Spellings:
+        return _learned([self._by_name.keys()])
+
+    @functools.cached_property
+    def _found(self) -> dict[tuple[str, frozenset[str]], list[int]]:
+        """``_positions`` already asked for: a poll asks for each vassal's several times."""
+        return {}
 
     def _positions(self, name: str, addresses: frozenset[str]) -> list[int]:
-        if not addresses:
-            return self._by_vassal_name.get(name)
-        if len(addresses) == 1:
-            return self._by_address.get(next(iter(addresses)))
-        return sorted(i for a in addresses for i in self._by_address.get(a))
+        found = self._found.get((name, addresses))
+        if found is None:
+            names = self._spellings.of_vassal(name, addresses)
+            if len(names) == 1:
+                found = self._where(next(iter(names)))
+            else:
+                found = sorted(i for n in names for i in self._where(n))
+            self._found[name, addresses] = found
+        return found
 
     def of_vassal(self, name: str, addresses: frozenset[str] = frozenset()) -> list[Node]:
         """The nodes ``owns`` gives the vassal, in the snapshot's order."""
-        return [self.nodes[i] for i in self._positions(name, addresses)]
+        return [self._at(i) for i in self._positions(name, addresses)]
 
     def of_fleet(self, fleet: Iterable[VassalReload]) -> list[Node]:
         """The nodes that are a vassal's of ``fleet``, each once, in the snapshot's order."""
         positions: set[int] = set()
         for v in fleet:
             positions.update(self._positions(v.name, v.addresses))
-        return [self.nodes[i] for i in sorted(positions)]
+        return [self._at(i) for i in sorted(positions)]
 
     @functools.cached_property
     def live_per_key(self) -> dict[str, int]:
@@ -538,6 +626,252 @@ class NodeIndex:
 def _indexed(nodes: Iterable[Node]) -> NodeIndex:
     """``nodes`` as an index: a snapshot's own (``Snapshot.index``) as it is."""
     return nodes if isinstance(nodes, NodeIndex) else NodeIndex(nodes)
+
+
+class KeyNodes:
+    """The nodes of one key in one router's stats, checked (``parse_fastrouter_keys``).
+
+    What a fastrouter writes (each node under a name of its own, integers) is checked field by
+    field over all the nodes at once, in C, and kept as read: a ``Node`` is made of a node only
+    when it is asked for, so the other hosts' nodes, which a poll only counts, never are.
+    Anything else is made into ``Node`` objects at once, through the checks that say what is
+    wrong with it (``_node``)."""
+
+    def __init__(
+        self,
+        router: str,
+        key: str,
+        raw: Sequence[Mapping[str, Any]],
+        names: Sequence[str],
+        marks: list[int],
+        made: Sequence[Node] | None = None,
+    ) -> None:
+        self.router = router
+        self.key = key
+        self._raw = raw
+        self.names = names
+        #: every node, made at once (``None``: each when asked for, from ``raw``)
+        self._made = made
+        #: the first position of each name
+        self.positions: dict[str, int] = {}
+        if made is None:
+            self.positions = dict(zip(names, range(len(names))))  # in C: names are unique
+        else:
+            for j, name in enumerate(names):
+                self.positions.setdefault(name, j)
+        #: each node's death_mark (0: live)
+        self.marks = marks
+        #: how many are live
+        self.live = self.marks.count(0)
+        #: no name is there twice (what a fastrouter writes)
+        self.unique = len(self.positions) == len(names)
+
+    @classmethod
+    def checked(
+        cls, router: str, key: str, raw: Sequence[Mapping[str, Any]], where: str
+    ) -> KeyNodes:
+        """The nodes ``raw`` (JSON objects) of ``key``, each taken as ``_node`` takes it."""
+        try:
+            names = list(map(_NAME, raw))
+            marks = list(map(_DEATH_MARK, raw))
+            plain = (
+                _DICT.issuperset(map(type, raw))
+                and _STR.issuperset(map(type, names))
+                and "" not in names
+                and _INT.issuperset(map(type, marks))
+                and all(_INT.issuperset(map(type, map(f, raw))) for f in _NUMBER_FIELDS[1:])
+            )
+        except (KeyError, TypeError):  # a field left out, or an object that is no dict
+            plain = False
+        if plain:
+            nodes = cls(router, key, raw, names, marks)
+            if nodes.unique:
+                return nodes
+        made = [_node(n, key, router, where, j) for j, n in enumerate(raw)]
+        marks = [int(not n.live) for n in made]
+        return cls(router, key, raw, [n.name for n in made], marks, made)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def node(self, j: int) -> Node:
+        """The node at position ``j``."""
+        if self._made is not None:
+            return self._made[j]
+        death_mark, ref, modifier1, modifier2, cores, load, weight = _NUMBERS(self._raw[j])
+        name = self.names[j]
+        # positional, in Node's field order: keywords cost a third more per node
+        return Node(
+            self.key,
+            name,
+            bool(death_mark),
+            ref,
+            modifier1,
+            modifier2,
+            cores,
+            load,
+            weight,
+            self.router,
+        )
+
+    def where(self, name: str) -> list[int]:
+        """The positions of the nodes named ``name``, in order."""
+        if self._made is None:
+            j = self.positions.get(name)
+            return [] if j is None else [j]
+        return [j for j, n in enumerate(self.names) if n == name]
+
+    def live_names(self) -> Collection[str]:
+        """The names of the live nodes."""
+        if self.live == len(self.names) and self._made is None:
+            return self.positions.keys()
+        return _LiveNames(self)
+
+
+class _LiveNames(Collection[str]):
+    """The names of a key's live nodes, looked up rather than copied into a set."""
+
+    def __init__(self, nodes: KeyNodes) -> None:
+        self._nodes = nodes
+
+    def __contains__(self, name: object) -> bool:
+        marks = self._nodes.marks
+        return isinstance(name, str) and any(marks[j] == 0 for j in self._nodes.where(name))
+
+    def __iter__(self) -> Iterator[str]:
+        live = itertools.compress(self._nodes.names, map(operator.not_, self._nodes.marks))
+        return iter(dict.fromkeys(live))
+
+    def __len__(self) -> int:
+        return self._nodes.live if self._nodes.unique else len(dict.fromkeys(self))
+
+
+class NodeTable(NodeIndex):
+    """A snapshot's nodes as the routers' stats listed them (``KeyNodes``, in order): the index
+    of ``NodeIndex`` without a ``Node`` per node. Per poll, the other hosts' nodes cost their
+    checks and their counts, in C; a ``Node`` is made only of a node a vassal's lookup finds."""
+
+    def __init__(self, keys: Iterable[KeyNodes]) -> None:
+        self.keys = tuple(keys)
+        #: the position of the first node of each of ``keys``, and the number of nodes last
+        self._starts = list(itertools.accumulate((len(k) for k in self.keys), initial=0))
+        self._made: dict[int, Node] = {}
+
+    @functools.cached_property
+    def nodes(self) -> tuple[Node, ...]:
+        return tuple(self._at(i) for i in range(len(self)))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _at(self, i: int) -> Node:
+        node = self._made.get(i)
+        if node is None:
+            k = bisect.bisect_right(self._starts, i) - 1
+            node = self._made[i] = self.keys[k].node(i - self._starts[k])
+        return node
+
+    def places(self, name: str) -> list[tuple[int, KeyNodes, int]]:
+        """The nodes named ``name``: (position, their key's nodes, position among them)."""
+        return [(s + j, k, j) for k, s in zip(self.keys, self._starts) for j in k.where(name)]
+
+    def _where(self, name: str) -> list[int]:
+        return [s + j for k, s in zip(self.keys, self._starts) for j in k.where(name)]
+
+    @functools.cached_property
+    def _spellings(self) -> _Spellings:
+        return _learned([k.positions.keys() for k in self.keys])
+
+    def names(self) -> Collection[str]:
+        return _union([k.positions.keys() for k in self.keys])
+
+    def live_names(self) -> Collection[str]:
+        return _union([k.live_names() for k in self.keys])
+
+    @functools.cached_property
+    def live_per_key(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for k in self.keys:
+            if k.live:
+                counts[k.key] = counts.get(k.key, 0) + k.live
+        return counts
+
+    @functools.cached_property
+    def live_per_place(self) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for k in self.keys:
+            if k.live:
+                counts[k.router, k.key] = counts.get((k.router, k.key), 0) + k.live
+        return counts
+
+
+class LiveNodes(NodeIndex):
+    """The nodes of a ``NodeTable`` live in every one of ``routers`` (``Snapshot.live_nodes``):
+    one per (key, name), the first the stats list live; worked out per key on the names, in C,
+    and per vassal on its own nodes."""
+
+    def __init__(self, table: NodeTable, routers: Iterable[str]) -> None:
+        self._table = table
+        wanted = tuple(routers)
+        #: key -> router -> the names live there
+        live: dict[str, dict[str, list[Collection[str]]]] = {}
+        for k in table.keys:
+            live.setdefault(k.key, {}).setdefault(k.router, []).append(k.live_names())
+        #: key -> the names live under it in every router
+        self._every: dict[str, Collection[str]] = {}
+        for key, per_router in live.items():
+            if wanted:
+                names = [_union(per_router.get(r, [])) for r in wanted]
+            else:  # no router named: any live node is (``set() <= anything``)
+                names = [_union([n for part in per_router.values() for n in part])]
+            every = names[0]
+            for other in names[1:]:
+                every = set(every).intersection(other)
+            if every:
+                self._every[key] = every
+
+    def _live_here(self, k: KeyNodes, j: int, name: str) -> bool:
+        return k.marks[j] == 0 and name in self._every.get(k.key, ())
+
+    @functools.cached_property
+    def nodes(self) -> tuple[Node, ...]:
+        found: list[Node] = []
+        seen: set[tuple[str, str]] = set()
+        for i in range(len(self._table)):
+            node = self._table._at(i)
+            live = node.live and node.name in self._every.get(node.key, ())
+            if live and (node.key, node.name) not in seen:
+                seen.add((node.key, node.name))
+                found.append(node)
+        return tuple(found)
+
+    def __len__(self) -> int:
+        return sum(map(len, self._every.values()))
+
+    def _at(self, i: int) -> Node:
+        return self._table._at(i)
+
+    def _where(self, name: str) -> list[int]:
+        found, keys = [], set()
+        for i, k, j in self._table.places(name):
+            if k.key not in keys and self._live_here(k, j, name):
+                keys.add(k.key)
+                found.append(i)
+        return found
+
+    @functools.cached_property
+    def _spellings(self) -> _Spellings:
+        return self._table._spellings
+
+    @functools.cached_property
+    def live_per_key(self) -> dict[str, int]:
+        return {key: len(names) for key, names in self._every.items()}
+
+
+def _union(parts: Sequence[Collection[str]]) -> Collection[str]:
+    if len(parts) == 1:
+        return parts[0]
+    return set().union(*parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,8 +1071,8 @@ class Snapshot:
     """What the emperor and the fastrouters said in one poll."""
 
     vassals: Mapping[str, EmperorVassal]
-    #: the nodes of every router (``Node.router`` says which)
-    nodes: Sequence[Node]
+    #: the nodes of every router (``Node.router`` says which): a ``NodeTable`` as read
+    nodes: Collection[Node]
     #: the fastrouters read; a node is live only when it is live in every one of them
     routers: tuple[str, ...] = ("",)
     #: the routers that could not be read this time, with why: nothing counts as live there
@@ -749,6 +1083,8 @@ class Snapshot:
         """One node per (key, name) that is live in every router."""
         if self.unreadable:
             return ()
+        if isinstance(self.nodes, NodeTable):
+            return self.live_index.nodes
         live_in: dict[tuple[str, str], set[str]] = {}
         first: dict[tuple[str, str], Node] = {}
         for node in self.nodes:
@@ -761,11 +1097,13 @@ class Snapshot:
     @functools.cached_property
     def index(self) -> NodeIndex:
         """``nodes``, indexed (pass it where ``nodes`` goes)."""
-        return NodeIndex(self.nodes)
+        return _indexed(self.nodes)
 
     @functools.cached_property
     def live_index(self) -> NodeIndex:
         """``live_nodes``, indexed (pass it where ``live_nodes`` goes)."""
+        if isinstance(self.nodes, NodeTable) and not self.unreadable:
+            return LiveNodes(self.nodes, self.routers)
         return NodeIndex(self.live_nodes)
 
 
@@ -1836,8 +2174,8 @@ class Surge:
                 events.append(_twin_event(t, TwinEventKind.ADD, now))
             elif t.phase is TwinPhase.STARTING:
                 current = snapshot.vassals.get(t.id)
-                if live_keys(current, t.name, snapshot.live_nodes, t.addresses):
-                    mine = nodes_of(t.name, snapshot.live_nodes, t.addresses)
+                if live_keys(current, t.name, snapshot.live_index, t.addresses):
+                    mine = nodes_of(t.name, snapshot.live_index, t.addresses)
                     if self.probe and not t.probe_passed:
                         t.phase = TwinPhase.PROBING
                         target = sorted(mine, key=lambda n: (n.key, n.name))[0]
@@ -1913,7 +2251,7 @@ class Surge:
         return [_twin_event(t, TwinEventKind.KEPT, now)]
 
     def _keys(self, t: Twin, snapshot: Snapshot) -> frozenset[str]:
-        return live_keys(snapshot.vassals.get(t.id), t.name, snapshot.live_nodes, t.addresses)
+        return live_keys(snapshot.vassals.get(t.id), t.name, snapshot.live_index, t.addresses)
 
     def down(self, snapshot: Snapshot, now: float) -> list[TwinEvent]:
         """Drain and remove every twin that may go now; follow the removed ones until gone."""
@@ -1938,10 +2276,10 @@ class Surge:
             return events
         # Per key, the live nodes of everything but the twins on their way out.
         leaving = self.in_phase(TwinPhase.DRAINING, TwinPhase.REMOVED)
-        counts: dict[str, int] = {}
-        for n in snapshot.live_nodes:
-            if not any(owns(t.name, t.addresses, n.name) for t in leaving):
-                counts[n.key] = counts.get(n.key, 0) + 1
+        index = snapshot.live_index
+        # one node per (key, name) there: a node of two leaving twins is left out once
+        out = {(n.key, n.name) for t in leaving for n in index.of_vassal(t.name, t.addresses)}
+        counts = _less(index.live_per_key, (key for key, _ in out))
         for t in self.in_phase(*TWIN_UP):
             keys = self._keys(t, snapshot)
             if not all(counts.get(k, 0) - 1 >= self.minimum for k in keys):
@@ -1955,7 +2293,7 @@ class Surge:
                 continue
             for k in keys:
                 counts[k] -= 1
-            t.nodes = tuple(nodes_of(t.name, snapshot.nodes, t.addresses))
+            t.nodes = tuple(nodes_of(t.name, snapshot.index, t.addresses))
             live_nodes = tuple(n for n in t.nodes if n.live)
             if self.subscriptions and live_nodes:
                 t.drain_started, t.phase = now, TwinPhase.DRAINING
@@ -1971,13 +2309,13 @@ class Surge:
 
     def _drain(self, t: Twin, snapshot: Snapshot, now: float) -> list[TwinEvent]:
         assert t.drain_started is not None
-        drained, _ = drain_done(t.name, snapshot.nodes, t.addresses)
+        drained, _ = drain_done(t.name, snapshot.index, t.addresses)
         took = now - t.drain_started
         if drained or took >= self.drain_timeout:
             t.drained = took
             return [self._remove(t, now)]
         # its master re-announces every subscribe-freq cycles (core/master.c)
-        again = [n for n in nodes_of(t.name, snapshot.nodes, t.addresses) if n.live]
+        again = [n for n in nodes_of(t.name, snapshot.index, t.addresses) if n.live]
         if not again:
             return []
         send = subscriptions(Command.UNSUBSCRIBE, again)
@@ -2057,7 +2395,7 @@ def plan_twins(
     """
     names = set(taken)
     live = {
-        v.id: live_keys(snapshot.vassals.get(v.id), v.name, snapshot.live_nodes, v.addresses)
+        v.id: live_keys(snapshot.vassals.get(v.id), v.name, snapshot.live_index, v.addresses)
         for v in fleet
     }
     keys = sorted({k for ks in live.values() for k in ks})
@@ -2075,7 +2413,7 @@ def plan_twins(
                     f"--max-surge {surge}: no free port for a twin of {v.id} (its name is its port)"
                 )
             names.add(name + suffix)
-            mine = nodes_of(v.name, snapshot.live_nodes, v.addresses)
+            mine = nodes_of(v.name, snapshot.live_index, v.addresses)
             twins.append(
                 Twin(
                     id=name + suffix,
@@ -2194,13 +2532,9 @@ def check_fleet(
     # whether a node is a vassal's (or a twin's) depends on its name only (``owns``)
     mine = {n.name for n in snapshot.index.of_fleet(fleet)}
     stray = sorted(
-        {
-            n.name
-            for n in snapshot.nodes
-            if n.live
-            and n.name not in mine
-            and not any(owns(t.name, t.addresses, n.name) for t in twins)
-        }
+        name
+        for name in set(snapshot.index.live_names()).difference(mine)
+        if not any(owns(t.name, t.addresses, name) for t in twins)
     )
     unmatched = [
         v
@@ -2490,18 +2824,18 @@ def take_snapshot(options: Options) -> Snapshot:
     # included (core/emperor.c), so polling it also makes it notice a touch at once.
     vassals = parse_emperor_stats(read_stats(options.emperor_stats_socket))
     routers = options.routers
-    nodes: list[Node] = []
+    keys: list[KeyNodes] = []
     unreadable: dict[str, str] = {}
     for router in routers:
         try:
-            nodes += parse_fastrouter_stats(read_stats(router), router)
+            keys += parse_fastrouter_keys(read_stats(router), router)
         except StatsError as exc:
             if len(routers) == 1:
                 raise
             unreadable[router] = str(exc)
     if len(unreadable) == len(routers):
         raise StatsError("; ".join(unreadable.values()))
-    return Snapshot(vassals, nodes, routers, unreadable)
+    return Snapshot(vassals, NodeTable(keys), routers, unreadable)
 
 
 def locate(
@@ -2513,7 +2847,7 @@ def locate(
     """Each vassal with the node names it is announced as, from the sockets its master listens
     on (``listening_sockets``). When those match no node but a node is named after the vassal
     (``node_vassal_name``), or when they cannot be read, the name decides (``owns``)."""
-    names = sorted({n.name for n in snapshot.nodes})
+    names = sorted(snapshot.index.names())
     located = []
     for v in fleet:
         current = snapshot.vassals.get(v.id)
@@ -2969,7 +3303,7 @@ class _SurgeDriver:
 
     def _locate(self, surge: Surge, snapshot: Snapshot) -> None:
         """A twin's node: the address its master listens on, as for the originals (``locate``)."""
-        names = sorted({n.name for n in snapshot.nodes})
+        names = sorted(snapshot.index.names())
         for t in surge.twins:
             current = snapshot.vassals.get(t.id)
             if t.addresses or current is None or current.pid <= 0:

@@ -22,10 +22,11 @@ Per configuration (H, N, m):
 * polls: the tool's reads of the stats (``Io.snapshot`` calls).
 * CPU per poll, ``time.process_time`` of this process: *read*, the tool's decoding of the stats
   JSON (``json.loads`` as ``read_stats`` does, ``parse_emperor_stats``,
-  ``parse_fastrouter_stats``, ``Snapshot``); *decide*, everything the tool does between two polls
-  (``Rollout.step`` and ``_drive``'s handling of its events; after a host's last poll, its
-  summary), less the simulator's own time in ``Io.touch``. The start-up checks of each host's run
-  (``locate``, ``check_fleet``) are counted apart. Remote nodes: ``(H-1) x N``.
+  ``parse_fastrouter_keys``, ``NodeTable``, ``Snapshot``, as ``take_snapshot`` does); *decide*,
+  everything the tool does between two polls (``Rollout.step`` and ``_drive``'s handling of its
+  events; after a host's last poll, its summary), less the simulator's own time in ``Io.touch``.
+  The start-up checks of each host's run (``locate``, ``check_fleet``) are counted apart. Remote
+  nodes: ``(H-1) x N``.
 * minimum held: the simulator counts, at every poll and after every touch, the nodes live in
   each router and in every router, and checks that the count never went below m.
 
@@ -273,8 +274,9 @@ class SimFleet:
         self._stats: dict[tuple[int, int, str], str] = {}
         # measurement: CPU seconds of the tool's own work
         self.polls = 0
-        #: per poll: decoding the stats
+        #: per poll: decoding the stats, and of it ``json.loads``
         self.read_cpu: list[float] = []
+        self.json_cpu: list[float] = []
         #: per poll: from the end of its snapshot to the next poll (the last one of a host's run:
         #: to the end of the run, its summary included)
         self.decide_cpu: list[float] = []
@@ -358,13 +360,16 @@ class SimFleet:
         self._check()
         raw = {what: self._stats_json(what) for what in ("emperor", *options.routers)}
         started = time.process_time()
-        vassals = ur.parse_emperor_stats(json.loads(raw["emperor"]))
-        nodes: list[ur.Node] = []
+        docs = {what: json.loads(text) for what, text in raw.items()}
+        decoded = time.process_time()
+        vassals = ur.parse_emperor_stats(docs["emperor"])
+        keys: list[ur.KeyNodes] = []
         for router in options.routers:
-            nodes += ur.parse_fastrouter_stats(json.loads(raw[router]), router)
-        snapshot = ur.Snapshot(vassals, nodes, options.routers)
+            keys += ur.parse_fastrouter_keys(docs[router], router)
+        snapshot = ur.Snapshot(vassals, ur.NodeTable(keys), options.routers)
         self._since = time.process_time()
         self.read_cpu.append(self._since - started)
+        self.json_cpu.append(decoded - started)
         self.polls += 1
         self._deciding = True
         return snapshot
@@ -436,6 +441,8 @@ class Result:
     makespan: float
     polls: int
     read_us: float
+    #: of ``read_us``, ``json.loads``
+    json_us: float
     decide_us: float
     #: the most CPU one poll's decision took
     decide_max_us: float
@@ -474,6 +481,7 @@ class Result:
             "bound_reload_times": self.scenario.bound,
             "polls": self.polls,
             "read_us_per_poll": self.read_us,
+            "json_loads_us_per_poll": self.json_us,
             "decide_us_per_poll": self.decide_us,
             "decide_max_us": self.decide_max_us,
             "start_ms_per_host_run": self.start_ms,
@@ -522,6 +530,7 @@ def roll(scenario: Scenario, fleet: SimFleet | None = None) -> Result:
         makespan=fleet.t,
         polls=fleet.polls,
         read_us=_mean_us(fleet.read_cpu),
+        json_us=_mean_us(fleet.json_cpu),
         decide_us=_mean_us(fleet.decide_cpu),
         decide_max_us=max(fleet.decide_cpu, default=0.0) * 1e6,
         start_ms=statistics.fmean(fleet.start_cpu) * 1e3 if fleet.start_cpu else 0.0,
@@ -602,6 +611,7 @@ SCALING_HEADERS = (
     "H",
     "polls",
     "read us/poll",
+    "of it json.loads us/poll",
     "decide us/poll",
     "read + decide us/poll",
     "vs the smallest fleet",
@@ -617,8 +627,10 @@ class Fit:
     slope: float
 
 
-def by_remote_nodes(results: Sequence[Result]) -> list[tuple[int, int, int, float, float]]:
-    """(remote nodes, H, polls, read us, decide us) per H, weighted by polls."""
+def by_remote_nodes(
+    results: Sequence[Result],
+) -> list[tuple[int, int, int, float, float, float]]:
+    """(remote nodes, H, polls, read us, decide us, json.loads us) per H, weighted by polls."""
     out = []
     for hosts in sorted({r.scenario.hosts for r in results}):
         same = [r for r in results if r.scenario.hosts == hosts]
@@ -627,7 +639,8 @@ def by_remote_nodes(results: Sequence[Result]) -> list[tuple[int, int, int, floa
             continue
         read = sum(r.read_us * r.polls for r in same) / polls
         decide = sum(r.decide_us * r.polls for r in same) / polls
-        out.append((same[0].scenario.remote_nodes, hosts, polls, read, decide))
+        decoding = sum(r.json_us * r.polls for r in same) / polls
+        out.append((same[0].scenario.remote_nodes, hosts, polls, read, decide, decoding))
     return out
 
 
@@ -655,12 +668,13 @@ def scaling_rows(results: Sequence[Result]) -> list[list[str]]:
             str(hosts),
             str(polls),
             f"{read:.0f}",
+            f"{decoding:.0f}",
             f"{decide:.0f}",
             f"{read + decide:.0f}",
             f"{(read + decide) / base:.1f}x",
             f"{(read + decide) / REAL_INTERVAL_US * 100:.1f}",
         ]
-        for remote, hosts, polls, read, decide in table
+        for remote, hosts, polls, read, decide, decoding in table
     ]
 
 
@@ -705,7 +719,8 @@ def markdown(results: Sequence[Result], env_lines: Sequence[str], args: argparse
         "- at once: min(N, F - m), the vassals of one host that may be down together; bound = "
         "H x ceil(N / at once) reload times; ratio = makespan / bound.",
         "- read: the tool's decoding of one poll's stats (`json.loads`, `parse_emperor_stats`, "
-        "`parse_fastrouter_stats`, `Snapshot`); decide: the tool's work between two polls "
+        "`parse_fastrouter_keys`, `NodeTable`, `Snapshot`, as `take_snapshot`); decide: the "
+        "tool's work between two polls "
         "(`Rollout.step` and `_drive`'s handling of its events, the simulator's time in the "
         "touch left out; after a host's last poll, its summary too); both "
         "`time.process_time`, means over the polls; start: each host run's start-up checks "
@@ -719,7 +734,9 @@ def markdown(results: Sequence[Result], env_lines: Sequence[str], args: argparse
         "## CPU per poll against the number of remote nodes",
         "",
         "Per H, over every row of that H, weighted by polls; remote nodes = "
-        "(H-1) x N, the other hosts' nodes the tool reads and counts at every poll. % of a core "
+        "(H-1) x N, the other hosts' nodes the tool reads and counts at every poll. Of it "
+        "json.loads: the part of read that is the stats' JSON decoding alone (the standard "
+        "library's C decoder, as `read_stats`). % of a core "
         "at 0.1 s polls: read + decide against the tool's default `--check-interval` of 0.1 s "
         "(a real run polls that often whatever the reload time).",
         "",
@@ -729,12 +746,15 @@ def markdown(results: Sequence[Result], env_lines: Sequence[str], args: argparse
     points = by_remote_nodes(results)
     read_fit = fit([(float(p[0]), p[3]) for p in points])
     decide_fit = fit([(float(p[0]), p[4]) for p in points])
-    if read_fit and decide_fit:
+    json_fit = fit([(float(p[0]), p[5]) for p in points])
+    if read_fit and decide_fit and json_fit:
         lines += [
             "Least squares over these rows: read = "
             f"{read_fit.intercept:.0f} us {read_fit.slope * 1000:+.0f} us per 1000 remote "
-            f"nodes; decide = {decide_fit.intercept:.0f} us "
-            f"{decide_fit.slope * 1000:+.0f} us per 1000 remote nodes.",
+            f"nodes (of it json.loads = {json_fit.intercept:.0f} us "
+            f"{json_fit.slope * 1000:+.0f} us per 1000 remote nodes); decide = "
+            f"{decide_fit.intercept:.0f} us {decide_fit.slope * 1000:+.0f} us per 1000 remote "
+            "nodes.",
             "",
         ]
     return "\n".join(lines)

@@ -1,8 +1,10 @@
 """The tool's work per poll does not grow with the other hosts' nodes: a fleet of 1008 remote
 nodes, rolled by the tool's own run (``uwsgi_reload_loadtests.simulate_fleet``), costs each poll
-one look at each node (the snapshot's index) and a few lookups per local vassal, never every node
-against every vassal. Counted in calls, not timed; and the stats parser's quick path for what a
-fastrouter writes takes and refuses exactly what its checks do.
+a few lookups per local vassal: no node name is worked out again once seen (``_Spellings``), and
+no ``Node`` is made of another host's node (``NodeTable``); what is left per node is the stats'
+checks and counts, in C. Counted in calls, not timed; and the stats parser's quick path for what
+a fastrouter writes takes and refuses exactly what its checks do, and its table answers what an
+index of the parsed nodes answers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ MATCHING = ("canonical_address", "owns", "node_vassal_name")
 HOSTS, VASSALS = 64, 16
 #: per local vassal and poll, calls allowed beyond the index (a lookup needs none)
 PER_VASSAL = 4
+#: per local vassal, router and poll, the ``Node`` objects a poll may make (its own node)
+NODES_PER_VASSAL = 2
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,6 +44,20 @@ class CountingFleet(sf.SimFleet):
         #: calls from each snapshot to the next (the last: to the end of the run)
         self.calls_after: list[int] = []
         self.snapshots: list[ur.Snapshot] = []
+        #: ``Node`` objects made, and from each snapshot to the next
+        self.made = 0
+        self.made_after: list[int] = []
+
+    def counting_nodes(self) -> type[ur.Node]:
+        """``ur.Node``, counting the objects made in ``made``."""
+        fleet = self
+
+        class CountedNode(ur.Node):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                fleet.made += 1
+                super().__init__(*args, **kwargs)
+
+        return CountedNode
 
     def counting(self, function: F) -> F:
         @functools.wraps(function)
@@ -52,7 +70,8 @@ class CountingFleet(sf.SimFleet):
     def snapshot(self, options: ur.Options) -> ur.Snapshot:
         if self.snapshots:
             self.calls_after.append(self.calls)
-        self.calls = 0
+            self.made_after.append(self.made)
+        self.calls = self.made = 0
         snapshot = super().snapshot(options)
         self.snapshots.append(snapshot)
         return snapshot
@@ -77,11 +96,12 @@ def roll_first_host(fleet: CountingFleet) -> int:
         with fleet.host_run(0):
             code = ur.run(options, ur.Reporter(True, out, out), fleet.io())
     fleet.calls_after.append(fleet.calls)
+    fleet.made_after.append(fleet.made)
     return code
 
 
 @pytest.mark.parametrize("routers", [1, 2])
-def test_a_poll_looks_at_each_remote_node_once(
+def test_a_poll_looks_at_no_remote_node_in_python(
     monkeypatch: pytest.MonkeyPatch, routers: int
 ) -> None:
     # F-1: one vassal at a time, so the host's run polls 2 x 16 times
@@ -89,16 +109,21 @@ def test_a_poll_looks_at_each_remote_node_once(
     assert fleet.scenario.remote_nodes == 1008
     for name in MATCHING:
         monkeypatch.setattr(ur, name, fleet.counting(getattr(ur, name)))
+    monkeypatch.setattr(ur, "Node", fleet.counting_nodes())
+    # the names of earlier tests' fleets: none seen yet
+    monkeypatch.setattr(ur, "_spellings", ur._Spellings())
     assert roll_first_host(fleet) == ur.EXIT_OK
-    assert len(fleet.snapshots) == len(fleet.calls_after) > 2 * VASSALS
+    assert len(fleet.snapshots) == len(fleet.calls_after) == len(fleet.made_after) > 2 * VASSALS
     for i, (snapshot, calls) in enumerate(zip(fleet.snapshots, fleet.calls_after)):
-        # one look per node of each index: the snapshot's nodes, and its nodes live in every
-        # router; at the start, once more per node (locate: which vassal is named after a node)
-        passes = len(snapshot.nodes) + len(snapshot.live_nodes)
-        if i == 0:
-            passes += len(snapshot.nodes)
-        bound = passes + PER_VASSAL * VASSALS
+        # at the first poll, one look per node name and matching function (the spellings);
+        # after it, none: a vassal's nodes are looked up by the names already worked out
+        names = len({n.name for n in snapshot.nodes})
+        bound = PER_VASSAL * VASSALS + (2 * names if i == 0 else 0)
         assert calls <= bound, f"poll {i}: {calls} calls, more than {bound}"
+    # the code before NodeTable made a Node of each of the 1024 x routers nodes at every poll
+    bound = NODES_PER_VASSAL * VASSALS * routers
+    for i, made in enumerate(fleet.made_after):
+        assert made <= bound, f"poll {i}: {made} Node objects made, more than {bound}"
 
 
 #: the integer fields of a node the tool reads
@@ -206,3 +231,77 @@ def test_a_node_as_a_fastrouter_writes_it_and_otherwise(
 def test_a_node_field_of_another_kind_is_a_stats_error(raw: dict[str, Any], field: str) -> None:
     with pytest.raises(ur.StatsError, match=f"has {field} "):
         ur.parse_fastrouter_stats(stats(raw), "r")
+
+
+#: node fields as a fastrouter writes them, and a few it does not (taken as the checks take them)
+ODD_VALUES = (True, 2.0, "absent")
+
+
+@st.composite
+def router_stats(draw: st.DrawFn) -> dict[str, Any]:
+    """One router's stats: keys (one twice, at times), nodes under names of ``NAMES`` (one twice
+    under a key, at times), live or dead, now and then a field of another kind or left out."""
+    subscriptions = []
+    for key in draw(st.lists(st.sampled_from(("k1", "k2", "k3")), max_size=3)):
+        nodes = []
+        for name in draw(st.lists(st.sampled_from(NAMES), max_size=5)):
+            raw = node(name=name, death_mark=draw(st.sampled_from((0, 0, 1))))
+            if draw(st.integers(0, 9)) == 0:
+                field = draw(st.sampled_from(NODE_NUMBERS))
+                value = draw(st.sampled_from(ODD_VALUES))
+                if value == "absent":
+                    raw.pop(field, None)
+                else:
+                    raw[field] = value
+            nodes.append(raw)
+        subscriptions.append({"key": key, "nodes": nodes})
+    return {"subscriptions": subscriptions}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    stats_per_router=st.lists(router_stats(), min_size=1, max_size=2),
+    fleet=st.lists(
+        st.tuples(st.sampled_from(VASSAL_NAMES), st.frozensets(st.sampled_from(ADDRESSES))),
+        max_size=4,
+    ),
+    unreadable=st.booleans(),
+)
+def test_the_table_answers_what_the_parsed_nodes_answer(
+    stats_per_router: list[dict[str, Any]],
+    fleet: list[tuple[str, frozenset[str]]],
+    unreadable: bool,
+) -> None:
+    routers = tuple(f"fr-{i}" for i in range(len(stats_per_router)))
+    nodes: list[ur.Node] = []
+    keys: list[ur.KeyNodes] = []
+    for router, stats in zip(routers, stats_per_router):
+        # each node through the checks, one by one: what parse_fastrouter_stats always gave
+        for sub in stats["subscriptions"]:
+            where = f"fastrouter stats: key {sub['key']!r}: nodes"
+            nodes += [ur._node(n, sub["key"], router, where, j) for j, n in enumerate(sub["nodes"])]
+        keys += ur.parse_fastrouter_keys(stats, router)
+    assert ur.parse_fastrouter_stats(stats_per_router[0], routers[0]) == [
+        n for n in nodes if n.router == routers[0]
+    ]
+    gone = {routers[-1]: "unreadable"} if unreadable else {}
+    table = ur.Snapshot({}, ur.NodeTable(keys), routers, gone)
+    parsed = ur.Snapshot({}, nodes, routers, gone)
+    vassals = [
+        ur.VassalReload(f"{name}.ini", name, f"/e/{name}.ini", addresses=addresses)
+        for name, addresses in fleet
+    ]
+    assert list(table.nodes) == nodes and len(table.nodes) == len(nodes)
+    assert table.live_nodes == parsed.live_nodes
+    assert len(table.live_index) == len(parsed.live_index)
+    for mine, theirs in ((table.index, parsed.index), (table.live_index, parsed.live_index)):
+        assert set(mine.names()) == set(theirs.names())
+        assert set(mine.live_names()) == set(theirs.live_names())
+        assert mine.live_per_key == theirs.live_per_key
+        assert mine.live_per_place == theirs.live_per_place
+        assert mine.of_fleet(vassals) == theirs.of_fleet(vassals)
+        for v in vassals:
+            assert mine.of_vassal(v.name, v.addresses) == theirs.of_vassal(v.name, v.addresses)
+            assert mine.of_vassal(v.name) == theirs.of_vassal(v.name)
+        assert ur.others_live(mine, vassals) == ur.others_live(theirs, vassals)
+        assert ur.others_placed(mine, vassals) == ur.others_placed(theirs, vassals)
