@@ -42,54 +42,80 @@ def _pyplot() -> Any:
 
 def timeline_png(
     path: Path,
-    run: ReloadRun,
+    runs: Sequence[tuple[str, ReloadRun]],
     *,
     total_vassals: int,
     minimum: int,
     title: str,
 ) -> Path:
-    """Four panels over seconds since the load started: each vassal's reload (triggered to
-    back), live vassals in the router, requests and failures per second, latency."""
+    """One column per run (its name, its measured run), four panels each, over seconds since
+    that run's load started: each vassal's reload (triggered to back), live vassals in the
+    router, requests and failures per second, latency. The columns share their axes, so the
+    runs compare at a glance."""
     plt = _pyplot()
-    report, live, vassals = run.load, run.live, run.timeline
-    t0 = report.started
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    rows = max([len(run.timeline) for _, run in runs] + [1])
     fig, axes = plt.subplots(
         4,
-        1,
-        figsize=(9, 8.5),
+        len(runs),
+        figsize=(1.5 + 6.0 * len(runs), 9),
         sharex=True,
-        gridspec_kw={"height_ratios": [max(1.0, len(vassals) / 4), 1, 1.2, 1.2]},
+        sharey="row",
+        squeeze=False,
+        gridspec_kw={"height_ratios": [max(1.0, rows / 4), 1, 1.2, 1.6]},
     )
+    for column, (name, run) in enumerate(runs):
+        _draw_run(axes[:, column], name, run, total_vassals, minimum, first=column == 0)
+    latency_ax = axes[3, 0]
+    latency_ax.set_yscale("log")
+    # plain milliseconds (5, 50, 500), not powers of ten
+    latency_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    latency_ax.yaxis.set_minor_formatter(NullFormatter())
+    axes[0, 0].invert_yaxis()  # shared by the row: once, or the second call undoes it
+    fig.suptitle(title, fontsize=11)
+    fig.supxlabel(
+        "seconds since the run's load started (shaded: the reload command ran)", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _draw_run(
+    axes: Sequence[Any], name: str, run: ReloadRun, total_vassals: int, minimum: int, first: bool
+) -> None:
+    report, live, vassals = run.load, run.live, run.timeline
+    t0 = report.started
     gantt, live_ax, rate_ax, latency_ax = axes
     reload = report.reload
-    window = None
     if reload is not None:
         end = reload.ended if reload.ended is not None else report.ended
-        window = (reload.started - t0, end - t0)
+        for ax in axes:
+            ax.axvspan(reload.started - t0, end - t0, color="#fff3cd", zorder=0)
     for ax in axes:
-        if window is not None:
-            ax.axvspan(*window, color="#fff3cd", zorder=0)
         ax.grid(True, axis="x", alpha=0.3)
 
-    names = [v.name for v in vassals]
+    during = report.during
+    gantt.set_title(
+        f"{name}: slowest request during the reload {during.max_ms:.0f} ms, "
+        f"{report.total.failures} failed",
+        fontsize=10,
+    )
     for row, v in enumerate(vassals):
         if v.triggered is None:
             continue
         end = v.back if v.back is not None else report.ended
         colour = "#2ca02c" if v.back is not None else "#d62728"
         gantt.barh(row, end - v.triggered, left=v.triggered - t0, color=colour, height=0.6)
-    gantt.set_yticks(range(len(names)), names, fontsize=7)
-    gantt.invert_yaxis()
-    gantt.set_title(title, fontsize=10)
-    gantt.set_ylabel("reloading")
+    gantt.set_yticks(range(len(vassals)), [v.name for v in vassals], fontsize=7)
 
     if live:
         xs = [s.t - t0 for s in live]
         live_ax.step(xs, [s.live for s in live], where="post", color="#1f77b4", lw=1)
     live_ax.axhline(minimum, color="#d62728", ls="--", lw=0.8, label=f"minimum {minimum}")
     live_ax.set_ylim(-0.3, total_vassals + 0.5)
-    live_ax.set_ylabel("live nodes")
-    live_ax.legend(loc="lower left", fontsize=7)
 
     bucket = report.bucket_s
     # the last bucket is cut short by the end of the load: its rate would look like a drop
@@ -104,23 +130,21 @@ def timeline_png(
         color="#d62728",
         label="failed/s",
     )
-    rate_ax.set_ylabel("requests/s")
     rate_ax.set_ylim(bottom=0)
-    rate_ax.legend(loc="lower left", fontsize=7)
 
     # a bucket without requests has no latency: a gap in the line, not a zero
     nan = float("nan")
     latency_ax.plot(ts, [b.max_ms if b.requests else nan for b in series], lw=0.8, label="max")
     latency_ax.plot(ts, [b.p99_ms if b.requests else nan for b in series], lw=0.8, label="p99")
-    latency_ax.set_yscale("log")
-    latency_ax.set_ylabel("latency ms\n(per 100 ms)")
-    latency_ax.set_xlabel("seconds since the load started (shaded: the reload command ran)")
-    latency_ax.legend(loc="upper left", fontsize=7)
 
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    if first:
+        gantt.set_ylabel("reloading")
+        live_ax.set_ylabel("live nodes")
+        live_ax.legend(loc="lower left", fontsize=7)
+        rate_ax.set_ylabel("requests/s")
+        rate_ax.legend(loc="lower left", fontsize=7)
+        latency_ax.set_ylabel("latency ms\n(per 100 ms)")
+        latency_ax.legend(loc="upper left", fontsize=7)
 
 
 def bench_png(

@@ -4,6 +4,7 @@ and every process they started is gone (they run as subprocesses, as ``tox -e de
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,11 @@ def still_running(processes: list[list[int]]) -> list[Proc]:
     return [proc for proc in (Proc(pid, start) for pid, start in processes) if proc.alive()]
 
 
+def flag_value(command: list[str], flag: str) -> str:
+    assert flag in command, command
+    return command[command.index(flag) + 1]
+
+
 def markdown_rows(text: str, header_start: str) -> list[list[str]]:
     """Cells of the table whose header line starts with ``header_start``."""
     lines = text.splitlines()
@@ -46,7 +52,9 @@ def markdown_rows(text: str, header_start: str) -> list[list[str]]:
     return rows
 
 
-def test_demo_writes_its_picture_and_report_and_leaves_nothing_running(tmp_path: Path) -> None:
+def test_demo_runs_drain_and_no_drain_writes_its_picture_and_report_and_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
     results = tmp_path / "demo"
     done = run_module(
         "uwsgi_reload_loadtests.demo",
@@ -60,19 +68,45 @@ def test_demo_writes_its_picture_and_report_and_leaves_nothing_running(tmp_path:
         str(results),
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    for name in ("timeline.png", "report.md", "load.json", "reload.json", "live.csv"):
+    names = ["timeline.png", "report.md", "demo.json"]
+    for run in ("drain-probe", "no-drain"):
+        names += [f"load-{run}.json", f"reload-{run}.json", f"live-{run}.csv"]
+    for name in names:
         assert (results / name).is_file(), name
     assert (results / "timeline.png").read_bytes()[:8] == PNG_MAGIC
     assert str(results / "timeline.png") in done.stdout
     assert str(results / "report.md") in done.stdout
     summary = json.loads((results / "demo.json").read_text())
-    assert summary["returncode"] == 0
-    assert summary["failures"] == 0, summary
-    assert summary["makespan"] > 0
-    assert summary["min_live_during"] >= 1
-    rows = markdown_rows((results / "report.md").read_text(), "| vassal ")
-    assert [row[0] for row in rows] == ["uwsgi_vassal_01", "uwsgi_vassal_02"]
-    assert {row[-1] for row in rows} == {"reloaded"}
+    recommended, no_drain = summary["runs"]
+    # the recommended command first: drain and probe, as the README's first example
+    assert recommended["drain"] is True
+    assert flag_value(recommended["command"], "--subscription-server")
+    assert flag_value(recommended["command"], "--probe") == "/"
+    assert no_drain["drain"] is False
+    for flag in ("--subscription-server", "--probe"):
+        assert flag not in no_drain["command"], no_drain["command"]
+    for run in (recommended, no_drain):
+        assert flag_value(run["command"], "--minimum-active-vassals") == "1"
+    for run in summary["runs"]:
+        assert run["returncode"] == 0, run
+        assert run["makespan"] > 0, run
+        assert run["min_live_during"] >= 1, run
+        assert run["requests_during"] > 0, run
+    assert recommended["failures"] == 0, recommended
+    # Without drain, uWSGI can reset a request handed to a vassal as its graceful reload begins
+    # (docs/design.md): rare, the reason to drain, tolerated as in test_drain.
+    assert no_drain["failures"] <= 2, no_drain
+    report = (results / "report.md").read_text()
+    side_by_side = markdown_rows(report, "| run ")
+    assert [row[0] for row in side_by_side] == ["drain + probe", "no drain"]
+    for run in (recommended, no_drain):
+        assert shlex.join(run["command"]) in report
+    vassal_tables = report.split("| vassal ")[1:]
+    assert len(vassal_tables) == 2
+    for table in vassal_tables:
+        rows = markdown_rows("| vassal " + table, "| vassal ")
+        assert [row[0] for row in rows] == ["uwsgi_vassal_01", "uwsgi_vassal_02"]
+        assert {row[-1] for row in rows} == {"reloaded"}
     # the emperor, its vassals and workers, the fastrouter, nginx: all recorded, all gone
     assert len(summary["stack_processes"]) >= 5, summary["stack_processes"]
     assert still_running(summary["stack_processes"]) == []
