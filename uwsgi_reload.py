@@ -12,12 +12,27 @@ count for the minimum and are never touched.
 
 Exit codes: 0 all reloaded, 1 not all reloaded, 2 usage or bad input, 3 another run holds the
 lock, 130 interrupted (SIGINT or SIGTERM).
+
+Map of this file, top to bottom (each layer uses only the ones above it):
+
+- Stats sockets: ``read_stats``, ``parse_emperor_stats``, ``parse_fastrouter_stats``.
+- Which node is which vassal: ``listening_sockets`` (/proc), ``node_addresses``, ``owns``.
+- The uwsgi protocol: subscription packets, the probe.
+- The core, pure (no I/O, no clock): ``Snapshot`` (one poll), ``Rules`` (the run's settings),
+  the minimum (``pick_reloads``: the one check), the state machines ``Rollout`` (vassals) and
+  ``Surge`` (twins), each ``step(snapshot, now) -> events`` with its phase table (``MOVES``).
+- Display: ``event_text``, ``vassal_detail``, derived from phases and events.
+- The edges: configs, checks before touching anything, the lock, touching, the surge state.
+- The run: ``main -> run -> Driver.drive(machine) -> machine.step``. ``Driver`` is the one loop
+  for every machine: it polls, steps, acts on the events (touch, link, packets, probes in a
+  pool), reports, and times out; ``Io`` holds everything it does to the world.
+- Command line: ``build_parser``, ``main``.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -36,10 +51,11 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Callable, TextIO, TypeVar
+from itertools import repeat
+from typing import Any, Callable, ClassVar, NamedTuple, TextIO, TypeVar, Union
 
 __version__ = "0.1.0"
 
@@ -49,11 +65,11 @@ EXIT_USAGE = 2
 EXIT_LOCKED = 3
 EXIT_INTERRUPTED = 130
 
-#: The vassals the final error line names, at most.
+#: The names an error line shows, at most ("and N more").
 MISSED_SHOWN = 10
 
 #: Seconds between polls while a drained vassal is out of the router and not yet reloading
-#: (see ``Rollout.watch_closely``); ``--check-interval`` otherwise.
+#: (see ``Rollout.watch_closely``), or a probe is out; ``--check-interval`` otherwise.
 CLOSE_WATCH_INTERVAL = 0.01
 
 
@@ -73,11 +89,15 @@ class StatsError(ReloadError):
     """A stats socket is missing, refuses the connection or does not speak JSON."""
 
 
+def shown_names(names: Sequence[str], most: int = MISSED_SHOWN) -> str:
+    """``a, b, c and 4 more``: an error line stays bounded however many names there are."""
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 # ---------------------------------------------------------------------------------------------
 # Stats sockets
 # ---------------------------------------------------------------------------------------------
-
-
 def _connect(address: str, timeout: float) -> socket.socket:
     """Connect to a unix path, or to ``host:port`` when the address is not an existing path."""
     host, sep, port = address.rpartition(":")
@@ -132,9 +152,8 @@ class EmperorVassal:
     ready: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class Node:
-    """One node of a fastrouter subscription."""
+class Node(NamedTuple):
+    """One node of a fastrouter subscription (a tuple: a poll makes one per node)."""
 
     key: str
     name: str
@@ -170,19 +189,12 @@ def _int_field(raw: Mapping[str, Any], field: str, what: str) -> int:
         raise StatsError(f"{what} has {field} {_shown(value)}, not a number") from None
 
 
-_DICT = frozenset({dict})
-_INT = frozenset({int})
-_STR = frozenset({str})
-
-
 def _objects(value: object, what: str) -> list[Mapping[str, Any]]:
     """``value`` if it is a list of objects; a ``StatsError`` saying what is wrong otherwise."""
     if not isinstance(value, list):
         raise StatsError(f"{what} is {_shown(value)}, not a list")
-    if _DICT.issuperset(map(type, value)):
-        return value  # what JSON gives, told in one pass in C
     for i, entry in enumerate(value):
-        if not isinstance(entry, (dict, Mapping)):  # dict first: what JSON gives, no ABC check
+        if not isinstance(entry, (dict, Mapping)):  # dict first: no ABC check for JSON's
             raise StatsError(f"{what}[{i}] is {_shown(entry)}, not an object")
     return value
 
@@ -218,46 +230,39 @@ def parse_emperor_stats(data: Mapping[str, Any]) -> dict[str, EmperorVassal]:
     return vassals
 
 
+#: The integer fields of a node the tool reads, in ``Node``'s order.
+_NODE_NUMBERS = ("death_mark", "ref", "modifier1", "modifier2", "cores", "load", "weight")
+_COLUMNS = tuple(map(operator.itemgetter, ("name", *_NODE_NUMBERS)))
+
+
 def parse_fastrouter_stats(data: Mapping[str, Any], router: str = "") -> list[Node]:
     """Every node of every subscription key (tagged with ``router``).
 
     Anything but the shape a fastrouter's stats server writes is a ``StatsError``.
     """
-    return list(NodeTable(parse_fastrouter_keys(data, router)))
-
-
-def parse_fastrouter_keys(data: Mapping[str, Any], router: str = "") -> list[KeyNodes]:
-    """``parse_fastrouter_stats`` with the same checks and errors, each key's nodes kept as the
-    stats wrote them (``KeyNodes``): join them into a ``NodeTable``."""
     if not isinstance(data, Mapping) or not isinstance(data.get("subscriptions"), list):
         raise StatsError(
             "fastrouter stats have no 'subscriptions' list (is it a fastrouter stats server?)"
         )
-    keys = []
-    subscribed = _objects(data["subscriptions"], "fastrouter stats: subscriptions")
-    for i, sub in enumerate(subscribed):
+    nodes: list[Node] = []
+    for i, sub in enumerate(_objects(data["subscriptions"], "fastrouter stats: subscriptions")):
         key = _text(sub, "key", f"fastrouter stats: subscriptions[{i}]", default="")
         where = f"fastrouter stats: key {key!r}: nodes"
-        keys.append(KeyNodes.checked(router, key, _objects(sub.get("nodes", []), where), where))
-    return keys
-
-
-#: The integer fields of a node the tool reads, in ``Node``'s order.
-_NODE_NUMBERS = ("death_mark", "ref", "modifier1", "modifier2", "cores", "load", "weight")
-_NAME = operator.itemgetter("name")
-_NUMBER_FIELDS = tuple(operator.itemgetter(field) for field in _NODE_NUMBERS)
-_DEATH_MARK = _NUMBER_FIELDS[0]
-_NUMBERS = operator.itemgetter(*_NODE_NUMBERS)
-
-
-def _node(raw: Mapping[str, Any], key: str, router: str, where: str, j: int) -> Node:
-    """One node of ``key``, through the checks that say what is wrong with it."""
-    name = _text(raw, "name", f"{where}[{j}]")
-    what = f"{where}: {name}"
-    numbers = [_int_field(raw, field, what) for field in _NODE_NUMBERS]
-    death_mark, ref, modifier1, modifier2, cores, load, weight = numbers
-    # positional, in Node's field order: keywords cost a third more per node
-    return Node(key, name, bool(death_mark), ref, modifier1, modifier2, cores, load, weight, router)
+        raw = _objects(sub.get("nodes", []), where)
+        try:  # what a fastrouter writes, every field there and of its type: checked in C
+            names, death_marks, *rest = columns = [[*map(c, raw)] for c in _COLUMNS]
+            plain = {str}.issuperset(map(type, names)) and "" not in names
+            plain = plain and all({int}.issuperset(map(type, n)) for n in columns[1:])
+        except KeyError:
+            plain = False
+        if plain:
+            nodes += map(Node, repeat(key), names, map(bool, death_marks), *rest, repeat(router))
+            continue
+        for j, node in enumerate(raw):
+            name = _text(node, "name", f"{where}[{j}]")
+            mark, *more = (_int_field(node, f, f"{where}: {name}") for f in _NODE_NUMBERS)
+            nodes.append(Node._make((key, name, mark != 0, *more, router)))
+    return nodes
 
 
 def strip_suffix(name: str, suffix: str) -> str:
@@ -288,9 +293,8 @@ def _host_port_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-# a poll works each name out once (``_Spellings``), but ``node_addresses`` goes through every
-# node name for each vassal bound on every address: a cache smaller than the fleet's node names
-# would miss on every one of them, for each such vassal
+# A fleet's node names are the same from poll to poll: each poll indexes every node by its
+# address (``Snapshot.nodes_of``), so the spelling of each name is worked out once, here.
 @functools.lru_cache(maxsize=65536)
 def canonical_address(name: str) -> str:
     """A node or socket address in one spelling: ``127.0.0.2:3121``, ``[::1]:3121``; a unix
@@ -459,421 +463,6 @@ def owns(name: str, addresses: frozenset[str], node_name: str) -> bool:
     return node_vassal_name(node_name) == name
 
 
-class _Positions:
-    """The positions in a sequence of each key, found in one pass and kept in ints only: a list
-    per key would add an object per node to every poll, and with them the garbage collector's
-    passes over the whole heap."""
-
-    def __init__(self, keys: Iterable[str]) -> None:
-        #: key -> its last position; position -> the one before it with the same key, or -1
-        self._last: dict[str, int] = {}
-        self._before: list[int] = []
-        for i, key in enumerate(keys):
-            self._before.append(self._last.get(key, -1))
-            self._last[key] = i
-
-    def keys(self) -> Collection[str]:
-        return self._last.keys()
-
-    def get(self, key: str) -> list[int]:
-        """``key``'s positions, in order."""
-        found = []
-        i = self._last.get(key, -1)
-        while i >= 0:
-            found.append(i)
-            i = self._before[i]
-        found.reverse()
-        return found
-
-
-class _Spellings:
-    """Node names seen so far, under what ``owns`` matches them on: the address
-    (``canonical_address``) and the vassal a node is named after (``node_vassal_name``). A
-    fleet's node names are the same from poll to poll: each is worked out the first time it is
-    seen, and a vassal's nodes are then looked up by name, not found by a look at every node."""
-
-    #: names kept at most: past them, ``_learned`` starts a new one (an index keeps its own)
-    LIMIT = 65536
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-        self.by_address: dict[str, set[str]] = {}
-        self.by_vassal_name: dict[str, set[str]] = {}
-
-    def learn(self, names: Iterable[str]) -> None:
-        for name in set(names) - self.seen:
-            self.seen.add(name)
-            self.by_address.setdefault(canonical_address(name), set()).add(name)
-            self.by_vassal_name.setdefault(node_vassal_name(name), set()).add(name)
-
-    def of_vassal(self, name: str, addresses: frozenset[str]) -> Collection[str]:
-        """The names seen that ``owns`` gives the vassal."""
-        if not addresses:
-            return self.by_vassal_name.get(name, ())
-        if len(addresses) == 1:
-            return self.by_address.get(next(iter(addresses)), ())
-        return {n for a in addresses for n in self.by_address.get(a, ())}
-
-
-_spellings = _Spellings()
-
-
-def _learned(names: Sequence[Collection[str]]) -> _Spellings:
-    """The spellings of node names, every one of ``names`` among them (a set check in C per
-    poll; a name is worked out once)."""
-    global _spellings
-    new = [part for part in names if not _spellings.seen.issuperset(part)]
-    if new:
-        if len(_spellings.seen) + sum(map(len, new)) > _Spellings.LIMIT:
-            _spellings, new = _Spellings(), list(names)
-        for part in new:
-            _spellings.learn(part)
-    return _spellings
-
-
-class NodeIndex:
-    """One snapshot's nodes by what ``owns`` matches them on: the nodes' names are indexed once
-    (one pass over the nodes), and the names ``owns`` gives a vassal come from ``_Spellings``,
-    so a vassal's nodes are a lookup, not a scan. The counts per key are taken once too, so that
-    the other hosts' nodes are the total less this host's own. Built from one snapshot's nodes
-    and never changed (``Snapshot.index``). ``NodeTable``: the same from the stats as read."""
-
-    def __init__(self, nodes: Iterable[Node]) -> None:
-        self._nodes = tuple(nodes)
-
-    @property
-    def nodes(self) -> tuple[Node, ...]:
-        return self._nodes
-
-    def __iter__(self) -> Iterator[Node]:
-        return iter(self.nodes)
-
-    def __len__(self) -> int:
-        return len(self.nodes)
-
-    def __contains__(self, node: object) -> bool:
-        return node in self.nodes
-
-    def _at(self, i: int) -> Node:
-        return self.nodes[i]
-
-    @functools.cached_property
-    def _by_name(self) -> _Positions:
-        return _Positions(node.name for node in self.nodes)
-
-    def _where(self, name: str) -> list[int]:
-        """The positions of the nodes named ``name``, in order."""
-        return self._by_name.get(name)
-
-    def names(self) -> Collection[str]:
-        """The nodes' names, each once."""
-        return self._by_name.keys()
-
-    def live_names(self) -> Collection[str]:
-        """The names of the live nodes, each once."""
-        return {node.name for node in self.nodes if node.live}
-
-    @functools.cached_property
-    def _spellings(self) -> _Spellings:
-        return _learned([self._by_name.keys()])
-
-    @functools.cached_property
-    def _found(self) -> dict[tuple[str, frozenset[str]], list[int]]:
-        """``_positions`` already asked for: a poll asks for each vassal's several times."""
-        return {}
-
-    def _positions(self, name: str, addresses: frozenset[str]) -> list[int]:
-        found = self._found.get((name, addresses))
-        if found is None:
-            names = self._spellings.of_vassal(name, addresses)
-            if len(names) == 1:
-                found = self._where(next(iter(names)))
-            else:
-                found = sorted(i for n in names for i in self._where(n))
-            self._found[name, addresses] = found
-        return found
-
-    def of_vassal(self, name: str, addresses: frozenset[str] = frozenset()) -> list[Node]:
-        """The nodes ``owns`` gives the vassal, in the snapshot's order."""
-        return [self._at(i) for i in self._positions(name, addresses)]
-
-    def of_fleet(self, fleet: Iterable[VassalReload]) -> list[Node]:
-        """The nodes that are a vassal's of ``fleet``, each once, in the snapshot's order."""
-        positions: set[int] = set()
-        for v in fleet:
-            positions.update(self._positions(v.name, v.addresses))
-        return [self._at(i) for i in sorted(positions)]
-
-    @functools.cached_property
-    def live_per_key(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for node in self.nodes:
-            if node.live:
-                counts[node.key] = counts.get(node.key, 0) + 1
-        return counts
-
-    @functools.cached_property
-    def live_per_place(self) -> dict[tuple[str, str], int]:
-        """Live nodes per (router, key)."""
-        counts: dict[tuple[str, str], int] = {}
-        for node in self.nodes:
-            if node.live:
-                place = (node.router, node.key)
-                counts[place] = counts.get(place, 0) + 1
-        return counts
-
-
-def _indexed(nodes: Iterable[Node]) -> NodeIndex:
-    """``nodes`` as an index: a snapshot's own (``Snapshot.index``) as it is."""
-    return nodes if isinstance(nodes, NodeIndex) else NodeIndex(nodes)
-
-
-class KeyNodes:
-    """The nodes of one key in one router's stats, checked (``parse_fastrouter_keys``).
-
-    What a fastrouter writes (each node under a name of its own, integers) is checked field by
-    field over all the nodes at once, in C, and kept as read: a ``Node`` is made of a node only
-    when it is asked for, so the other hosts' nodes, which a poll only counts, never are.
-    Anything else is made into ``Node`` objects at once, through the checks that say what is
-    wrong with it (``_node``)."""
-
-    def __init__(
-        self,
-        router: str,
-        key: str,
-        raw: Sequence[Mapping[str, Any]],
-        names: Sequence[str],
-        marks: list[int],
-        made: Sequence[Node] | None = None,
-    ) -> None:
-        self.router = router
-        self.key = key
-        self._raw = raw
-        self.names = names
-        #: every node, made at once (``None``: each when asked for, from ``raw``)
-        self._made = made
-        #: the first position of each name
-        self.positions: dict[str, int] = {}
-        if made is None:
-            self.positions = dict(zip(names, range(len(names))))  # in C: names are unique
-        else:
-            for j, name in enumerate(names):
-                self.positions.setdefault(name, j)
-        #: each node's death_mark (0: live)
-        self.marks = marks
-        #: how many are live
-        self.live = self.marks.count(0)
-        #: no name is there twice (what a fastrouter writes)
-        self.unique = len(self.positions) == len(names)
-
-    @classmethod
-    def checked(
-        cls, router: str, key: str, raw: Sequence[Mapping[str, Any]], where: str
-    ) -> KeyNodes:
-        """The nodes ``raw`` (JSON objects) of ``key``, each taken as ``_node`` takes it."""
-        try:
-            names = list(map(_NAME, raw))
-            marks = list(map(_DEATH_MARK, raw))
-            plain = (
-                _DICT.issuperset(map(type, raw))
-                and _STR.issuperset(map(type, names))
-                and "" not in names
-                and _INT.issuperset(map(type, marks))
-                and all(_INT.issuperset(map(type, map(f, raw))) for f in _NUMBER_FIELDS[1:])
-            )
-        except (KeyError, TypeError):  # a field left out, or an object that is no dict
-            plain = False
-        if plain:
-            nodes = cls(router, key, raw, names, marks)
-            if nodes.unique:
-                return nodes
-        made = [_node(n, key, router, where, j) for j, n in enumerate(raw)]
-        marks = [int(not n.live) for n in made]
-        return cls(router, key, raw, [n.name for n in made], marks, made)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def node(self, j: int) -> Node:
-        """The node at position ``j``."""
-        if self._made is not None:
-            return self._made[j]
-        death_mark, ref, modifier1, modifier2, cores, load, weight = _NUMBERS(self._raw[j])
-        name = self.names[j]
-        # positional, in Node's field order: keywords cost a third more per node
-        return Node(
-            self.key,
-            name,
-            bool(death_mark),
-            ref,
-            modifier1,
-            modifier2,
-            cores,
-            load,
-            weight,
-            self.router,
-        )
-
-    def where(self, name: str) -> list[int]:
-        """The positions of the nodes named ``name``, in order."""
-        if self._made is None:
-            j = self.positions.get(name)
-            return [] if j is None else [j]
-        return [j for j, n in enumerate(self.names) if n == name]
-
-    def live_names(self) -> Collection[str]:
-        """The names of the live nodes."""
-        if self.live == len(self.names) and self._made is None:
-            return self.positions.keys()
-        return _LiveNames(self)
-
-
-class _LiveNames(Collection[str]):
-    """The names of a key's live nodes, looked up rather than copied into a set."""
-
-    def __init__(self, nodes: KeyNodes) -> None:
-        self._nodes = nodes
-
-    def __contains__(self, name: object) -> bool:
-        marks = self._nodes.marks
-        return isinstance(name, str) and any(marks[j] == 0 for j in self._nodes.where(name))
-
-    def __iter__(self) -> Iterator[str]:
-        live = itertools.compress(self._nodes.names, map(operator.not_, self._nodes.marks))
-        return iter(dict.fromkeys(live))
-
-    def __len__(self) -> int:
-        return self._nodes.live if self._nodes.unique else len(dict.fromkeys(self))
-
-
-class NodeTable(NodeIndex):
-    """A snapshot's nodes as the routers' stats listed them (``KeyNodes``, in order): the index
-    of ``NodeIndex`` without a ``Node`` per node. Per poll, the other hosts' nodes cost their
-    checks and their counts, in C; a ``Node`` is made only of a node a vassal's lookup finds."""
-
-    def __init__(self, keys: Iterable[KeyNodes]) -> None:
-        self.keys = tuple(keys)
-        #: the position of the first node of each of ``keys``, and the number of nodes last
-        self._starts = list(itertools.accumulate((len(k) for k in self.keys), initial=0))
-        self._made: dict[int, Node] = {}
-
-    @functools.cached_property
-    def nodes(self) -> tuple[Node, ...]:
-        return tuple(self._at(i) for i in range(len(self)))
-
-    def __len__(self) -> int:
-        return self._starts[-1]
-
-    def _at(self, i: int) -> Node:
-        node = self._made.get(i)
-        if node is None:
-            k = bisect.bisect_right(self._starts, i) - 1
-            node = self._made[i] = self.keys[k].node(i - self._starts[k])
-        return node
-
-    def places(self, name: str) -> list[tuple[int, KeyNodes, int]]:
-        """The nodes named ``name``: (position, their key's nodes, position among them)."""
-        return [(s + j, k, j) for k, s in zip(self.keys, self._starts) for j in k.where(name)]
-
-    def _where(self, name: str) -> list[int]:
-        return [s + j for k, s in zip(self.keys, self._starts) for j in k.where(name)]
-
-    @functools.cached_property
-    def _spellings(self) -> _Spellings:
-        return _learned([k.positions.keys() for k in self.keys])
-
-    def names(self) -> Collection[str]:
-        return _union([k.positions.keys() for k in self.keys])
-
-    def live_names(self) -> Collection[str]:
-        return _union([k.live_names() for k in self.keys])
-
-    @functools.cached_property
-    def live_per_key(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for k in self.keys:
-            if k.live:
-                counts[k.key] = counts.get(k.key, 0) + k.live
-        return counts
-
-    @functools.cached_property
-    def live_per_place(self) -> dict[tuple[str, str], int]:
-        counts: dict[tuple[str, str], int] = {}
-        for k in self.keys:
-            if k.live:
-                counts[k.router, k.key] = counts.get((k.router, k.key), 0) + k.live
-        return counts
-
-
-class LiveNodes(NodeIndex):
-    """The nodes of a ``NodeTable`` live in every one of ``routers`` (``Snapshot.live_nodes``):
-    one per (key, name), the first the stats list live; worked out per key on the names, in C,
-    and per vassal on its own nodes."""
-
-    def __init__(self, table: NodeTable, routers: Iterable[str]) -> None:
-        self._table = table
-        wanted = tuple(routers)
-        #: key -> router -> the names live there
-        live: dict[str, dict[str, list[Collection[str]]]] = {}
-        for k in table.keys:
-            live.setdefault(k.key, {}).setdefault(k.router, []).append(k.live_names())
-        #: key -> the names live under it in every router
-        self._every: dict[str, Collection[str]] = {}
-        for key, per_router in live.items():
-            if wanted:
-                names = [_union(per_router.get(r, [])) for r in wanted]
-            else:  # no router named: any live node is (``set() <= anything``)
-                names = [_union([n for part in per_router.values() for n in part])]
-            every = names[0]
-            for other in names[1:]:
-                every = set(every).intersection(other)
-            if every:
-                self._every[key] = every
-
-    def _live_here(self, k: KeyNodes, j: int, name: str) -> bool:
-        return k.marks[j] == 0 and name in self._every.get(k.key, ())
-
-    @functools.cached_property
-    def nodes(self) -> tuple[Node, ...]:
-        found: list[Node] = []
-        seen: set[tuple[str, str]] = set()
-        for i in range(len(self._table)):
-            node = self._table._at(i)
-            live = node.live and node.name in self._every.get(node.key, ())
-            if live and (node.key, node.name) not in seen:
-                seen.add((node.key, node.name))
-                found.append(node)
-        return tuple(found)
-
-    def __len__(self) -> int:
-        return sum(map(len, self._every.values()))
-
-    def _at(self, i: int) -> Node:
-        return self._table._at(i)
-
-    def _where(self, name: str) -> list[int]:
-        found, keys = [], set()
-        for i, k, j in self._table.places(name):
-            if k.key not in keys and self._live_here(k, j, name):
-                keys.add(k.key)
-                found.append(i)
-        return found
-
-    @functools.cached_property
-    def _spellings(self) -> _Spellings:
-        return self._table._spellings
-
-    @functools.cached_property
-    def live_per_key(self) -> dict[str, int]:
-        return {key: len(names) for key, names in self._every.items()}
-
-
-def _union(parts: Sequence[Collection[str]]) -> Collection[str]:
-    if len(parts) == 1:
-        return parts[0]
-    return set().union(*parts)
-
-
 # ---------------------------------------------------------------------------------------------
 # The uwsgi protocol: subscription packets and the readiness probe
 # ---------------------------------------------------------------------------------------------
@@ -914,38 +503,11 @@ def encode_vars(pairs: Iterable[tuple[str, str]]) -> bytes:
     return bytes(out)
 
 
-def decode_vars(body: bytes) -> list[tuple[str, str]]:
-    pairs, pos = [], 0
-    while pos < len(body):
-        parts = []
-        for _ in range(2):
-            if pos + 2 > len(body):
-                raise PacketError(f"uwsgi vars truncated at byte {pos}")
-            (size,) = _LENGTH.unpack_from(body, pos)
-            pos += 2
-            if pos + size > len(body):
-                raise PacketError(f"uwsgi var of {size} bytes truncated at byte {pos}")
-            parts.append(body[pos : pos + size].decode("utf-8", "replace"))
-            pos += size
-        pairs.append((parts[0], parts[1]))
-    return pairs
-
-
 def encode_packet(modifier1: int, modifier2: int, body: bytes) -> bytes:
     """A uwsgi packet: [modifier1][u16 LE body size][modifier2] + body."""
     if len(body) > 0xFFFF:
         raise PacketError(f"a uwsgi packet body holds at most 65535 bytes, not {len(body)}")
     return _HEADER.pack(modifier1, len(body), modifier2) + body
-
-
-def decode_packet(data: bytes) -> tuple[int, int, list[tuple[str, str]]]:
-    """(modifier1, modifier2, vars) of one whole packet."""
-    if len(data) < _HEADER.size:
-        raise PacketError(f"a uwsgi packet has a 4-byte header, got {len(data)} bytes")
-    modifier1, size, modifier2 = _HEADER.unpack_from(data)
-    if len(data) - _HEADER.size != size:
-        raise PacketError(f"header says {size} bytes of body, got {len(data) - _HEADER.size}")
-    return modifier1, modifier2, decode_vars(data[_HEADER.size :])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1062,49 +624,131 @@ def probe_node(node_name: str, key: str, path: str, timeout: float) -> ProbeResu
 
 
 # ---------------------------------------------------------------------------------------------
-# Decision logic: pure functions over parsed stats
+# The core: pure decisions over one poll's stats (no I/O, no clock)
 # ---------------------------------------------------------------------------------------------
+
+#: The router of the (router, key) places that count the nodes live in every router: no address
+#: given on the command line can hold a NUL.
+EVERY_ROUTER = "\0"
+
+#: what the minimum is kept for: a fastrouter key, or a (router, key) pair
+Place = TypeVar("Place", bound=Hashable)
+
+
+_NAME, _DEATH_MARK = operator.itemgetter(1), operator.itemgetter(2)
+_KEY_NAME, _ROUTER_KEY = operator.itemgetter(0, 1), operator.itemgetter(9, 0)
+
+
+def _positions_by(values: Iterable[str]) -> dict[str, list[int]]:
+    found: dict[str, list[int]] = {}
+    for i, value in enumerate(values):
+        found.setdefault(value, []).append(i)
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
-    """What the emperor and the fastrouters said in one poll."""
+    """What the emperor and the fastrouters said in one poll, and what the core asks of it: a
+    vassal's nodes (``nodes_of``), where it counts as live (``places``), the live nodes that are
+    no vassal's of this run (``others``). Each is worked out once per poll, on first use."""
 
     vassals: Mapping[str, EmperorVassal]
-    #: the nodes of every router (``Node.router`` says which): a ``NodeTable`` as read
-    nodes: Collection[Node]
+    #: the nodes of every router (``Node.router`` says which)
+    nodes: Sequence[Node]
     #: the fastrouters read; a node is live only when it is live in every one of them
     routers: tuple[str, ...] = ("",)
     #: the routers that could not be read this time, with why: nothing counts as live there
     unreadable: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
-    def live_nodes(self) -> tuple[Node, ...]:
-        """One node per (key, name) that is live in every router."""
+    def _by_address(self) -> dict[str, list[int]]:
+        return _positions_by(map(canonical_address, map(_NAME, self.nodes)))
+
+    @functools.cached_property
+    def _by_vassal_name(self) -> dict[str, list[int]]:
+        return _positions_by(map(node_vassal_name, map(_NAME, self.nodes)))
+
+    @functools.cached_property
+    def _live(self) -> list[bool]:
+        return list(map(operator.not_, map(_DEATH_MARK, self.nodes)))
+
+    def _positions(self, name: str, addresses: frozenset[str]) -> list[int]:
+        if not addresses:
+            return self._by_vassal_name.get(name, [])
+        return sorted(i for a in addresses for i in self._by_address.get(a, ()))
+
+    def nodes_of(self, name: str, addresses: frozenset[str] = frozenset()) -> list[Node]:
+        """The nodes ``owns`` gives the vassal, live or not, in every router, in stats order."""
+        return [self.nodes[i] for i in self._positions(name, addresses)]
+
+    @functools.cached_property
+    def names(self) -> list[str]:
+        """Every node name, each once."""
+        return sorted({node.name for node in self.nodes})
+
+    @functools.cached_property
+    def everywhere(self) -> frozenset[tuple[str, str]]:
+        """(key, name) of the nodes live in every router; none while a router is unreadable."""
         if self.unreadable:
-            return ()
-        if isinstance(self.nodes, NodeTable):
-            return self.live_index.nodes
-        live_in: dict[tuple[str, str], set[str]] = {}
-        first: dict[tuple[str, str], Node] = {}
-        for node in self.nodes:
-            if node.live:
-                live_in.setdefault((node.key, node.name), set()).add(node.router)
-                first.setdefault((node.key, node.name), node)
+            return frozenset()
+        if len(self.routers) <= 1:
+            return frozenset(itertools.compress(map(_KEY_NAME, self.nodes), self._live))
+        routers: dict[tuple[str, str], set[str]] = {}
+        for n in self.nodes:
+            if n.live:
+                routers.setdefault((n.key, n.name), set()).add(n.router)
         every = set(self.routers)
-        return tuple(node for kn, node in first.items() if live_in[kn] >= every)
+        return frozenset(kn for kn, live_in in routers.items() if live_in >= every)
+
+    def live_everywhere(self, node: Node) -> bool:
+        return node.live and (node.key, node.name) in self.everywhere
 
     @functools.cached_property
-    def index(self) -> NodeIndex:
-        """``nodes``, indexed (pass it where ``nodes`` goes)."""
-        return _indexed(self.nodes)
+    def live_counts(self) -> dict[tuple[str, str], int]:
+        """Live nodes per (router, key), and per (``EVERY_ROUTER``, key) those live in every
+        router: each router keeps the minimum, and so does what a client sees whichever router
+        it reaches."""
+        counts = collections.Counter(itertools.compress(map(_ROUTER_KEY, self.nodes), self._live))
+        counts.update((EVERY_ROUTER, key) for key, _ in self.everywhere)
+        return counts
 
-    @functools.cached_property
-    def live_index(self) -> NodeIndex:
-        """``live_nodes``, indexed (pass it where ``live_nodes`` goes)."""
-        if isinstance(self.nodes, NodeTable) and not self.unreadable:
-            return LiveNodes(self.nodes, self.routers)
-        return NodeIndex(self.live_nodes)
+    def places(self, v: Instance) -> frozenset[tuple[str, str]]:
+        """Where the vassal counts as live: (router, key) for each router that has its node live,
+        (``EVERY_ROUTER``, key) where every router has; none unless the emperor says it accepts."""
+        current = self.vassals.get(v.id)
+        if current is None or not current.accepting:
+            return frozenset()
+        found = set()
+        for n in self.nodes_of(v.name, v.addresses):
+            if n.live:
+                found.add((n.router, n.key))
+                if self.live_everywhere(n):
+                    found.add((EVERY_ROUTER, n.key))
+        return frozenset(found)
+
+    def live_keys(self, v: Instance) -> frozenset[str]:
+        """The keys under which the vassal is live in every router (``places``)."""
+        return frozenset(key for router, key in self.places(v) if router == EVERY_ROUTER)
+
+    def others(self, instances: Iterable[Instance]) -> dict[tuple[str, str], int]:
+        """Per place, the live nodes that are none of ``instances``': other hosts' (or vassals of
+        this emperor the run does not reload). They count for the minimum, never touched."""
+        counts = dict(self.live_counts)
+        mine = {i for v in instances for i in self._positions(v.name, v.addresses)}
+        everywhere = set()
+        for node in (self.nodes[i] for i in mine):
+            if node.live:
+                counts[node.router, node.key] -= 1
+                if self.live_everywhere(node):
+                    everywhere.add((node.key, node.name))
+        for key, _ in everywhere:
+            counts[EVERY_ROUTER, key] -= 1
+        return {place: count for place, count in counts.items() if count}
+
+
+def per_key(places: Mapping[tuple[str, str], int]) -> dict[str, int]:
+    """The counts of the (``EVERY_ROUTER``, key) places, by key."""
+    return {key: n for (router, key), n in places.items() if router == EVERY_ROUTER}
 
 
 def live_keys(
@@ -1113,56 +757,34 @@ def live_keys(
     nodes: Iterable[Node],
     addresses: frozenset[str] = frozenset(),
 ) -> frozenset[str]:
-    """The fastrouter keys under which this vassal is live; empty when it is not live.
-
-    Live means the emperor says accepting and the vassal's node is subscribed with death_mark 0
-    (pass ``Snapshot.live_index``: live in every router). ``addresses``: see ``owns``.
-    """
+    """The fastrouter keys under which this vassal has a live node; empty unless accepting.
+    (The core asks ``Snapshot.live_keys``, which also wants the node live in every router.)"""
     if vassal is None or not vassal.accepting:
         return frozenset()
-    mine = _indexed(nodes).of_vassal(name, addresses)
-    return frozenset(node.key for node in mine if node.live)
+    return frozenset(n.key for n in nodes if n.live and owns(name, addresses, n.name))
 
 
-def _less(totals: Mapping[Place, int], mine: Iterable[Place]) -> dict[Place, int]:
-    """``totals`` less one per place in ``mine``; places left with none are left out."""
-    counts = dict(totals)
-    for place in mine:
-        counts[place] -= 1
-    return {place: count for place, count in counts.items() if count}
-
-
-def others_live(nodes: Iterable[Node], fleet: Iterable[VassalReload]) -> dict[str, int]:
-    """Per key, the live nodes that are no vassal of ``fleet``: other hosts' (or vassals of this
-    emperor this run does not reload). They count for the minimum and are never touched.
-
-    Every live node less ``fleet``'s own: a lookup per vassal, not a scan of the other hosts'
-    nodes per vassal (pass ``Snapshot.live_index``)."""
-    index = _indexed(nodes)
-    return _less(index.live_per_key, (n.key for n in index.of_fleet(fleet) if n.live))
-
-
-def placements(
-    vassal: EmperorVassal | None,
+def announced_as(
     name: str,
-    nodes: Iterable[Node],
-    addresses: frozenset[str] = frozenset(),
-) -> frozenset[tuple[str, str]]:
-    """The (router, key) pairs under which this vassal is live in that router (``live_keys`` per
-    router): a vassal live in one router and not in another still counts in the first one."""
-    if vassal is None or not vassal.accepting:
-        return frozenset()
-    mine = _indexed(nodes).of_vassal(name, addresses)
-    return frozenset((node.router, node.key) for node in mine if node.live)
-
-
-def others_placed(
-    nodes: Iterable[Node], fleet: Iterable[VassalReload]
-) -> dict[tuple[str, str], int]:
-    """``others_live`` per (router, key): each router's own count (pass ``Snapshot.index``)."""
-    index = _indexed(nodes)
-    mine = ((n.router, n.key) for n in index.of_fleet(fleet) if n.live)
-    return _less(index.live_per_place, mine)
+    listening: Iterable[str],
+    snapshot: Snapshot,
+    is_local: Callable[[str], bool],
+    announce: Iterable[Node] = (),
+) -> tuple[frozenset[str], bool]:
+    """(the node names a vassal whose master listens on ``listening`` is announced as, whether a
+    node matched): ``announce``'s names when its master listens there (a twin, before the router
+    has it); the sockets' addresses when a node has one; ``frozenset()`` when a node is named
+    after the vassal (``owns``); else the sockets' addresses, unmatched yet."""
+    found = {canonical_address(a) for a in listening}
+    wanted = frozenset(canonical_address(n.name) for n in announce)
+    if wanted and wanted <= found:
+        return wanted, True
+    addresses = node_addresses(listening, snapshot.names, is_local)
+    if addresses and snapshot.nodes_of(name, addresses):
+        return addresses, True
+    if snapshot.nodes_of(name):
+        return frozenset(), True
+    return addresses, False
 
 
 def reload_registered(baseline: EmperorVassal, current: EmperorVassal | None) -> bool:
@@ -1219,14 +841,6 @@ def touch_mtime(now: float, last_mod: int, current: float | None = None) -> int:
     return max(int(now), newest + 1)
 
 
-#: The router of the (router, key) pairs that count nodes live in every router: no address
-#: given on the command line can hold a NUL.
-EVERY_ROUTER = "\0"
-
-#: what the minimum is kept for: a fastrouter key, or a (router, key) pair
-Place = TypeVar("Place", bound=Hashable)
-
-
 def pick_reloads(
     candidates: Sequence[str],
     live: Mapping[str, frozenset[Place]],
@@ -1234,28 +848,28 @@ def pick_reloads(
     free_slots: int | None,
     others: Mapping[Place, int] | None = None,
 ) -> list[str]:
-    """Which of ``candidates`` (in order) may start reloading now.
+    """Which of ``candidates`` (in order) may go out of rotation now: the one minimum check, for
+    the vassals a rollout reloads, the twins a surge removes and the plan of ``--dry-run``.
 
     ``live`` maps every vassal counted as live (in-flight and timed-out ones already left out) to
-    its keys. A vassal that is not live costs nothing and may always go; a live one may go only if
-    every key it serves keeps at least ``minimum`` live vassals without it. Not-live vassals go
-    first. ``free_slots`` caps the number started (``None``: no cap). ``others``: per key, the
-    live nodes that are not candidates' (other hosts'): they count for the minimum too. With
-    several routers the keys are (router, key) pairs: each router keeps its minimum.
+    its places (``Snapshot.places``). A vassal that is not live costs nothing and may always go;
+    a live one may go only if every place it is live in keeps at least ``minimum`` live nodes
+    without it. Not-live vassals go first. ``free_slots`` caps the number started (``None``: no
+    cap). ``others``: per place, the live nodes that are not candidates' (``Snapshot.others``).
     """
-    per_key: dict[Place, int] = dict(others or {})
-    for keys in live.values():
-        for key in keys:
-            per_key[key] = per_key.get(key, 0) + 1
+    per_place: dict[Place, int] = dict(others or {})
+    for places in live.values():
+        for place in places:
+            per_place[place] = per_place.get(place, 0) + 1
     ordered = [v for v in candidates if not live.get(v)] + [v for v in candidates if live.get(v)]
     picked: list[str] = []
     for vassal in ordered:
         if free_slots is not None and len(picked) >= free_slots:
             break
-        places: frozenset[Place] = live.get(vassal, frozenset())
-        if all(per_key[place] - 1 >= minimum for place in places):
-            for place in places:
-                per_key[place] -= 1
+        going: frozenset[Place] = live.get(vassal, frozenset())
+        if all(per_place[place] - 1 >= minimum for place in going):
+            for place in going:
+                per_place[place] -= 1
             picked.append(vassal)
     return picked
 
@@ -1263,6 +877,39 @@ def pick_reloads(
 def rounds_needed(vassals: int, minimum: int) -> int:
     """Single-reload times a pipelined rollout needs at best: ceil(N / (N - m))."""
     return math.ceil(vassals / (vassals - minimum)) if vassals > minimum else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """What a run keeps to, the same for each of its machines (``Options.rules``)."""
+
+    minimum: int = 1
+    timeout: float = 60.0
+    max_parallel: int | None = None
+    #: the caller sends packets to the subscription server: drain first, subscribe at once
+    drain: bool = False
+    drain_timeout: float = 5.0
+    #: an instance counts as back (live) only once the caller's probe of its socket passed
+    probe: bool = False
+    #: twins per key, live before the first reload
+    surge: int = 0
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _table(phases: type[E], text: str) -> dict[E, frozenset[E]]:
+    """A state machine's legal moves, one line per phase (``A -> B C``); phases with no line are
+    final."""
+    table: dict[E, frozenset[E]] = {phase: frozenset() for phase in phases}
+    for line in text.strip().splitlines():
+        source, _, targets = line.partition("->")
+        table[phases[source.strip()]] = frozenset(phases[t] for t in targets.split())
+    return table
+
+
+class IllegalMove(RuntimeError):
+    """A move its phase table does not list: a bug in the core, never bad input."""
 
 
 class Phase(enum.Enum):
@@ -1296,20 +943,67 @@ class Phase(enum.Enum):
     ABANDONED = enum.auto()
 
 
+#: Every legal move of a vassal (docs/design.md draws it); ``Instance.move`` refuses the rest.
+PHASE_MOVES = _table(
+    Phase,
+    """
+    PENDING     -> DRAINING RELOADING STARTING NOT_STARTED
+    DRAINING    -> RELOADING STARTING DRAIN_IGNORED NOT_STARTED
+    RELOADING   -> STARTING ACCEPTING PROBING SUBSCRIBING BACK TIMED_OUT TOUCH_FAILED ABANDONED
+    STARTING    -> ACCEPTING PROBING SUBSCRIBING BACK TIMED_OUT ABANDONED
+    ACCEPTING   -> STARTING PROBING TIMED_OUT ABANDONED
+    PROBING     -> SUBSCRIBING BACK PROBE_FAILED ABANDONED
+    SUBSCRIBING -> STARTING BACK TIMED_OUT ABANDONED
+    """,
+)
+
 IN_FLIGHT = frozenset(
-    {
-        Phase.DRAINING,
-        Phase.RELOADING,
-        Phase.STARTING,
-        Phase.ACCEPTING,
-        Phase.PROBING,
-        Phase.SUBSCRIBING,
-    }
+    Phase[p] for p in ["DRAINING", "RELOADING", "STARTING", "ACCEPTING", "PROBING", "SUBSCRIBING"]
 )
 #: Phases in which a vassal counts as live when the stats show it live: untouched, or reloaded.
 COUNTS_LIVE = frozenset(
-    {Phase.PENDING, Phase.BACK, Phase.NOT_STARTED, Phase.TOUCH_FAILED, Phase.DRAIN_IGNORED}
+    Phase[p] for p in ["PENDING", "BACK", "NOT_STARTED", "TOUCH_FAILED", "DRAIN_IGNORED"]
 )
+
+
+class TwinPhase(enum.Enum):
+    """Where one twin is: the one record of it, owned by ``Surge``."""
+
+    #: in the state file; its link is not made yet
+    PLANNED = enum.auto()
+    #: its link is made: the emperor spawns it; not live in the router yet
+    STARTING = enum.auto()
+    #: live in the router (or subscribed by the tool); the probe is out
+    PROBING = enum.auto()
+    LIVE = enum.auto()
+    #: never came up in time, its probe failed, or its link could not be made: the run stops
+    FAILED = enum.auto()
+    #: unsubscribed from the router; its link goes once no request is in flight to it
+    DRAINING = enum.auto()
+    #: its link is removed; the emperor still lists it (its master is stopping)
+    REMOVED = enum.auto()
+    #: the emperor no longer lists it
+    GONE = enum.auto()
+    #: left in place: removing it would take a key below the minimum, its link is no longer the
+    #: one the tool made, or the run was given up; the next run removes it
+    KEPT = enum.auto()
+
+
+#: Every legal move of a twin (docs/design.md draws it).
+TWIN_MOVES = _table(
+    TwinPhase,
+    """
+    PLANNED  -> STARTING GONE
+    STARTING -> PROBING LIVE FAILED DRAINING REMOVED KEPT
+    PROBING  -> STARTING LIVE FAILED DRAINING REMOVED KEPT
+    LIVE     -> DRAINING REMOVED KEPT
+    FAILED   -> GONE DRAINING REMOVED KEPT
+    DRAINING -> REMOVED KEPT
+    REMOVED  -> GONE KEPT
+    """,
+)
+#: Twins whose removal has not begun.
+TWIN_UP = frozenset({TwinPhase.STARTING, TwinPhase.PROBING, TwinPhase.LIVE, TwinPhase.FAILED})
 
 
 class NotStarted(enum.Enum):
@@ -1332,17 +1026,40 @@ class Outcome(str, enum.Enum):
 
 
 @dataclasses.dataclass
-class VassalReload:
-    """One vassal in the run: its ``phase``, and what the run saw of it on the way (data for the
-    report, not state: decisions read ``phase``). Times are seconds since the run started."""
+class Instance:
+    """What the core knows of one vassal of the emperor, whichever machine drives it (an
+    original a ``Rollout`` reloads, a twin a ``Surge`` adds and removes). Times are seconds since
+    the run started."""
 
     id: str
     name: str
     config: str
-    phase: Phase = Phase.PENDING
+    #: the one record of where it is: moved by its machine through ``move`` only
+    phase: Any = None
     #: the node names it is announced as, from the sockets its master listens on (``owns``);
     #: empty: a node is its when the node's socket is named after it
     addresses: frozenset[str] = frozenset()
+    #: its fastrouter nodes when it was taken out: what a subscribe announces again
+    nodes: tuple[Node, ...] = ()
+    #: draining: when it was taken out of the router, how long until its ``ref`` reached 0
+    drain_started: float | None = None
+    drained: float | None = None
+
+    MOVES: ClassVar[Mapping[Any, frozenset[Any]]] = {}
+
+    def move(self, to: enum.Enum) -> None:
+        """The one way a phase changes: a move its table (``MOVES``) does not list is refused."""
+        if to is not self.phase and to not in self.MOVES[self.phase]:
+            raise IllegalMove(f"{self.name}: {self.phase.name} -> {to.name} is not a legal move")
+        self.phase = to
+
+
+@dataclasses.dataclass
+class VassalReload(Instance):
+    """One vassal the run reloads: its ``phase``, and what the run saw of it on the way (data
+    for the report, not state: decisions read ``phase``)."""
+
+    phase: Phase = Phase.PENDING
     #: what /proc showed its master listening on when the run began (``locate``)
     listening: tuple[str, ...] = ()
     #: the emperor's view when the run first saw it; ``baseline`` when it started reloading
@@ -1352,20 +1069,17 @@ class VassalReload:
     #: first seen accepting after the emperor registered its reload (before the router has it)
     accepting: float | None = None
     back: float | None = None
-    #: draining: when it was taken out of the router, how long until its ``ref`` reached 0
-    drain_started: float | None = None
-    drained: float | None = None
     #: requests still in flight when its drain timed out (``None``: it drained in time)
     drain_left: int | None = None
     #: the routers that still had it live at the drain timeout (``Phase.DRAIN_IGNORED``)
     ignored_by: tuple[str, ...] = ()
-    #: its fastrouter nodes when it was picked: what the fast-return subscribe announces
-    nodes: tuple[Node, ...] = ()
     #: the in-flight phase it was in when it timed out or the run was given up
     stalled_in: Phase | None = None
     not_started: NotStarted | None = None
     probe_result: ProbeResult | None = None
     touch_error: str = ""
+
+    MOVES: ClassVar[Mapping[Any, frozenset[Any]]] = PHASE_MOVES
 
     @property
     def duration(self) -> float | None:
@@ -1391,54 +1105,83 @@ class VassalReload:
         }
 
 
+@dataclasses.dataclass
+class Twin(Instance):
+    """One temporary vassal: a new link (``config``) to what its original's (``of``) links to
+    (``target``)."""
+
+    phase: TwinPhase = TwinPhase.PLANNED
+    target: str = ""
+    of: str = ""
+    #: found in the state file of an earlier run
+    leftover: bool = False
+    #: its node names are known (``announced_as``)
+    located: bool = False
+    added: float | None = None
+    live: float | None = None
+    removed: float | None = None
+    gone: float | None = None
+    detail: str = ""
+    #: the nodes it will be announced as: its original's, renamed after it (``twin_nodes``);
+    #: subscribed by the tool as soon as it accepts, once its master is seen listening there
+    announce: tuple[Node, ...] = ()
+    #: when the tool subscribed it (the fast start), and whether its probe passed
+    subscribed: float | None = None
+    probe_passed: bool = False
+
+    MOVES: ClassVar[Mapping[Any, frozenset[Any]]] = TWIN_MOVES
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "config": self.config,
+            "of": self.of,
+            "subscribed": _round(self.subscribed),
+            "leftover": self.leftover,
+            "phase": self.phase.name.lower(),
+            "added": _round(self.added),
+            "live": _round(self.live),
+            "drain": _round(self.drained),
+            "removed": _round(self.removed),
+            "gone": _round(self.gone),
+            "detail": self.detail,
+        }
+
+    def state(self) -> dict[str, str]:
+        return {"id": self.id, "target": self.target, "of": self.of}
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-class EventKind(enum.Enum):
-    """What happened to a vassal in one step; its line is ``event_text``."""
-
-    DRAINING = enum.auto()
-    #: its master announced it again: unsubscribed again
-    UNSUBSCRIBED_AGAIN = enum.auto()
-    TRIGGERED = enum.auto()
-    TRIGGERED_NOT_LIVE = enum.auto()
-    TRIGGERED_DRAINED = enum.auto()
-    #: its drain timed out: touched with requests still in flight to it
-    TRIGGERED_UNDRAINED = enum.auto()
-    #: the emperor restarted it (a new pid): waited for, not touched
-    RESTARTED = enum.auto()
-    PROBE = enum.auto()
-    #: the fast return: subscribed as soon as it accepts (and its probe passed)
-    SUBSCRIBED = enum.auto()
-    BACK = enum.auto()
-    TIMED_OUT = enum.auto()
-    #: its probe failed (``Phase.PROBE_FAILED``) or its config could not be touched
-    FAILED = enum.auto()
-    NOT_STARTED = enum.auto()
-
-
-#: Events whose vassal the caller touches.
-TRIGGERS = frozenset(
-    {
-        EventKind.TRIGGERED,
-        EventKind.TRIGGERED_NOT_LIVE,
-        EventKind.TRIGGERED_DRAINED,
-        EventKind.TRIGGERED_UNDRAINED,
-    }
+#: What happened to a vassal or a twin in one step; its line is ``event_text``. UNSUBSCRIBED_AGAIN:
+#: its master announced it again; TRIGGERED_UNDRAINED: its drain timed out, touched with requests
+#: in flight to it; RESTARTED: the emperor restarted it (a new pid), waited for, not touched;
+#: SUBSCRIBED: the fast return (or start), subscribed as soon as it accepts (and its probe
+#: passed); FAILED: its probe failed, its config could not be touched, a twin never came up. A
+#: twin's own: ADD (the caller makes its link), LIVE, REMOVE (the caller removes its link), GONE,
+#: KEPT.
+EventKind = enum.Enum(
+    "EventKind",
+    "DRAINING UNSUBSCRIBED_AGAIN TRIGGERED TRIGGERED_NOT_LIVE TRIGGERED_DRAINED "
+    "TRIGGERED_UNDRAINED RESTARTED PROBE SUBSCRIBED BACK TIMED_OUT FAILED NOT_STARTED "
+    "ADD LIVE REMOVE GONE KEPT",
 )
+#: Events whose vassal the caller touches.
+TRIGGERS = frozenset(k for k in EventKind if k.name.startswith("TRIGGERED"))
 
 
 @dataclasses.dataclass(frozen=True)
 class Event:
     at: float
-    vassal: VassalReload
+    vassal: Instance
     kind: EventKind
     #: the vassal's phase when it happened
-    phase: Phase
+    phase: enum.Enum
     #: packets the caller sends to the subscription server
     send: tuple[Subscription, ...] = ()
-    #: the node the caller probes (``PROBE``), then hands the result to ``Rollout.probed``
+    #: the node the caller probes (``PROBE``), then hands the result to the machine's ``probed``
     probe: Node | None = None
     #: the probe answer it follows from (``SUBSCRIBED``, ``FAILED``)
     result: ProbeResult | None = None
@@ -1450,62 +1193,73 @@ class Event:
         return self.kind in TRIGGERS
 
 
-def _event(v: VassalReload, kind: EventKind, now: float, **details: Any) -> Event:
+def _event(v: Instance, kind: EventKind, now: float, **details: Any) -> Event:
     return Event(now, v, kind, v.phase, **details)
 
 
-def nodes_of(
-    name: str, nodes: Iterable[Node], addresses: frozenset[str] = frozenset()
-) -> list[Node]:
-    """The fastrouter nodes of one vassal, live or not, under any key, in any router."""
-    return _indexed(nodes).of_vassal(name, addresses)
-
-
-def drain_done(
-    name: str, nodes: Iterable[Node], addresses: frozenset[str] = frozenset()
-) -> tuple[bool, int]:
+def drain_done(snapshot: Snapshot, v: Instance) -> tuple[bool, int]:
     """(drained, requests in flight): drained when no node of the vassal is live and none has a
     request in flight, in any router. An unsubscribed node with ``ref`` 0 is removed at once,
     one with requests in flight only death-marked (plugins/corerouter/cr_common.c)."""
-    mine = nodes_of(name, nodes, addresses)
+    mine = snapshot.nodes_of(v.name, v.addresses)
     in_flight = sum(n.ref for n in mine)
     return not any(n.live for n in mine) and in_flight == 0, in_flight
 
 
+def take_out(v: Instance, snapshot: Snapshot, now: float, rules: Rules) -> Event | None:
+    """Drain first: unsubscribe the vassal's live nodes (remembering them all for the subscribe
+    that puts it back); ``None`` when there is nothing to drain or no subscription server."""
+    v.nodes = tuple(snapshot.nodes_of(v.name, v.addresses))
+    live = [n for n in v.nodes if n.live]
+    if not rules.drain or not live:
+        return None
+    v.drain_started = now
+    v.move(type(v.phase).DRAINING)
+    return _event(v, EventKind.DRAINING, now, send=subscriptions(Command.UNSUBSCRIBE, live))
+
+
+def unsubscribe_again(
+    v: Instance, snapshot: Snapshot, now: float, routers: Iterable[str] | None = None
+) -> list[Event]:
+    """Its master re-announces every subscribe-freq cycles (core/master.c), undoing our
+    unsubscribe: send it again whenever its node shows up live (in ``routers`` only, if given)."""
+    where = None if routers is None else set(routers)
+    again = [
+        n
+        for n in snapshot.nodes_of(v.name, v.addresses)
+        if n.live and (where is None or n.router in where)
+    ]
+    if not again:
+        return []
+    return [
+        _event(v, EventKind.UNSUBSCRIBED_AGAIN, now, send=subscriptions(Command.UNSUBSCRIBE, again))
+    ]
+
+
+def probe_target(v: Instance, snapshot: Snapshot, known: Iterable[Node]) -> Node | None:
+    """The node to probe: as it is in the router now, or else one of ``known`` (its nodes as they
+    were, or will be: the socket path is the same across a reload)."""
+    nodes = sorted(snapshot.nodes_of(v.name, v.addresses) or known, key=lambda n: (n.key, n.name))
+    return nodes[0] if nodes else None
+
+
 class Rollout:
-    """The whole run's state; ``step`` decides from one snapshot, with no I/O of its own.
+    """The originals' state machine: ``step`` decides from one snapshot, with no I/O of its own.
 
-    Each vassal's ``phase`` is moved here only: by ``step`` from what the stats show, and by the
-    methods through which the caller reports what it did (``probed``, ``touch_failed``,
-    ``abandon``).
-
-    With ``subscriptions`` the caller can send packets to the fastrouter's subscription server:
-    a live vassal is then drained (unsubscribed, and touched once the router has no request in
-    flight to it, or after ``drain_timeout``) and subscribed again as soon as it accepts (the fast
-    return). With ``probe`` a vassal counts as back only after the caller's probe of its socket
-    passed; a failed probe stops the rollout.
+    Each vassal's ``phase`` moves here only (``PHASE_MOVES``): by ``step`` from what the stats
+    show, and by the methods through which the caller reports what it did (``probed``,
+    ``act_failed``, ``abandon``). With ``rules.drain`` a live vassal is drained (unsubscribed,
+    and touched once the router has no request in flight to it, or after the drain timeout) and
+    subscribed again as soon as it accepts (the fast return). With ``rules.probe`` a vassal
+    counts as back only after the caller's probe of its socket passed; a failed probe stops the
+    rollout.
     """
 
-    def __init__(
-        self,
-        vassals: Sequence[VassalReload],
-        minimum: int,
-        timeout: float,
-        max_parallel: int | None = None,
-        *,
-        subscriptions: bool = False,
-        drain_timeout: float = 5.0,
-        probe: bool = False,
-    ) -> None:
+    def __init__(self, vassals: Sequence[VassalReload], rules: Rules) -> None:
         self.vassals = {v.id: v for v in vassals}
-        self.minimum = minimum
-        self.timeout = timeout
-        self.max_parallel = max_parallel
-        self.subscriptions = subscriptions
-        self.drain_timeout = drain_timeout
-        self.probe = probe
+        self.rules = rules
         self.lowest_live: dict[str, int] = {}
-        #: the vassal whose failed probe or touch stopped the rollout: nothing more starts
+        #: the vassal whose failed probe, touch or drain stopped the rollout: nothing more starts
         self.stopped_by: VassalReload | None = None
         #: why the caller gave the run up (``abandon``)
         self.abandoned: str | None = None
@@ -1516,16 +1270,6 @@ class Rollout:
 
     def in_phase(self, *phases: Phase) -> list[VassalReload]:
         return [v for v in self.vassals.values() if v.phase in phases]
-
-    def pending(self) -> list[VassalReload]:
-        return self.in_phase(Phase.PENDING)
-
-    def in_flight(self) -> list[VassalReload]:
-        """Draining or reloading: started, not finished."""
-        return self.in_phase(*IN_FLIGHT)
-
-    def draining(self) -> list[VassalReload]:
-        return self.in_phase(Phase.DRAINING)
 
     def watch_closely(self) -> bool:
         """A drained vassal is out of the router but its reload has not begun (draining, or
@@ -1540,102 +1284,93 @@ class Rollout:
         )
 
     @property
-    def finished(self) -> bool:
-        return not self.pending() and not self.in_flight()
+    def done(self) -> bool:
+        return not self.in_phase(Phase.PENDING, *IN_FLIGHT)
 
-    def _live(self, snapshot: Snapshot) -> dict[str, frozenset[tuple[str, str]]]:
-        """Vassals counted as live, with the (router, key) pairs they are live under, and
-        (``EVERY_ROUTER``, key) where live in every router: draining, in flight and failed ones
-        never are."""
-        live = {}
-        for v in self.vassals.values():
-            if v.phase in COUNTS_LIVE:
-                current = snapshot.vassals.get(v.id)
-                places = placements(current, v.name, snapshot.index, v.addresses)
-                everywhere = live_keys(current, v.name, snapshot.live_index, v.addresses)
-                places |= {(EVERY_ROUTER, key) for key in everywhere}
-                if places:
-                    live[v.id] = places
-        return live
+    def unlocated(self, snapshot: Snapshot) -> list[Instance]:
+        return []  # located before the run (``locate``)
 
-    def _observe(self, v: VassalReload, snapshot: Snapshot) -> Stage:
-        assert v.baseline is not None
-        current = snapshot.vassals.get(v.id)
-        keys = live_keys(current, v.name, snapshot.live_index, v.addresses)
-        return reload_stage(v.baseline, current, keys)
+    def located(self, v: Instance, addresses: frozenset[str]) -> None:
+        v.addresses = addresses
 
     def step(self, snapshot: Snapshot, now: float) -> list[Event]:
         """Record who is back or timed out, drain, then mark the vassals that may start now.
 
         The caller touches the config of every vassal in an event that ``touches`` (reporting a
-        failure to ``touch_failed``), sends every event's ``send`` packets, and probes the node of
+        failure to ``act_failed``), sends every event's ``send`` packets, and probes the node of
         every ``probe`` event, handing each answer to ``probed``. While a probe is out, nothing
-        else is decided (its outcome may stop the rollout); the vassals in flight are still
-        followed.
+        else is decided (its outcome may stop the rollout); the vassals in flight are followed.
         """
         self._last = snapshot
         events = self._adopt_restarted(snapshot, now)
         probes = self._reloads(snapshot, now, events)
         if probes or self.in_phase(Phase.PROBING):
             return events + probes
-        events += self._keep_out(snapshot, now)
+        if self.rules.drain:  # a vassal whose probe failed stays out for as long as the run lasts
+            for v in self.in_phase(Phase.PROBE_FAILED):
+                events += unsubscribe_again(v, snapshot, now)
         if snapshot.unreadable:
             # Nothing is live there: no drain is done, nothing may start, no count is known.
             return events
-        for v in self.draining():
+        for v in self.in_phase(Phase.DRAINING):
             events += self._drain(v, snapshot, now)
-        # Each router keeps the minimum on its own, and so do the nodes live in every router
-        # (what a client sees whichever router it reaches).
-        live = self._live(snapshot)
-        others = others_placed(snapshot.index, self.vassals.values())
-        for key, count in others_live(snapshot.live_index, self.vassals.values()).items():
-            others[EVERY_ROUTER, key] = count
+        live = {}
+        for v in self.in_phase(*COUNTS_LIVE):
+            places = snapshot.places(v)
+            if places:
+                live[v.id] = places
+        others = snapshot.others(self.vassals.values())
+        self._count_lowest(live, others)
+        if self.stopped_by is not None:
+            return events + self._stop(now)
+        free = self.rules.max_parallel
+        if free is not None:
+            free -= len(self.in_phase(*IN_FLIGHT))
+        candidates = [v.id for v in self.in_phase(Phase.PENDING) if v.id in snapshot.vassals]
+        for vassal_id in pick_reloads(candidates, live, self.rules.minimum, free, others):
+            v = self.vassals[vassal_id]
+            v.baseline = snapshot.vassals[vassal_id]
+            drain = take_out(v, snapshot, now, self.rules) if v.baseline.accepting else None
+            if drain is not None:
+                self._acted[v.id] = set()
+                events.append(drain)
+                continue
+            v.triggered = now
+            v.move(Phase.RELOADING)
+            kind = EventKind.TRIGGERED if vassal_id in live else EventKind.TRIGGERED_NOT_LIVE
+            events.append(_event(v, kind, now))
+        if not self.in_phase(*IN_FLIGHT):
+            # Nothing in flight and nothing may start: no live count can rise any more.
+            for v in self.in_phase(Phase.PENDING):
+                known = v.id in snapshot.vassals
+                v.not_started = NotStarted.MINIMUM if known else NotStarted.UNKNOWN
+                v.move(Phase.NOT_STARTED)
+                events.append(_event(v, EventKind.NOT_STARTED, now))
+        return events
+
+    def _count_lowest(
+        self, live: Mapping[str, frozenset[tuple[str, str]]], others: Mapping[tuple[str, str], int]
+    ) -> None:
         counts = dict(others)
         for places in live.values():
             for place in places:
                 counts[place] = counts.get(place, 0) + 1
-        keys = set(self.lowest_live) | {key for _, key in counts}
-        for key in keys:
+        for key in set(self.lowest_live) | {key for _, key in counts}:
             count = counts.get((EVERY_ROUTER, key), 0)
             self.lowest_live[key] = min(self.lowest_live.get(key, count), count)
-        if self.stopped_by is not None:
-            events += self._stop(now)
-            return events
-        free = None if self.max_parallel is None else self.max_parallel - len(self.in_flight())
-        candidates = [v.id for v in self.pending() if v.id in snapshot.vassals]
-        for vassal_id in pick_reloads(candidates, live, self.minimum, free, others):
-            v = self.vassals[vassal_id]
-            v.baseline = snapshot.vassals[vassal_id]
-            v.nodes = tuple(nodes_of(v.name, snapshot.index, v.addresses))
-            # live in any router: a node live in one router only is drained from it too
-            live_nodes = tuple(n for n in v.nodes if n.live)
-            if self.subscriptions and v.baseline.accepting and live_nodes:
-                v.drain_started, v.phase = now, Phase.DRAINING
-                self._acted[v.id] = set()
-                send = subscriptions(Command.UNSUBSCRIBE, live_nodes)
-                events.append(_event(v, EventKind.DRAINING, now, send=send))
-                continue
-            v.triggered, v.phase = now, Phase.RELOADING
-            kind = EventKind.TRIGGERED if vassal_id in live else EventKind.TRIGGERED_NOT_LIVE
-            events.append(_event(v, kind, now))
-        if not self.in_flight():
-            # Nothing in flight and nothing may start: no live count can rise any more.
-            for v in self.pending():
-                v.phase = Phase.NOT_STARTED
-                v.not_started = (
-                    NotStarted.UNKNOWN if v.id not in snapshot.vassals else NotStarted.MINIMUM
-                )
-                events.append(_event(v, EventKind.NOT_STARTED, now))
-        return events
+
+    def _stage(self, v: VassalReload, snapshot: Snapshot) -> Stage:
+        assert v.baseline is not None
+        return reload_stage(v.baseline, snapshot.vassals.get(v.id), snapshot.live_keys(v))
 
     def _reloads(self, snapshot: Snapshot, now: float, events: list[Event]) -> list[Event]:
         """Advance every touched vassal; return the probes to run before deciding anything else."""
         probes = []
-        for v in self.in_flight():
+        for v in self.in_phase(*IN_FLIGHT):
             if v.phase is Phase.DRAINING:
                 continue
             assert v.triggered is not None
-            stage = self._observe(v, snapshot)
+            stage = self._stage(v, snapshot)
             if v.accepting is None and stage in (Stage.ACCEPTING, Stage.BACK):
                 v.accepting = now
             if v.phase is Phase.PROBING:
@@ -1645,76 +1380,71 @@ class Rollout:
                 # one that dies while starting (a broken deploy) vanishes from the emperor's
                 # stats until it is respawned, and is still a reload in flight, not the old
                 # instance (core/emperor.c removes a dead vassal, then spawns it again).
-                drained = self.subscriptions and v.drain_started is not None
-                if v.phase is Phase.RELOADING and drained:
+                if v.phase is Phase.RELOADING and v.drain_started is not None:
                     # The old instance re-announced itself before the emperor acted on the touch.
-                    events += self._unsubscribe_again(v, snapshot, now)
+                    events += unsubscribe_again(v, snapshot, now)
             elif stage is Stage.REGISTERED:
-                v.phase = Phase.STARTING
-            elif self.probe and v.phase is not Phase.SUBSCRIBING:
-                target = self._probe_target(v, snapshot)
-                v.phase = Phase.ACCEPTING if target is None else Phase.PROBING
+                v.move(Phase.STARTING)
+            elif self.rules.probe and v.phase is not Phase.SUBSCRIBING:
+                target = probe_target(v, snapshot, v.nodes)
+                v.move(Phase.ACCEPTING if target is None else Phase.PROBING)
                 if target is not None:
                     probes.append(_event(v, EventKind.PROBE, now, probe=target))
                     continue
             elif stage is Stage.ACCEPTING:
                 if v.phase is not Phase.SUBSCRIBING:
-                    v.phase = Phase.SUBSCRIBING
+                    v.move(Phase.SUBSCRIBING)
                     events += self._fast_return(v, now)
             else:
                 events.append(self._back(v, now))
                 continue
-            if now - v.triggered >= self.timeout:
-                v.stalled_in, v.phase = v.phase, Phase.TIMED_OUT
+            if now - v.triggered >= self.rules.timeout:
+                v.stalled_in = v.phase
+                v.move(Phase.TIMED_OUT)
                 back = self._put_back(v) if self._old_instance_serves(v, snapshot) else ()
                 events.append(_event(v, EventKind.TIMED_OUT, now, send=back))
         return probes
 
     def _back(self, v: VassalReload, now: float) -> Event:
-        v.back, v.phase = now, Phase.BACK
+        v.back = now
+        v.move(Phase.BACK)
         return _event(v, EventKind.BACK, now)
-
-    def _probe_target(self, v: VassalReload, snapshot: Snapshot) -> Node | None:
-        """The node to probe: as it is in the router now, or as it was when the vassal was picked
-        (the socket path is the same across a reload)."""
-        mine = nodes_of(v.name, snapshot.index, v.addresses)
-        known = sorted(mine or v.nodes, key=lambda n: (n.key, n.name))
-        return known[0] if known else None
 
     def _fast_return(
         self, v: VassalReload, now: float, result: ProbeResult | None = None
     ) -> list[Event]:
         """Subscribe the reloaded vassal's nodes at once, not on its master's next announce."""
-        if not self.subscriptions or not v.nodes:
+        if not self.rules.drain or not v.nodes:
             return []
         send = subscriptions(Command.SUBSCRIBE, v.nodes)
         return [_event(v, EventKind.SUBSCRIBED, now, send=send, result=result)]
 
-    def probed(self, v: VassalReload, result: ProbeResult, now: float) -> list[Event]:
+    def probed(self, v: Instance, result: ProbeResult, now: float) -> list[Event]:
         """The answer to the probe a ``probe`` event asked for."""
+        assert isinstance(v, VassalReload)
         if v.phase is not Phase.PROBING:
             return []  # the run was given up meanwhile
         v.probe_result = result
         if result.ok:
             assert self._last is not None
-            if self._observe(v, self._last) is Stage.BACK:
+            if self._stage(v, self._last) is Stage.BACK:
                 return [self._back(v, now)]
-            v.phase = Phase.SUBSCRIBING
+            v.move(Phase.SUBSCRIBING)
             return self._fast_return(v, now, result)
-        v.phase = Phase.PROBE_FAILED
-        if self.stopped_by is None:
-            self.stopped_by = v
-        out = tuple(n for n in v.nodes if n.live) if self.subscriptions else ()
+        v.move(Phase.PROBE_FAILED)
+        self.stopped_by = self.stopped_by or v
+        out = [n for n in v.nodes if n.live] if self.rules.drain else []
         send = subscriptions(Command.UNSUBSCRIBE, out)
         return [_event(v, EventKind.FAILED, now, send=send, result=result)]
 
-    def touch_failed(self, v: VassalReload, error: str, now: float) -> list[Event]:
+    def act_failed(self, v: Instance, error: str, now: float) -> list[Event]:
         """The caller could not touch the config of a vassal an event triggered: it stays as it
         was (subscribed again if it was drained), and nothing more starts (the next touch would
         most likely fail the same way)."""
-        v.touch_error, v.phase = error, Phase.TOUCH_FAILED
-        if self.stopped_by is None:
-            self.stopped_by = v
+        assert isinstance(v, VassalReload)
+        v.touch_error = error
+        v.move(Phase.TOUCH_FAILED)
+        self.stopped_by = self.stopped_by or v
         return [_event(v, EventKind.FAILED, now, send=self._put_back(v))]
 
     @staticmethod
@@ -1732,37 +1462,9 @@ class Rollout:
 
     def _put_back(self, v: VassalReload) -> tuple[Subscription, ...]:
         """Subscribe again a vassal this run drained whose old instance still serves."""
-        if not self.subscriptions or v.drain_started is None:
+        if not self.rules.drain or v.drain_started is None:
             return ()
         return subscriptions(Command.SUBSCRIBE, (n for n in v.nodes if n.live))
-
-    def _unsubscribe_again(
-        self,
-        v: VassalReload,
-        snapshot: Snapshot,
-        now: float,
-        routers: set[str] | None = None,
-    ) -> list[Event]:
-        """Its master re-announces every subscribe-freq cycles (core/master.c), undoing our
-        unsubscribe: send it again whenever its node shows up live (in ``routers`` only, when
-        given)."""
-        again = [
-            n
-            for n in nodes_of(v.name, snapshot.index, v.addresses)
-            if n.live and (routers is None or n.router in routers)
-        ]
-        if not again:
-            return []
-        send = subscriptions(Command.UNSUBSCRIBE, again)
-        return [_event(v, EventKind.UNSUBSCRIBED_AGAIN, now, send=send)]
-
-    def _keep_out(self, snapshot: Snapshot, now: float) -> list[Event]:
-        """A vassal whose probe failed stays out of rotation for as long as the run lasts."""
-        events = []
-        if self.subscriptions:
-            for v in self.in_phase(Phase.PROBE_FAILED):
-                events += self._unsubscribe_again(v, snapshot, now)
-        return events
 
     def _drain(self, v: VassalReload, snapshot: Snapshot, now: float) -> list[Event]:
         """Touch once the router has no request in flight to the vassal, or at the deadline."""
@@ -1771,31 +1473,31 @@ class Rollout:
         if current is not None and current.pid != v.baseline.pid:
             # It died and the emperor is starting it with the current code: touching it would
             # reload it in the middle of its start. Wait for it like a reload in flight.
-            v.drained, v.triggered, v.phase = now - v.drain_started, now, Phase.STARTING
-            pids = (v.baseline.pid, current.pid)
-            return [_event(v, EventKind.RESTARTED, now, pids=pids)]
-        mine = nodes_of(v.name, snapshot.index, v.addresses)
+            v.drained, v.triggered = now - v.drain_started, now
+            v.move(Phase.STARTING)
+            return [_event(v, EventKind.RESTARTED, now, pids=(v.baseline.pid, current.pid))]
         acted = self._acted.setdefault(v.id, set())
-        live_in = {n.router for n in mine if n.live}
+        live_in = {n.router for n in snapshot.nodes_of(v.name, v.addresses) if n.live}
         acted.update(r for r in snapshot.routers if r not in live_in)
-        drained, in_flight = drain_done(v.name, snapshot.index, v.addresses)
+        drained, in_flight = drain_done(snapshot, v)
         took = now - v.drain_started
-        if not drained and took >= self.drain_timeout:
+        if not drained and took >= self.rules.drain_timeout:
             ignored = tuple(r for r in snapshot.routers if r in live_in and r not in acted)
             if ignored:
                 return self._drain_ignored(v, ignored, now)
         # again only where it was out and came back (its master's announce): a router that
         # has not acted yet is not sent the same packet at every poll
-        events = [] if drained else self._unsubscribe_again(v, snapshot, now, acted)
+        events = [] if drained else unsubscribe_again(v, snapshot, now, acted)
         if drained:
             kind = EventKind.TRIGGERED_DRAINED
-        elif took >= self.drain_timeout:
+        elif took >= self.rules.drain_timeout:
             kind, v.drain_left = EventKind.TRIGGERED_UNDRAINED, in_flight
         else:
             return events
         v.drained = took
         v.baseline = snapshot.vassals.get(v.id, v.baseline)
-        v.triggered, v.phase = now, Phase.RELOADING
+        v.triggered = now
+        v.move(Phase.RELOADING)
         events.append(_event(v, kind, now))
         return events
 
@@ -1805,24 +1507,19 @@ class Rollout:
         Touching it would send requests into its restart; so it is not touched, it goes back
         where it was taken out, and nothing more starts (the next drain would go the same way).
         It still counts as live: the minimum holds as before."""
-        v.drained, v.ignored_by, v.phase = (
-            now - (v.drain_started or now),
-            routers,
-            Phase.DRAIN_IGNORED,
-        )
-        if self.stopped_by is None:
-            self.stopped_by = v
+        v.drained, v.ignored_by = now - (v.drain_started or now), routers
+        v.move(Phase.DRAIN_IGNORED)
+        self.stopped_by = self.stopped_by or v
         return [_event(v, EventKind.FAILED, now, send=self._put_back(v))]
 
     def _stop(self, now: float) -> list[Event]:
         """Nothing more starts: pending vassals are not started, drained ones go back untouched."""
         events = []
-        for v in self.draining():
-            v.phase, v.not_started = Phase.NOT_STARTED, NotStarted.STOPPED
-            events.append(_event(v, EventKind.NOT_STARTED, now, send=self._put_back(v)))
-        for v in self.pending():
-            v.phase, v.not_started = Phase.NOT_STARTED, NotStarted.STOPPED
-            events.append(_event(v, EventKind.NOT_STARTED, now))
+        for v in self.in_phase(Phase.DRAINING, Phase.PENDING):
+            back = self._put_back(v)
+            v.not_started = NotStarted.STOPPED
+            v.move(Phase.NOT_STARTED)
+            events.append(_event(v, EventKind.NOT_STARTED, now, send=back))
         return events
 
     def _adopt_restarted(self, snapshot: Snapshot, now: float) -> list[Event]:
@@ -1830,34 +1527,252 @@ class Rollout:
         loading the current code already. Touching it would reload it in the middle of its start
         and drop what queued on its socket; wait for it instead, like a reload in flight."""
         events = []
-        for v in self.pending():
+        for v in self.in_phase(Phase.PENDING):
             current = snapshot.vassals.get(v.id)
             if current is None:
                 continue
             if v.initial is None:
                 v.initial = current
             elif current.pid != v.initial.pid:
-                v.baseline, v.triggered, v.phase = v.initial, now, Phase.STARTING
+                v.baseline, v.triggered = v.initial, now
+                v.move(Phase.STARTING)
                 pids = (v.initial.pid, current.pid)
                 events.append(_event(v, EventKind.RESTARTED, now, pids=pids))
         return events
 
-    def abandon(self, reason: str) -> tuple[Subscription, ...]:
-        """Give the run up: in-flight vassals stay in flight, pending ones are not started.
-
-        Returns the packets that put draining (untouched) vassals back into rotation.
-        """
+    def abandon(self, reason: str, now: float) -> list[Event]:
+        """Give the run up: in-flight vassals stay in flight, pending ones are not started; the
+        events put the draining (untouched) ones back into rotation."""
         self.abandoned = reason
-        back: list[Subscription] = []
-        for v in self.in_flight():
-            if v.phase is Phase.DRAINING:
-                v.phase, v.not_started = Phase.NOT_STARTED, NotStarted.ABANDONED
-                back += self._put_back(v)
+        events = []
+        for v in self.in_phase(Phase.PENDING, *IN_FLIGHT):
+            if v.phase in (Phase.PENDING, Phase.DRAINING):
+                back = self._put_back(v)
+                v.not_started = NotStarted.ABANDONED
+                v.move(Phase.NOT_STARTED)
+                if back:
+                    events.append(_event(v, EventKind.NOT_STARTED, now, send=back))
             else:
-                v.stalled_in, v.phase = v.phase, Phase.ABANDONED
-        for v in self.pending():
-            v.phase, v.not_started = Phase.NOT_STARTED, NotStarted.ABANDONED
-        return tuple(back)
+                v.stalled_in = v.phase
+                v.move(Phase.ABANDONED)
+        return events
+
+
+class Surge:
+    """The twins' state machine: ``step`` decides from one snapshot, with no I/O of its own.
+
+    Adding (until ``remove`` is called): every twin's link is made and the twin followed until it
+    is live in the router (and passed the probe); one that is not within the timeout fails the
+    surge. Removing: each twin goes only while every place it is live in keeps the minimum
+    without it (``pick_reloads``): drained first (with ``rules.drain``), then its link removed,
+    then gone once the emperor no longer lists it.
+    """
+
+    def __init__(self, twins: Sequence[Twin], rules: Rules) -> None:
+        self.twins = list(twins)
+        self.rules = rules
+        self.removing = False
+        #: when the removal began: the deadline of the whole removal
+        self.removal_started: float | None = None
+        self.abandoned: str | None = None
+        self._last: Snapshot | None = None
+
+    def in_phase(self, *phases: TwinPhase) -> list[Twin]:
+        return [t for t in self.twins if t.phase in phases]
+
+    def remove(self) -> Surge:
+        """From now on ``step`` removes the twins."""
+        self.removing = True
+        return self
+
+    @property
+    def failed(self) -> list[Twin]:
+        return self.in_phase(TwinPhase.FAILED)
+
+    @property
+    def done(self) -> bool:
+        if self.removing:
+            return not self.in_phase(
+                *TWIN_UP, TwinPhase.PLANNED, TwinPhase.DRAINING, TwinPhase.REMOVED
+            )
+        if self.failed:  # the run stops: once no probe is out
+            return not self.in_phase(TwinPhase.PROBING)
+        return all(t.phase is TwinPhase.LIVE for t in self.twins)
+
+    @property
+    def left(self) -> list[Twin]:
+        """The twins whose links may still be there (or whose masters still run)."""
+        return self.in_phase(*TWIN_UP, TwinPhase.DRAINING, TwinPhase.REMOVED, TwinPhase.KEPT)
+
+    def watch_closely(self) -> bool:
+        """A drained twin may be re-announced by its master: poll often while one drains."""
+        return bool(self.in_phase(TwinPhase.DRAINING))
+
+    def unlocated(self, snapshot: Snapshot) -> list[Instance]:
+        """The twins whose node names are not known yet (the caller reads their masters')."""
+        return [t for t in self.twins if not t.located]
+
+    def located(self, t: Instance, addresses: frozenset[str]) -> None:
+        """The node names the twin's master is announced as (the caller read /proc)."""
+        assert isinstance(t, Twin)
+        t.addresses, t.located = addresses, True
+
+    def step(self, snapshot: Snapshot, now: float) -> list[Event]:
+        self._last = snapshot
+        return self._down(snapshot, now) if self.removing else self._up(snapshot, now)
+
+    def _up(self, snapshot: Snapshot, now: float) -> list[Event]:
+        events = []
+        for t in self.twins:
+            if t.phase is TwinPhase.PLANNED:
+                t.added = now
+                t.move(TwinPhase.STARTING)
+                events.append(_event(t, EventKind.ADD, now))
+                continue
+            if t.phase is not TwinPhase.STARTING:
+                continue
+            current = snapshot.vassals.get(t.id)
+            live = bool(snapshot.live_keys(t))
+            if live or self._may_start(t, current):
+                # Its master announces itself only once its accepting hook ran: the tool
+                # subscribes it itself as soon as it accepts (core/master.c).
+                if self.rules.probe and not t.probe_passed:
+                    t.move(TwinPhase.PROBING)
+                    target = probe_target(t, snapshot, t.announce)
+                    events.append(_event(t, EventKind.PROBE, now, probe=target))
+                elif live:
+                    t.live = now
+                    t.move(TwinPhase.LIVE)
+                    events.append(_event(t, EventKind.LIVE, now))
+                else:
+                    events.append(self._subscribe(t, now))
+            elif t.added is not None and now - t.added >= self.rules.timeout:
+                if current is None:
+                    how = "the emperor never ran it (or it keeps dying: see its log)"
+                elif not current.accepting:
+                    how = "never accepting (did the app fail to load? see its log)"
+                else:
+                    how = "accepting, but its node never became live in the fastrouter"
+                events.append(self._fail(t, f"not live after {self.rules.timeout:g}s: {how}", now))
+        return events
+
+    def _may_start(self, t: Twin, current: EmperorVassal | None) -> bool:
+        """The fast start: the tool can subscribe the twin itself (it has the subscription
+        server, the twin accepts, its master listens where its nodes will be) and has not yet."""
+        return (
+            self.rules.drain
+            and t.subscribed is None
+            and bool(t.announce)
+            and bool(t.addresses)
+            and current is not None
+            and current.accepting
+        )
+
+    def _subscribe(self, t: Twin, now: float) -> Event:
+        t.subscribed = now
+        send = subscriptions(Command.SUBSCRIBE, t.announce)
+        return _event(t, EventKind.SUBSCRIBED, now, send=send)
+
+    def _fail(self, t: Twin, detail: str, now: float) -> Event:
+        t.detail = detail
+        t.move(TwinPhase.FAILED)
+        return _event(t, EventKind.FAILED, now)
+
+    def probed(self, t: Instance, result: ProbeResult, now: float) -> list[Event]:
+        assert isinstance(t, Twin)
+        if t.phase is not TwinPhase.PROBING:
+            return []
+        if not result.ok:
+            return [self._fail(t, f"probe failed: {result.detail}", now)]
+        t.probe_passed = True
+        if self._last is not None and self._last.live_keys(t):
+            t.live = now
+            t.move(TwinPhase.LIVE)
+            return [_event(t, EventKind.LIVE, now)]
+        t.move(TwinPhase.STARTING)
+        return [self._subscribe(t, now)] if self.rules.drain and t.subscribed is None else []
+
+    def act_failed(self, t: Instance, error: str, now: float) -> list[Event]:
+        """The caller could not make the twin's link (there is nothing to remove then), or could
+        not remove it (it stays, for the next run)."""
+        assert isinstance(t, Twin)
+        if t.phase is TwinPhase.REMOVED:
+            t.detail = f"not removed: {error}"
+            t.move(TwinPhase.KEPT)
+            return [_event(t, EventKind.KEPT, now)]
+        event = self._fail(t, f"cannot make its link: {error}", now)
+        t.move(TwinPhase.GONE)
+        return [event]
+
+    def _down(self, snapshot: Snapshot, now: float) -> list[Event]:
+        """Drain and remove every twin that may go now; follow the removed ones until gone."""
+        if self.removal_started is None:
+            self.removal_started = now
+        overdue = now - self.removal_started >= self.rules.timeout
+        events: list[Event] = []
+        for t in self.in_phase(TwinPhase.PLANNED):
+            t.move(TwinPhase.GONE)  # never made
+        for t in self.in_phase(TwinPhase.REMOVED):
+            if t.id not in snapshot.vassals:
+                t.gone = now
+                t.move(TwinPhase.GONE)
+                events.append(_event(t, EventKind.GONE, now))
+            elif overdue:
+                t.detail = (
+                    f"link removed, but the emperor still lists it after {self.rules.timeout:g}s"
+                )
+                t.move(TwinPhase.KEPT)
+                events.append(_event(t, EventKind.KEPT, now))
+        for t in self.in_phase(TwinPhase.DRAINING):
+            assert t.drain_started is not None
+            took = now - t.drain_started
+            if drain_done(snapshot, t)[0] or took >= self.rules.drain_timeout:
+                t.drained = took
+                events.append(self._remove(t, now))
+            else:
+                events += unsubscribe_again(t, snapshot, now)
+        if snapshot.unreadable:
+            return events
+        up = self.in_phase(*TWIN_UP)
+        live = {t.id: snapshot.places(t) for t in up}
+        others = snapshot.others(self.twins)
+        going = set(pick_reloads([t.id for t in up], live, self.rules.minimum, None, others))
+        for t in up:
+            if t.id in going:
+                events.append(take_out(t, snapshot, now, self.rules) or self._remove(t, now))
+            elif overdue:
+                t.detail = (
+                    f"removing it would leave fewer than {self.rules.minimum} live; the next "
+                    "run removes it"
+                )
+                t.move(TwinPhase.KEPT)
+                events.append(_event(t, EventKind.KEPT, now))
+        return events
+
+    def _remove(self, t: Twin, now: float) -> Event:
+        t.removed = now
+        t.move(TwinPhase.REMOVED)
+        return _event(t, EventKind.REMOVE, now)
+
+    def abandon(self, reason: str, now: float) -> list[Event]:
+        """Give up: twins still starting fail (the run removes them); while removing, what is
+        left stays for the next run (the state file keeps it)."""
+        self.abandoned = reason
+        if not self.removing:
+            return [
+                self._fail(t, reason, now)
+                for t in self.in_phase(TwinPhase.STARTING, TwinPhase.PROBING)
+            ]
+        events = []
+        for t in self.in_phase(*TWIN_UP, TwinPhase.DRAINING):
+            t.detail = reason
+            t.move(TwinPhase.KEPT)
+            events.append(_event(t, EventKind.KEPT, now))
+        return events
+
+
+#: What the driver steps: every machine has the same methods.
+Machine = Union[Rollout, Surge]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1890,12 +1805,15 @@ HOW_FAR = {
     Phase.SUBSCRIBING: "accepting, but its node never became live in the fastrouter",
 }
 
-#: When a re-announced node was unsubscribed again, by the vassal's phase.
+#: When a re-announced node was unsubscribed again, by the phase it was in.
 _AGAIN = {
     Phase.DRAINING: "while draining",
     Phase.RELOADING: "before its reload",
     Phase.PROBE_FAILED: "after its failed probe",
+    TwinPhase.DRAINING: "while draining",
 }
+
+_STOPPED_BY = {Phase.TOUCH_FAILED: "touch", Phase.DRAIN_IGNORED: "drain"}
 
 
 def vassal_detail(v: VassalReload, rollout: Rollout) -> str:
@@ -1906,19 +1824,24 @@ def vassal_detail(v: VassalReload, rollout: Rollout) -> str:
     if v.phase is Phase.PROBE_FAILED:
         assert v.probe_result is not None
         detail = f"probe failed: {v.probe_result.detail}"
-        if rollout.subscriptions and v.nodes:
+        if rollout.rules.drain and v.nodes:
             detail += "; left unsubscribed from the fastrouter until its master announces it again"
         return detail
     if v.phase is Phase.TOUCH_FAILED:
         return f"cannot touch: {v.touch_error}"
     if v.phase is Phase.DRAIN_IGNORED:
-        return drain_ignored_text(v, rollout)
+        routers = ", ".join(f"fastrouter {r}" if r else "the fastrouter" for r in v.ignored_by)
+        return (
+            f"not drained: {routers} still had it live {rollout.rules.drain_timeout:g}s after "
+            "the unsubscribe (is --subscription-server that router's subscription server?); "
+            "not touched"
+        )
     if v.phase is not Phase.NOT_STARTED:
         return ""
     if v.not_started is NotStarted.UNKNOWN:
         return "not known to the emperor"
     if v.not_started is NotStarted.MINIMUM:
-        return f"reloading it would leave fewer than {rollout.minimum} live"
+        return f"reloading it would leave fewer than {rollout.rules.minimum} live"
     if v.not_started is NotStarted.STOPPED:
         assert rollout.stopped_by is not None
         failed = _STOPPED_BY.get(rollout.stopped_by.phase, "probe")
@@ -1928,74 +1851,72 @@ def vassal_detail(v: VassalReload, rollout: Rollout) -> str:
     return reason if v.drain_started is None else f"{reason} (was draining, not touched)"
 
 
-_STOPPED_BY = {Phase.TOUCH_FAILED: "touch", Phase.DRAIN_IGNORED: "drain"}
+def drain_timeout_text(v: VassalReload, rules: Rules) -> str:
+    return f"drain timed out after {rules.drain_timeout:g}s with {v.drain_left} requests in flight"
 
 
-def _router_name(router: str) -> str:
-    return f"fastrouter {router}" if router else "the fastrouter"
-
-
-def drain_ignored_text(v: VassalReload, rollout: Rollout) -> str:
-    routers = ", ".join(_router_name(r) for r in v.ignored_by)
-    return (
-        f"not drained: {routers} still had it live {rollout.drain_timeout:g}s after the "
-        "unsubscribe (is --subscription-server that router's subscription server?); not touched"
-    )
-
-
-def drain_timeout_text(v: VassalReload, rollout: Rollout) -> str:
-    return (
-        f"drain timed out after {rollout.drain_timeout:g}s with {v.drain_left} requests in flight"
-    )
-
-
-def event_text(event: Event, rollout: Rollout) -> str:
-    """The line an event prints after the vassal's name."""
-    v, kind = event.vassal, event.kind
+def event_text(event: Event, machine: Machine) -> str:
+    """The line an event prints after the vassal's (or twin's) name."""
+    v, kind, rules = event.vassal, event.kind, machine.rules
     keys = ", ".join(sorted({s.node.key for s in event.send}))
     if kind is EventKind.DRAINING:
         return f"draining: unsubscribed from {keys}"
     if kind is EventKind.UNSUBSCRIBED_AGAIN:
         return f"re-announced {_AGAIN[event.phase]}: unsubscribed again"
-    if kind is EventKind.TRIGGERED:
-        return "triggered"
-    if kind is EventKind.TRIGGERED_NOT_LIVE:
-        return "triggered (was not live)"
-    if kind is EventKind.TRIGGERED_DRAINED:
-        return f"triggered after draining {v.drained:.2f}s"
-    if kind is EventKind.TRIGGERED_UNDRAINED:
-        return f"triggered anyway: {drain_timeout_text(v, rollout)}"
-    if kind is EventKind.RESTARTED:
-        assert event.pids is not None
-        where = "" if v.drain_started is None else " while draining"
-        old, new = event.pids
-        return f"restarted by the emperor{where} (pid {old} -> {new}): not touched"
     if kind is EventKind.PROBE:
         assert event.probe is not None
         return f"probing {event.probe.name}"
     if kind is EventKind.SUBSCRIBED:
         why = "accepting" if event.result is None else f"probe passed ({event.result.detail})"
         return f"{why}: subscribed to {keys}"
+    if isinstance(v, Twin):
+        return _twin_text(event, v)
+    assert isinstance(v, VassalReload) and isinstance(machine, Rollout)
+    if kind in (EventKind.TRIGGERED, EventKind.TRIGGERED_NOT_LIVE):
+        return "triggered" if kind is EventKind.TRIGGERED else "triggered (was not live)"
+    if kind is EventKind.TRIGGERED_DRAINED:
+        return f"triggered after draining {v.drained:.2f}s"
+    if kind is EventKind.TRIGGERED_UNDRAINED:
+        return f"triggered anyway: {drain_timeout_text(v, rules)}"
+    if kind is EventKind.RESTARTED:
+        assert event.pids is not None
+        where = "" if v.drain_started is None else " while draining"
+        old, new = event.pids
+        return f"restarted by the emperor{where} (pid {old} -> {new}): not touched"
     if kind is EventKind.BACK:
         assert v.triggered is not None
         return f"back after {event.at - v.triggered:.2f}s"
+    again = "; subscribed again" if event.send else ""
     if kind is EventKind.TIMED_OUT:
-        what = f"timed out after {rollout.timeout:g}s: {vassal_detail(v, rollout)}"
-        return f"{what}; subscribed again" if event.send else what
-    if kind is EventKind.FAILED:
-        if event.phase in (Phase.TOUCH_FAILED, Phase.DRAIN_IGNORED):
-            what = f"failed: {vassal_detail(v, rollout)}; nothing more starts"
-            return f"{what}; subscribed again" if event.send else what
-        assert event.result is not None
+        return f"timed out after {rules.timeout:g}s: {vassal_detail(v, machine)}{again}"
+    if kind is EventKind.FAILED and event.result is not None:
         what = f"failed: probe failed: {event.result.detail}; nothing more starts"
         return f"{what}; unsubscribed to keep it out of rotation" if event.send else what
+    if kind is EventKind.FAILED:
+        return f"failed: {vassal_detail(v, machine)}; nothing more starts{again}"
     assert kind is EventKind.NOT_STARTED
-    what = f"not started: {vassal_detail(v, rollout)}"
-    return what if v.drain_started is None else f"{what}; subscribed again"
+    return f"not started: {vassal_detail(v, machine)}{again}"
+
+
+def _twin_text(event: Event, t: Twin) -> str:
+    kind = event.kind
+    if kind is EventKind.ADD:
+        return f"added (twin of {strip_suffix(t.of, os.path.splitext(t.of)[1])})"
+    if kind is EventKind.LIVE:
+        assert t.added is not None
+        return f"live after {event.at - t.added:.2f}s"
+    if kind is EventKind.FAILED:
+        return f"failed: {t.detail}"
+    if kind is EventKind.REMOVE:
+        drained = "" if t.drained is None else f" after draining {t.drained:.2f}s"
+        return f"link removed{drained}"
+    if kind is EventKind.GONE:
+        return "gone"
+    return f"left in place: {t.detail}"
 
 
 # ---------------------------------------------------------------------------------------------
-# Surge: temporary twins that keep every key at full capacity while the originals reload
+# Surge: which twins to add
 # ---------------------------------------------------------------------------------------------
 
 #: The tool's record of the twins it made, in the emperor directory, written (atomically) before
@@ -2006,372 +1927,6 @@ SURGE_STATE = ".uwsgi-reload-surge"
 #: A twin of ``shop.v2.ini`` is ``shop.v2.surge-1.ini``: uWSGI's ``%n`` cuts the name at its last
 #: dot (core/uwsgi.c, the magic table), so its socket, log, pid and fifo are its own.
 SURGE_MARK = ".surge-"
-
-
-class TwinPhase(enum.Enum):
-    """Where one twin is: the one record of it, owned by ``Surge``."""
-
-    #: in the state file; its link is not made yet
-    PLANNED = enum.auto()
-    #: its link is made: the emperor spawns it; not live in the router yet
-    STARTING = enum.auto()
-    #: live in the router; the probe is out
-    PROBING = enum.auto()
-    LIVE = enum.auto()
-    #: never came up in time, its probe failed, or its link could not be made: the run stops
-    FAILED = enum.auto()
-    #: unsubscribed from the router; its link goes once no request is in flight to it
-    DRAINING = enum.auto()
-    #: its link is removed; the emperor still lists it (its master is stopping)
-    REMOVED = enum.auto()
-    #: the emperor no longer lists it
-    GONE = enum.auto()
-    #: left in place: removing it would take a key below the minimum, its link is no longer the
-    #: one the tool made, or the run was given up; the next run removes it
-    KEPT = enum.auto()
-
-
-#: Twins whose removal has not begun.
-TWIN_UP = frozenset({TwinPhase.STARTING, TwinPhase.PROBING, TwinPhase.LIVE, TwinPhase.FAILED})
-
-
-@dataclasses.dataclass
-class Twin:
-    """One temporary vassal: a new link to the config of an original (``of``)."""
-
-    id: str
-    name: str
-    config: str
-    #: what its link points to: the original's link target (or the original itself)
-    target: str
-    of: str
-    phase: TwinPhase = TwinPhase.PLANNED
-    #: found in the state file of an earlier run
-    leftover: bool = False
-    addresses: frozenset[str] = frozenset()
-    added: float | None = None
-    live: float | None = None
-    removed: float | None = None
-    gone: float | None = None
-    drain_started: float | None = None
-    drained: float | None = None
-    nodes: tuple[Node, ...] = ()
-    detail: str = ""
-    #: the nodes it will be announced as: its original's, renamed after it (``twin_nodes``);
-    #: subscribed by the tool as soon as it accepts, once its master is seen listening there
-    announce: tuple[Node, ...] = ()
-    #: when the tool subscribed it (the fast start), and whether its probe passed
-    subscribed: float | None = None
-    probe_passed: bool = False
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "config": self.config,
-            "of": self.of,
-            "subscribed": _round(self.subscribed),
-            "leftover": self.leftover,
-            "phase": self.phase.name.lower(),
-            "added": _round(self.added),
-            "live": _round(self.live),
-            "drain": _round(self.drained),
-            "removed": _round(self.removed),
-            "gone": _round(self.gone),
-            "detail": self.detail,
-        }
-
-    def state(self) -> dict[str, str]:
-        return {"id": self.id, "target": self.target, "of": self.of}
-
-
-class TwinEventKind(enum.Enum):
-    #: the caller makes its link (``Surge.add_failed`` on an error)
-    ADD = enum.auto()
-    PROBE = enum.auto()
-    #: the fast start: subscribed as soon as it accepts (and passed the probe)
-    SUBSCRIBED = enum.auto()
-    LIVE = enum.auto()
-    FAILED = enum.auto()
-    DRAINING = enum.auto()
-    UNSUBSCRIBED_AGAIN = enum.auto()
-    #: the caller removes its link (``Surge.remove_failed`` on an error)
-    REMOVE = enum.auto()
-    GONE = enum.auto()
-    KEPT = enum.auto()
-
-
-@dataclasses.dataclass(frozen=True)
-class TwinEvent:
-    at: float
-    twin: Twin
-    kind: TwinEventKind
-    send: tuple[Subscription, ...] = ()
-    probe: Node | None = None
-
-
-def _twin_event(t: Twin, kind: TwinEventKind, now: float, **details: Any) -> TwinEvent:
-    return TwinEvent(now, t, kind, **details)
-
-
-class Surge:
-    """The twins' state; ``up`` and ``down`` decide from one snapshot, with no I/O of their own.
-
-    ``up`` adds every twin and follows it until it is live in the router (and passed the probe);
-    one that is not within ``timeout`` fails the surge. ``down`` removes the twins, each only
-    while every key it is live under keeps ``minimum`` live nodes without it: drained first (with
-    ``subscriptions``), then its link removed, then gone once the emperor no longer lists it.
-    """
-
-    def __init__(
-        self,
-        twins: Sequence[Twin],
-        minimum: int,
-        timeout: float,
-        *,
-        subscriptions: bool = False,
-        drain_timeout: float = 5.0,
-        probe: bool = False,
-    ) -> None:
-        self.twins = list(twins)
-        self.minimum = minimum
-        self.timeout = timeout
-        self.subscriptions = subscriptions
-        self.drain_timeout = drain_timeout
-        self.probe = probe
-        #: when ``down`` first ran: the deadline of the whole removal
-        self.removal_started: float | None = None
-        self._last: Snapshot | None = None
-
-    def in_phase(self, *phases: TwinPhase) -> list[Twin]:
-        return [t for t in self.twins if t.phase in phases]
-
-    @property
-    def failed(self) -> list[Twin]:
-        return self.in_phase(TwinPhase.FAILED)
-
-    @property
-    def up_done(self) -> bool:
-        """Every twin live, or one failed (the run stops)."""
-        if self.failed:
-            return not self.in_phase(TwinPhase.PROBING)
-        return all(t.phase is TwinPhase.LIVE for t in self.twins)
-
-    @property
-    def down_done(self) -> bool:
-        return not self.in_phase(*TWIN_UP, TwinPhase.PLANNED, TwinPhase.DRAINING, TwinPhase.REMOVED)
-
-    @property
-    def left(self) -> list[Twin]:
-        """The twins whose links may still be there (or whose masters still run)."""
-        return self.in_phase(*TWIN_UP, TwinPhase.DRAINING, TwinPhase.REMOVED, TwinPhase.KEPT)
-
-    def up(self, snapshot: Snapshot, now: float) -> list[TwinEvent]:
-        self._last = snapshot
-        events = []
-        for t in self.twins:
-            if t.phase is TwinPhase.PLANNED:
-                t.added, t.phase = now, TwinPhase.STARTING
-                events.append(_twin_event(t, TwinEventKind.ADD, now))
-            elif t.phase is TwinPhase.STARTING:
-                current = snapshot.vassals.get(t.id)
-                if live_keys(current, t.name, snapshot.live_index, t.addresses):
-                    mine = nodes_of(t.name, snapshot.live_index, t.addresses)
-                    if self.probe and not t.probe_passed:
-                        t.phase = TwinPhase.PROBING
-                        target = sorted(mine, key=lambda n: (n.key, n.name))[0]
-                        events.append(_twin_event(t, TwinEventKind.PROBE, now, probe=target))
-                    else:
-                        t.live, t.phase = now, TwinPhase.LIVE
-                        events.append(_twin_event(t, TwinEventKind.LIVE, now))
-                elif self._may_start(t, current):
-                    # Its master announces itself only once its accepting hook ran (and, when
-                    # that hook had to retry, subscribe-freq cycles later: core/master.c).
-                    if self.probe and not t.probe_passed:
-                        t.phase = TwinPhase.PROBING
-                        target = t.announce[0]
-                        events.append(_twin_event(t, TwinEventKind.PROBE, now, probe=target))
-                    else:
-                        events.append(self._subscribe(t, now))
-                elif t.added is not None and now - t.added >= self.timeout:
-                    if current is None:
-                        how = "the emperor never ran it (or it keeps dying: see its log)"
-                    elif not current.accepting:
-                        how = "never accepting (did the app fail to load? see its log)"
-                    else:
-                        how = "accepting, but its node never became live in the fastrouter"
-                    events.append(self._fail(t, f"not live after {self.timeout:g}s: {how}", now))
-        return events
-
-    def _may_start(self, t: Twin, current: EmperorVassal | None) -> bool:
-        """The fast start: the tool can subscribe the twin itself (it has the subscription
-        server, the twin accepts, its master listens where its nodes will be) and has not yet."""
-        return (
-            self.subscriptions
-            and t.subscribed is None
-            and bool(t.announce)
-            and bool(t.addresses)
-            and current is not None
-            and current.accepting
-        )
-
-    def _subscribe(self, t: Twin, now: float) -> TwinEvent:
-        t.subscribed = now
-        send = subscriptions(Command.SUBSCRIBE, t.announce)
-        return _twin_event(t, TwinEventKind.SUBSCRIBED, now, send=send)
-
-    def _fail(self, t: Twin, detail: str, now: float) -> TwinEvent:
-        t.detail, t.phase = detail, TwinPhase.FAILED
-        return _twin_event(t, TwinEventKind.FAILED, now)
-
-    def fail(self, t: Twin, detail: str, now: float) -> list[TwinEvent]:
-        """The caller gave the twin up (stats unreadable for the whole timeout)."""
-        return [self._fail(t, detail, now)]
-
-    def probed(self, t: Twin, result: ProbeResult, now: float) -> list[TwinEvent]:
-        if t.phase is not TwinPhase.PROBING:
-            return []
-        if not result.ok:
-            return [self._fail(t, f"probe failed: {result.detail}", now)]
-        t.probe_passed = True
-        last = self._last
-        if last is not None and self._keys(t, last):
-            t.live, t.phase = now, TwinPhase.LIVE
-            return [_twin_event(t, TwinEventKind.LIVE, now)]
-        t.phase = TwinPhase.STARTING
-        return [self._subscribe(t, now)] if self.subscriptions and t.subscribed is None else []
-
-    def add_failed(self, t: Twin, error: str, now: float) -> list[TwinEvent]:
-        """Its link could not be made: there is nothing to remove."""
-        event = self._fail(t, f"cannot make its link: {error}", now)
-        t.phase = TwinPhase.GONE
-        return [event]
-
-    def remove_failed(self, t: Twin, error: str, now: float) -> list[TwinEvent]:
-        t.detail, t.phase = f"not removed: {error}", TwinPhase.KEPT
-        return [_twin_event(t, TwinEventKind.KEPT, now)]
-
-    def _keys(self, t: Twin, snapshot: Snapshot) -> frozenset[str]:
-        return live_keys(snapshot.vassals.get(t.id), t.name, snapshot.live_index, t.addresses)
-
-    def down(self, snapshot: Snapshot, now: float) -> list[TwinEvent]:
-        """Drain and remove every twin that may go now; follow the removed ones until gone."""
-        self._last = snapshot
-        if self.removal_started is None:
-            self.removal_started = now
-        overdue = now - self.removal_started >= self.timeout
-        events: list[TwinEvent] = []
-        for t in self.in_phase(TwinPhase.PLANNED):
-            t.phase = TwinPhase.GONE  # never made
-        for t in self.in_phase(TwinPhase.REMOVED):
-            if t.id not in snapshot.vassals:
-                t.gone, t.phase = now, TwinPhase.GONE
-                events.append(_twin_event(t, TwinEventKind.GONE, now))
-            elif overdue:
-                t.detail = f"link removed, but the emperor still lists it after {self.timeout:g}s"
-                t.phase = TwinPhase.KEPT
-                events.append(_twin_event(t, TwinEventKind.KEPT, now))
-        for t in self.in_phase(TwinPhase.DRAINING):
-            events += self._drain(t, snapshot, now)
-        if snapshot.unreadable:
-            return events
-        # Per key, the live nodes of everything but the twins on their way out.
-        leaving = self.in_phase(TwinPhase.DRAINING, TwinPhase.REMOVED)
-        index = snapshot.live_index
-        # one node per (key, name) there: a node of two leaving twins is left out once
-        out = {(n.key, n.name) for t in leaving for n in index.of_vassal(t.name, t.addresses)}
-        counts = _less(index.live_per_key, (key for key, _ in out))
-        for t in self.in_phase(*TWIN_UP):
-            keys = self._keys(t, snapshot)
-            if not all(counts.get(k, 0) - 1 >= self.minimum for k in keys):
-                if overdue:
-                    t.detail = (
-                        f"removing it would leave fewer than {self.minimum} live; the next "
-                        "run removes it"
-                    )
-                    t.phase = TwinPhase.KEPT
-                    events.append(_twin_event(t, TwinEventKind.KEPT, now))
-                continue
-            for k in keys:
-                counts[k] -= 1
-            t.nodes = tuple(nodes_of(t.name, snapshot.index, t.addresses))
-            live_nodes = tuple(n for n in t.nodes if n.live)
-            if self.subscriptions and live_nodes:
-                t.drain_started, t.phase = now, TwinPhase.DRAINING
-                send = subscriptions(Command.UNSUBSCRIBE, live_nodes)
-                events.append(_twin_event(t, TwinEventKind.DRAINING, now, send=send))
-            else:
-                events.append(self._remove(t, now))
-        return events
-
-    def _remove(self, t: Twin, now: float) -> TwinEvent:
-        t.removed, t.phase = now, TwinPhase.REMOVED
-        return _twin_event(t, TwinEventKind.REMOVE, now)
-
-    def _drain(self, t: Twin, snapshot: Snapshot, now: float) -> list[TwinEvent]:
-        assert t.drain_started is not None
-        drained, _ = drain_done(t.name, snapshot.index, t.addresses)
-        took = now - t.drain_started
-        if drained or took >= self.drain_timeout:
-            t.drained = took
-            return [self._remove(t, now)]
-        # its master re-announces every subscribe-freq cycles (core/master.c)
-        again = [n for n in nodes_of(t.name, snapshot.index, t.addresses) if n.live]
-        if not again:
-            return []
-        send = subscriptions(Command.UNSUBSCRIBE, again)
-        return [_twin_event(t, TwinEventKind.UNSUBSCRIBED_AGAIN, now, send=send)]
-
-    def give_up(self, reason: str, now: float) -> list[TwinEvent]:
-        """Stop removing: what is left stays for the next run (the state file keeps it)."""
-        events = []
-        for t in self.in_phase(*TWIN_UP, TwinPhase.DRAINING):
-            t.detail, t.phase = reason, TwinPhase.KEPT
-            events.append(_twin_event(t, TwinEventKind.KEPT, now))
-        return events
-
-    def watch_closely(self) -> bool:
-        """A drained twin may be re-announced by its master: poll often (``CLOSE_WATCH_INTERVAL``
-        while one drains)."""
-        return bool(self.in_phase(TwinPhase.DRAINING))
-
-    def located(self, t: Twin, addresses: frozenset[str]) -> None:
-        """The node names the twin's master listens on (found in /proc by the caller)."""
-        t.addresses = addresses
-
-    def listening(self, t: Twin, sockets: Iterable[str]) -> None:
-        """What the twin's master listens on (/proc): where it announces itself, when that is
-        where its original's nodes, renamed after it, say (``Twin.announce``)."""
-        found = {canonical_address(a) for a in sockets}
-        if t.announce and all(canonical_address(n.name) in found for n in t.announce):
-            t.addresses = frozenset(canonical_address(n.name) for n in t.announce)
-
-
-def twin_event_text(event: TwinEvent) -> str:
-    t, kind = event.twin, event.kind
-    keys = ", ".join(sorted({s.node.key for s in event.send}))
-    of = f"twin of {strip_suffix(t.of, os.path.splitext(t.of)[1])}"
-    if kind is TwinEventKind.ADD:
-        return f"added ({of})"
-    if kind is TwinEventKind.PROBE:
-        assert event.probe is not None
-        return f"probing {event.probe.name}"
-    if kind is TwinEventKind.SUBSCRIBED:
-        return f"accepting: subscribed to {keys}"
-    if kind is TwinEventKind.LIVE:
-        assert t.added is not None
-        return f"live after {event.at - t.added:.2f}s"
-    if kind is TwinEventKind.FAILED:
-        return f"failed: {t.detail}"
-    if kind is TwinEventKind.DRAINING:
-        return f"draining: unsubscribed from {keys}"
-    if kind is TwinEventKind.UNSUBSCRIBED_AGAIN:
-        return "re-announced while draining: unsubscribed again"
-    if kind is TwinEventKind.REMOVE:
-        drained = "" if t.drained is None else f" after draining {t.drained:.2f}s"
-        return f"link removed{drained}"
-    if kind is TwinEventKind.GONE:
-        return "gone"
-    return f"left in place: {t.detail}"
 
 
 def _all_digits(stem: str) -> bool:
@@ -2394,14 +1949,10 @@ def plan_twins(
     of ``taken``). ``taken``: every file name in the emperor directory.
     """
     names = set(taken)
-    live = {
-        v.id: live_keys(snapshot.vassals.get(v.id), v.name, snapshot.live_index, v.addresses)
-        for v in fleet
-    }
-    keys = sorted({k for ks in live.values() for k in ks})
+    live = {v.id: snapshot.live_keys(v) for v in fleet}
     twins: list[Twin] = []
     covered: dict[str, int] = {}
-    for key in keys:
+    for key in sorted({k for ks in live.values() for k in ks}):
         serving = [v for v in fleet if key in live[v.id]]
         i = 0
         while covered.get(key, 0) < surge:
@@ -2413,7 +1964,9 @@ def plan_twins(
                     f"--max-surge {surge}: no free port for a twin of {v.id} (its name is its port)"
                 )
             names.add(name + suffix)
-            mine = nodes_of(v.name, snapshot.live_index, v.addresses)
+            mine = [
+                n for n in snapshot.nodes_of(v.name, v.addresses) if snapshot.live_everywhere(n)
+            ]
             twins.append(
                 Twin(
                     id=name + suffix,
@@ -2445,7 +1998,7 @@ def twin_nodes(original: str, twin: str, nodes: Iterable[Node]) -> tuple[Node, .
             if node_vassal_name(n.name) != original:
                 return ()
             name = f"{head}/{twin}{base[len(original) :]}" if head else twin + base[len(original) :]
-        renamed.append(dataclasses.replace(n, name=name, death_mark=False, ref=0, router=""))
+        renamed.append(n._replace(name=name, death_mark=False, ref=0, router=""))
     return tuple(renamed)
 
 
@@ -2514,9 +2067,9 @@ def check_fleet(
     ``twins``: those an earlier run left (their nodes are known, not strays)."""
     known = [v for v in fleet if v.id in snapshot.vassals]
     if not known:
-        ids = ", ".join(sorted(snapshot.vassals)) or "none"
+        ids = shown_names(sorted(snapshot.vassals)) or "none"
         raise ReloadError(f"the emperor runs none of the configs found (its vassals: {ids})")
-    others = others_live(snapshot.live_index, fleet)
+    others = per_key(snapshot.others(fleet))
     most_others = max(others.values(), default=0)
     if minimum >= len(known) + most_others + surge:
         elsewhere = f" and the router has {most_others} other live nodes" if most_others else ""
@@ -2525,39 +2078,28 @@ def check_fleet(
             f"--minimum-active-vassals {minimum} leaves nothing to reload: the emperor runs "
             f"{len(known)} vassals{elsewhere}{added} and at least {minimum} must stay live"
         )
-    live = {
-        v.id: live_keys(snapshot.vassals[v.id], v.name, snapshot.live_index, v.addresses)
-        for v in known
-    }
     # whether a node is a vassal's (or a twin's) depends on its name only (``owns``)
-    mine = {n.name for n in snapshot.index.of_fleet(fleet)}
-    stray = sorted(
-        name
-        for name in set(snapshot.index.live_names()).difference(mine)
-        if not any(owns(t.name, t.addresses, name) for t in twins)
-    )
+    mine = {n.name for v in (*fleet, *twins) for n in snapshot.nodes_of(v.name, v.addresses)}
+    stray = sorted({n.name for n in snapshot.nodes if n.live} - mine)
     unmatched = [
         v
         for v in known
-        if snapshot.vassals[v.id].accepting and not nodes_of(v.name, snapshot.index, v.addresses)
+        if snapshot.vassals[v.id].accepting and not snapshot.nodes_of(v.name, v.addresses)
     ]
     if stray and unmatched:
         v = unmatched[0]
         where = f"listens on {', '.join(v.listening)}" if v.listening else "has no socket in /proc"
         more = f" (and {len(unmatched) - 1} more)" if len(unmatched) > 1 else ""
-        shown = ", ".join(stray[:3]) + (f" and {len(stray) - 3} more" if len(stray) > 3 else "")
         raise ReloadError(
             f"cannot tell which fastrouter node is which vassal: {v.id}{more} accepts but matches "
-            f"no node (its master {where}, and no node is named after it); nodes {shown} match "
-            "no vassal of this emperor (each vassal's node must be the address its master "
-            "listens on, or a socket named after its config, e.g. socket = /run/uwsgi/%n.sock)"
+            f"no node (its master {where}, and no node is named after it); nodes "
+            f"{shown_names(stray, 3)} match no vassal of this emperor (each vassal's node must "
+            "be the address its master listens on, or a socket named after its config, e.g. "
+            "socket = /run/uwsgi/%n.sock)"
         )
-    not_live = sum(1 for keys in live.values() if not keys)
-    per_key: dict[str, int] = {}
-    for keys in live.values():
-        for key in keys:
-            per_key[key] = per_key.get(key, 0) + 1
-    for key, count in sorted(per_key.items()):
+    live = [snapshot.live_keys(v) for v in known]
+    not_live = sum(1 for keys in live if not keys)
+    for key, count in sorted(collections.Counter(k for keys in live for k in keys).items()):
         if count + others.get(key, 0) + not_live + surge <= minimum:
             elsewhere = f" and {others[key]} other live nodes" if others.get(key) else ""
             if surge:
@@ -2769,9 +2311,6 @@ class Reporter:
         if not self.quiet:
             print(text, file=self.stream, flush=True)
 
-    def event(self, event: Event, text: str) -> None:
-        self.line(f"{event.at:8.2f}s  {event.vassal.name}: {text}")
-
     def error(self, text: str) -> None:
         print(f"uwsgi-reload: error: {' '.join(text.split())}", file=self.errors, flush=True)
 
@@ -2810,6 +2349,18 @@ class Options:
         """Every subscription server (none: no drain)."""
         return _several(self.subscription_server)
 
+    @property
+    def rules(self) -> Rules:
+        return Rules(
+            minimum=self.minimum_active_vassals,
+            timeout=self.timeout,
+            max_parallel=self.max_parallel,
+            drain=bool(self.subscription_servers),
+            drain_timeout=self.drain_timeout,
+            probe=self.probe is not None,
+            surge=self.max_surge,
+        )
+
 
 def _several(value: str | Sequence[str] | None) -> tuple[str, ...]:
     if value is None:
@@ -2824,18 +2375,18 @@ def take_snapshot(options: Options) -> Snapshot:
     # included (core/emperor.c), so polling it also makes it notice a touch at once.
     vassals = parse_emperor_stats(read_stats(options.emperor_stats_socket))
     routers = options.routers
-    keys: list[KeyNodes] = []
+    nodes: list[Node] = []
     unreadable: dict[str, str] = {}
     for router in routers:
         try:
-            keys += parse_fastrouter_keys(read_stats(router), router)
+            nodes += parse_fastrouter_stats(read_stats(router), router)
         except StatsError as exc:
             if len(routers) == 1:
                 raise
             unreadable[router] = str(exc)
     if len(unreadable) == len(routers):
         raise StatsError("; ".join(unreadable.values()))
-    return Snapshot(vassals, NodeTable(keys), routers, unreadable)
+    return Snapshot(vassals, nodes, routers, unreadable)
 
 
 def locate(
@@ -2847,21 +2398,14 @@ def locate(
     """Each vassal with the node names it is announced as, from the sockets its master listens
     on (``listening_sockets``). When those match no node but a node is named after the vassal
     (``node_vassal_name``), or when they cannot be read, the name decides (``owns``)."""
-    names = sorted(snapshot.index.names())
     located = []
     for v in fleet:
         current = snapshot.vassals.get(v.id)
         listening: tuple[str, ...] = ()
         if current is not None and current.pid > 0:
-            try:
+            with contextlib.suppress(OSError):
                 listening = tuple(sockets(current.pid))
-            except OSError:
-                listening = ()
-        addresses = node_addresses(listening, names, is_local)
-        by_socket = bool(addresses) and bool(snapshot.index.of_vassal(v.name, addresses))
-        by_name = bool(snapshot.index.of_vassal(v.name))
-        if not by_socket and by_name:
-            addresses = frozenset()
+        addresses, _ = announced_as(v.name, listening, snapshot, is_local)
         located.append(dataclasses.replace(v, addresses=addresses, listening=listening))
     return located
 
@@ -2872,43 +2416,46 @@ def describe_plan(
     options: Options,
     twins: Sequence[Twin] = (),
 ) -> list[str]:
-    live = {
-        v.id: live_keys(snapshot.vassals.get(v.id), v.name, snapshot.live_index, v.addresses)
-        for v in fleet
+    rules = options.rules
+    live = {v.id: snapshot.places(v) for v in fleet}
+    keys_of = {
+        vid: {key for router, key in places if router == EVERY_ROUTER}
+        for vid, places in live.items()
     }
-    others = others_live(snapshot.live_index, fleet)
+    others = snapshot.others(fleet)
+    # the twins to add count for every place of their key
+    with_twins = {place: count + rules.surge for place, count in others.items()}
+    for places in live.values():
+        for place in places:
+            with_twins.setdefault(place, rules.surge)
     routers = (
         "router counts" if len(snapshot.routers) == 1 else f"{len(snapshot.routers)} routers count"
     )
-    order = [v for v in fleet if not live[v.id]] + [v for v in fleet if live[v.id]]
-    keys = sorted({k for ks in live.values() for k in ks})
+    order = [v for v in fleet if not keys_of[v.id]] + [v for v in fleet if keys_of[v.id]]
     lines = [f"dry run: would reload {len(fleet)} vassals of {options.emperor_path}, order:"]
     for v in order:
-        state = (
-            f"live for {', '.join(sorted(live[v.id]))}" if live[v.id] else "not live, goes first"
-        )
+        keys = sorted(keys_of[v.id])
+        state = f"live for {', '.join(keys)}" if keys else "not live, goes first"
         if v.addresses:
             state += f" (node {', '.join(sorted(v.addresses))})"
         lines.append(f"  {v.name} ({v.id}): {state}")
-    for key in keys:
-        count = sum(1 for ks in live.values() if key in ks)
-        total = count + others.get(key, 0) + options.max_surge
-        at_once = min(count, total - options.minimum_active_vassals)
-        if options.max_parallel is not None:
-            at_once = min(at_once, options.max_parallel)
-        head = f"key {key!r}: {count} live, minimum {options.minimum_active_vassals}: "
+    for key in sorted({k for ks in keys_of.values() for k in ks}):
+        serving = [v.id for v in fleet if key in keys_of[v.id]]
+        at_once = len(pick_reloads(serving, live, rules.minimum, rules.max_parallel, with_twins))
+        head = f"key {key!r}: {len(serving)} live, minimum {rules.minimum}: "
         if at_once > 0:
-            rounds = math.ceil(count / at_once)
+            rounds = math.ceil(len(serving) / at_once)
             tail = f"up to {at_once} reloading at once, about {rounds} reload times"
         else:
             tail = "its live vassals wait until the not-live ones are back"
-        elsewhere = total - count - options.max_surge
-        counted = (
-            f"; the {routers} {total} live ({count} on this host, {elsewhere} on other hosts"
-            + (f", {options.max_surge} twins to add)" if options.max_surge else ")")
+        elsewhere = per_key(others).get(key, 0)
+        twins_text = f", {rules.surge} twins to add)" if rules.surge else ")"
+        total = len(serving) + elsewhere + rules.surge
+        lines.append(
+            f"{head}{tail}; the {routers} {total} live ({len(serving)} on this host, "
+            f"{elsewhere} on other hosts{twins_text}"
         )
-        lines.append(head + tail + counted)
-    if options.subscription_server:
+    if rules.drain:
         lines.append(
             f"drain: each live vassal is unsubscribed via "
             f"{', '.join(options.subscription_servers)} and touched once no router has a "
@@ -3053,28 +2600,12 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
 
     interrupted = _Interrupted()
     previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
-    rollout = Rollout(
-        fleet,
-        options.minimum_active_vassals,
-        options.timeout,
-        options.max_parallel,
-        subscriptions=options.subscription_server is not None,
-        drain_timeout=options.drain_timeout,
-        probe=options.probe is not None,
-    )
-    surges = [_surge(leftovers, options), _surge(twins, options)]
+    rollout = Rollout(fleet, options.rules)
+    surges = [Surge(leftovers, options.rules), Surge(twins, options.rules)]
     try:
         with emperor_lock(options.emperor_path), io.probe_pool() as pool:
-            probes = _Probes(pool, options, io)
-            driver = _SurgeDriver(options, reporter, io, started, interrupted)
-            exit_code, extra, ran = driver.before(*surges)
-            if ran:
-                exit_code = _drive_to_the_end(
-                    rollout, options, reporter, None, started, interrupted, probes
-                )
-                extra = driver.after(surges[1])
-                if extra and exit_code == EXIT_OK:
-                    exit_code = EXIT_NOT_ALL_RELOADED
+            driver = Driver(options, reporter, io, pool, interrupted, started)
+            exit_code, extra, ran = driver.run(rollout, *surges)
         elapsed = io.clock() - started
         details = _details(rollout)
         try:
@@ -3115,19 +2646,13 @@ def _plan_surge(
     directory cannot hold them."""
     if not options.max_surge:
         return []
+    surge = f"--max-surge {options.max_surge}"
     if not os.access(options.emperor_path, os.W_OK | os.X_OK):
         raise ReloadError(
-            f"--max-surge {options.max_surge}: cannot make links in {options.emperor_path} "
-            "(not writable by this user)"
+            f"{surge}: cannot make links in {options.emperor_path} (not writable by this user)"
         )
     try:
-        taken = set(os.listdir(options.emperor_path))
-    except OSError as exc:
-        raise ReloadError(
-            f"cannot read emperor path {options.emperor_path}: {exc.strerror or exc}"
-        ) from None
-    taken |= {t.id for t in leftovers}
-    try:
+        taken = set(os.listdir(options.emperor_path)) | {t.id for t in leftovers}
         return plan_twins(
             fleet,
             first,
@@ -3138,325 +2663,233 @@ def _plan_surge(
             io.port_free,
         )
     except OSError as exc:
-        raise ReloadError(
-            f"--max-surge {options.max_surge}: cannot read a vassal's link: {exc}"
-        ) from None
+        raise ReloadError(f"{surge}: cannot read {options.emperor_path} or a link: {exc}") from None
 
 
-def _surge(twins: Sequence[Twin], options: Options) -> Surge:
-    return Surge(
-        twins,
-        options.minimum_active_vassals,
-        options.timeout,
-        subscriptions=options.subscription_server is not None,
-        drain_timeout=options.drain_timeout,
-        probe=options.probe is not None,
-    )
+class Ending(enum.Enum):
+    """How ``Driver.drive`` left a machine."""
+
+    DONE = enum.auto()
+    INTERRUPTED = enum.auto()
+    #: stats unreadable for the whole timeout, or an unexpected error: the machine was given up
+    GIVEN_UP = enum.auto()
 
 
-def _names(twins: Sequence[Twin]) -> str:
-    shown = ", ".join(t.name for t in twins[:MISSED_SHOWN])
-    return shown + (f" and {len(twins) - MISSED_SHOWN} more" if len(twins) > MISSED_SHOWN else "")
-
-
-class _SurgeDriver:
-    """Drives a ``Surge``: makes and removes the links, sends its packets, probes, records the
-    twins left in the state file. The explicit phases of a run with twins: remove the leftovers,
-    add the twins (``before``), the rollout, remove the twins (``after``)."""
+class Driver:
+    """The one loop for every machine (``Rollout``, ``Surge``): it polls the stats, steps the
+    machine, acts on its events (touches, twin links, packets, probes, which run in the pool so
+    that a slow answer never holds the loop), reports each, and gives the machine up on a
+    signal, on stats unreadable for the whole timeout, or on an unexpected error. ``run`` strings
+    the machines of one run together: add the twins, remove the leftovers, roll, remove the
+    twins."""
 
     def __init__(
         self,
         options: Options,
         reporter: Reporter,
         io: Io,
-        started: float,
+        pool: Executor,
         interrupted: _Interrupted,
+        started: float,
     ) -> None:
-        self.options, self.reporter, self.io = options, reporter, io
-        self.started, self.interrupted = started, interrupted
+        self.options, self.reporter, self.io, self.pool = options, reporter, io, pool
+        self.interrupted, self.started = interrupted, started
+        #: probes out, with what they probe; answered to the machine in the order asked
+        self.probes: dict[Future[ProbeResult], Instance] = {}
 
-    def before(self, leftovers: Surge, twins: Surge) -> tuple[int, str, bool]:
-        """Add the new twins, then remove the leftovers (the new twins keep the minimum while
-        they go: a killed run may have left an original drained, out of the router). Returns
-        (exit code, error, whether the rollout may run); on a failure every twin is removed."""
-        emperor_path = self.options.emperor_path
-        stopped = False
+    def now(self) -> float:
+        return self.io.clock() - self.started
+
+    def line(self, text: str, at: float | None = None) -> None:
+        self.reporter.line(f"{self.now() if at is None else at:8.2f}s  {text}")
+
+    def run(self, rollout: Rollout, leftovers: Surge, twins: Surge) -> tuple[int, str, bool]:
+        """(exit code, what else went wrong, whether the rollout ran). The new twins go up
+        first, then the leftovers go (the new twins keep the minimum while they do: a killed run
+        may have left an original drained); on a failure there, every twin is removed and
+        nothing is reloaded."""
+        path = self.options.emperor_path
+        ending = Ending.DONE
         if twins.twins:
             # recorded before any link exists: a run killed from here on leaves them all listed
-            self.io.write_state(emperor_path, leftovers.left + twins.twins)
-            self._line(f"surge: adding {len(twins.twins)} twins")
-            stopped = self.drive(twins, removing=False)
-        failed = twins.failed
-        if leftovers.twins and not stopped and not failed:
-            self._line(f"surge: removing {len(leftovers.twins)} twins an earlier run left")
-            stopped = self.drive(leftovers, removing=True)
-            self.io.write_state(emperor_path, leftovers.left + twins.left)
-        if not stopped and not failed and not leftovers.left:
-            return EXIT_OK, "", True
+            self.io.write_state(path, leftovers.left + twins.twins)
+            self.line(f"surge: adding {len(twins.twins)} twins")
+            ending = self.drive(twins)
+        if leftovers.twins and ending is Ending.DONE and not twins.failed:
+            self.line(f"surge: removing {len(leftovers.twins)} twins an earlier run left")
+            ending = self.drive(leftovers.remove())
+            self.io.write_state(path, leftovers.left + twins.left)
+        if ending is Ending.DONE and not twins.failed and not leftovers.left:
+            ending = self.drive(rollout)
+            everything = all(v.phase is Phase.BACK for v in rollout.vassals.values())
+            code = EXIT_OK if ending is Ending.DONE and everything else EXIT_NOT_ALL_RELOADED
+            if twins.twins:
+                self.line(f"surge: removing {len(twins.twins)} twins")
+                self.drive(twins.remove())
+                self.io.write_state(path, twins.left)
+            extra = f"twins left in place: {_why(twins.left)} (the next run removes them)"
+            extra = extra if twins.left else ""
+            if code == EXIT_OK and extra:
+                code = EXIT_NOT_ALL_RELOADED
+            return (EXIT_INTERRUPTED if ending is Ending.INTERRUPTED else code), extra, True
         for surge in (twins, leftovers):
             if surge.left:
-                self.drive(surge, removing=True)
+                self.drive(surge.remove())
         left = leftovers.left + twins.left
-        self.io.write_state(emperor_path, left)
-        kept = f"; twins left in place: {self._why(left)}" if left else ""
-        if stopped:
+        self.io.write_state(path, left)
+        kept = f"; twins left in place: {_why(left)}" if left else ""
+        if ending is Ending.INTERRUPTED:
             why = f"interrupted by {signal.Signals(self.interrupted.signal or 2).name}"
             return EXIT_INTERRUPTED, f"{why} before the first reload{kept}", False
-        if failed:
-            what = f"surge: twin {failed[0].name} of {failed[0].of} failed: {failed[0].detail}"
+        if twins.failed:
+            t = twins.failed[0]
+            what = f"surge: twin {t.name} of {t.of} failed: {t.detail}"
         else:
             what = "the twins an earlier run left could not all be removed"
         return EXIT_NOT_ALL_RELOADED, f"{what}; nothing was reloaded{kept}", False
 
-    def after(self, twins: Surge) -> str:
-        """Remove the twins; what is left, or ``""``."""
-        if not twins.twins:
-            return ""
-        self._line(f"surge: removing {len(twins.twins)} twins")
-        self.drive(twins, removing=True)
-        self.io.write_state(self.options.emperor_path, twins.left)
-        if twins.left:
-            return f"twins left in place: {self._why(twins.left)} (the next run removes them)"
-        return ""
-
-    @staticmethod
-    def _why(twins: Sequence[Twin]) -> str:
-        return "; ".join(f"{t.name}: {t.detail}" if t.detail else t.name for t in twins)
-
-    def _line(self, text: str) -> None:
-        self.reporter.line(f"{self.io.clock() - self.started:8.2f}s  {text}")
-
-    def drive(self, surge: Surge, *, removing: bool) -> bool:
-        """Step ``surge`` until it is done; True when a signal stopped it (while removing: a
-        signal more than there were when the removal began)."""
-        io, options = self.io, self.options
+    def drive(self, machine: Machine) -> Ending:
+        """Step ``machine`` until it is done, or give it up (``Ending``)."""
         signals = self.interrupted.count
         unreadable_since: float | None = None
-        while True:
-            now = io.clock() - self.started
-            if self.interrupted.count > signals:
-                if removing:
-                    name = signal.Signals(self.interrupted.signal or 2).name
-                    self._report(surge.give_up(f"interrupted by {name} while removing", now))
-                return True
-            try:
-                snapshot = io.snapshot(options)
-            except StatsError as exc:
-                unreadable_since = now if unreadable_since is None else unreadable_since
-                if now - unreadable_since >= options.timeout:
-                    reason = f"stats unreadable for {options.timeout:g}s: {exc}"
-                    if removing:
-                        self._report(surge.give_up(reason, now))
-                    else:
-                        for t in surge.in_phase(TwinPhase.STARTING, TwinPhase.PROBING):
-                            self._report(surge.fail(t, reason, now))
-                    return False
-                io.sleep(options.check_interval)
-                continue
-            unreadable_since = None
-            self._locate(surge, snapshot)
-            events = surge.down(snapshot, now) if removing else surge.up(snapshot, now)
-            acted = self._report(events, surge)
-            if surge.down_done if removing else surge.up_done:
-                return False
-            if acted:
-                continue  # the emperor rescans on the next stats read: no sleep
-            interval = options.check_interval
-            if surge.watch_closely():
-                interval = min(interval, CLOSE_WATCH_INTERVAL)
-            io.sleep(interval)
-
-    def _report(self, events: list[TwinEvent], surge: Surge | None = None) -> bool:
-        """Act on each event and print it; True when a link was made or removed."""
-        acted = False
-        while events:
-            event = events.pop(0)
-            t = event.twin
-            if surge is not None and event.kind is TwinEventKind.ADD:
-                try:
-                    self.io.make_link(t.target, t.config)
-                    acted = True
-                except OSError as exc:
-                    event, *more = surge.add_failed(t, exc.strerror or str(exc), event.at)
-                    events[:0] = more
-            elif surge is not None and event.kind is TwinEventKind.REMOVE:
-                try:
-                    self.io.remove_link(t.config, t.target)
-                    acted = True
-                except OSError as exc:
-                    event, *more = surge.remove_failed(t, str(exc), event.at)
-                    events[:0] = more
-            text = twin_event_text(event)
-            if event.send:
-                problem = _send(event.send, self.options, self.reporter, self.io)
+        try:
+            while True:
+                now = self.now()
+                snapshot, problem = self._poll()
                 if problem:
-                    text += f" ({problem})"
-            self.reporter.line(f"{event.at:8.2f}s  {t.name}: {text}")
-            if surge is not None and event.kind is TwinEventKind.PROBE:
-                assert event.probe is not None and self.options.probe is not None
-                n = event.probe
-                result = self.io.probe(
-                    n.name, n.key, self.options.probe, self.options.probe_timeout
-                )
-                events += surge.probed(t, result, self.io.clock() - self.started)
-        return acted
+                    if unreadable_since is None and snapshot is not None:
+                        self.line(f"{problem}: nothing counts as live there, nothing starts", now)
+                    unreadable_since = now if unreadable_since is None else unreadable_since
+                    if now - unreadable_since >= self.options.timeout:
+                        reason = f"stats unreadable for {self.options.timeout:g}s: {problem}"
+                        return self._give_up(machine, reason, Ending.GIVEN_UP)
+                else:
+                    unreadable_since = None
+                if self.interrupted.count > signals:
+                    name = signal.Signals(self.interrupted.signal or 2).name
+                    return self._give_up(machine, f"interrupted by {name}", Ending.INTERRUPTED)
+                # answers first: a vassal back (or a failed probe) counts in this step's decisions
+                events = self._answers(machine, now)
+                if snapshot is not None:
+                    self._locate(machine, snapshot)
+                    events += machine.step(snapshot, now)
+                acted = self._act(machine, events)
+                if machine.done:
+                    return Ending.DONE
+                if acted:
+                    # Read the stats at once: the emperor rescans on that connection and acts on
+                    # the touch (or the new link) now rather than on the next poll.
+                    continue
+                interval = self.options.check_interval
+                if machine.watch_closely() or self.probes:
+                    interval = min(interval, CLOSE_WATCH_INTERVAL)
+                self.io.sleep(interval)
+        except KeyboardInterrupt:
+            return self._give_up(machine, "interrupted", Ending.INTERRUPTED)
+        except Exception as exc:
+            return self._give_up(
+                machine, f"unexpected {type(exc).__name__}: {exc}", Ending.GIVEN_UP
+            )
+        finally:
+            self.probes.clear()  # answers still to come belong to a machine given up
 
-    def _locate(self, surge: Surge, snapshot: Snapshot) -> None:
-        """A twin's node: the address its master listens on, as for the originals (``locate``)."""
-        names = sorted(snapshot.index.names())
-        for t in surge.twins:
-            current = snapshot.vassals.get(t.id)
-            if t.addresses or current is None or current.pid <= 0:
+    def _poll(self) -> tuple[Snapshot | None, str]:
+        """This poll's snapshot, and what could not be read (a router: nothing is live there)."""
+        try:
+            snapshot = self.io.snapshot(self.options)
+        except StatsError as exc:
+            return None, str(exc)
+        return snapshot, "; ".join(snapshot.unreadable.values())
+
+    def _give_up(self, machine: Machine, reason: str, ending: Ending) -> Ending:
+        self._act(machine, machine.abandon(reason, self.now()))
+        return ending
+
+    def _locate(self, machine: Machine, snapshot: Snapshot) -> None:
+        """An instance's node: the address its master listens on (``announced_as``)."""
+        for v in machine.unlocated(snapshot):
+            current = snapshot.vassals.get(v.id)
+            if current is None or current.pid <= 0:
                 continue
             try:
                 listening = tuple(self.io.sockets(current.pid))
             except OSError:
                 continue
-            surge.listening(t, listening)
-            if t.addresses:
-                continue
-            addresses = node_addresses(listening, names, self.io.is_local)
-            if addresses and any(owns(t.name, addresses, n) for n in names):
-                surge.located(t, addresses)
+            announce = v.announce if isinstance(v, Twin) else ()
+            addresses, matched = announced_as(
+                v.name, listening, snapshot, self.io.is_local, announce
+            )
+            if matched:
+                machine.located(v, addresses)
 
-
-def _drive_to_the_end(
-    rollout: Rollout,
-    options: Options,
-    reporter: Reporter,
-    current: Snapshot | None,
-    started: float,
-    interrupted: _Interrupted,
-    probes: _Probes,
-) -> int:
-    """``_drive``; on any exception, give the run up with the fleet put back as it was: the
-    vassals drained and not touched are subscribed again before the error is reported."""
-    try:
-        return _drive(rollout, options, reporter, current, started, interrupted, probes)
-    except BaseException as exc:
-        stopped = isinstance(exc, KeyboardInterrupt)
-        reason = "interrupted" if stopped else f"unexpected {type(exc).__name__}: {exc}"
-        _send(rollout.abandon(reason), options, reporter, probes.io)
-        if stopped:
-            return EXIT_INTERRUPTED
-        if isinstance(exc, Exception):
-            return EXIT_NOT_ALL_RELOADED
-        raise
-
-
-class _Probes:
-    """Probes out in the pool, answered to the rollout in the order they were asked for."""
-
-    def __init__(self, pool: Executor, options: Options, io: Io) -> None:
-        self.pool, self.options, self.io = pool, options, io
-        self.out: dict[Future[ProbeResult], VassalReload] = {}
-
-    def start(self, vassal: VassalReload, node: Node) -> None:
-        assert self.options.probe is not None
-        args = (node.name, node.key, self.options.probe, self.options.probe_timeout)
-        self.out[self.pool.submit(self.io.probe, *args)] = vassal
-
-    def answered(self, rollout: Rollout, now: float) -> list[Event]:
+    def _answers(self, machine: Machine, now: float) -> list[Event]:
         events = []
-        for future in [f for f in self.out if f.done()]:
-            events += rollout.probed(self.out.pop(future), future.result(), now)
+        for future in [f for f in self.probes if f.done()]:
+            events += machine.probed(self.probes.pop(future), future.result(), now)
         return events
 
-
-def _drive(
-    rollout: Rollout,
-    options: Options,
-    reporter: Reporter,
-    current: Snapshot | None,
-    started: float,
-    interrupted: _Interrupted,
-    probes: _Probes,
-) -> int:
-    io = probes.io
-    unreadable_since: float | None = None
-    while True:
-        touched = False
-        now = io.clock() - started
-        if current is None:
-            problem = ""
-            try:
-                current = io.snapshot(options)
-                # a router that cannot be read: nothing is live there, nothing may start
-                problem = "; ".join(current.unreadable.values())
-            except StatsError as exc:
-                problem = str(exc)
-            if problem:
-                if unreadable_since is None and current is not None:
-                    reporter.line(
-                        f"{now:8.2f}s  {problem}: nothing counts as live there, nothing starts"
-                    )
-                unreadable_since = now if unreadable_since is None else unreadable_since
-                if now - unreadable_since >= options.timeout:
-                    reason = f"stats unreadable for {options.timeout:g}s: {problem}"
-                    _send(rollout.abandon(reason), options, reporter, io)
-                    return EXIT_NOT_ALL_RELOADED
-            else:
-                unreadable_since = None
-        if interrupted.signal is not None:
-            reason = f"interrupted by {signal.Signals(interrupted.signal).name}"
-            _send(rollout.abandon(reason), options, reporter, io)
-            return EXIT_INTERRUPTED
-        # answers first: a vassal back (or a failed probe) counts in this step's decisions
-        events = probes.answered(rollout, now)
-        events += rollout.step(current, now) if current is not None else []
+    def _act(self, machine: Machine, events: list[Event]) -> bool:
+        """Do what each event asks, then print it; True when a config or link was changed."""
+        acted = False
         while events:
             event = events.pop(0)
-            vassal = event.vassal
-            if event.touches:
-                assert vassal.baseline is not None
-                try:
-                    io.touch(vassal.config, touch_mtime(io.wall_clock(), vassal.baseline.last_mod))
-                    touched = True
-                except OSError as exc:
-                    event, *more = rollout.touch_failed(vassal, str(exc), now)
-                    events[:0] = more
-            text = event_text(event, rollout)
+            v = event.vassal
+            try:
+                acted = self._change(event) or acted
+            except OSError as exc:
+                event, *more = machine.act_failed(v, str(exc), event.at)
+                events[:0] = more
+            text = event_text(event, machine)
             if event.send:
-                problem = _send(event.send, options, reporter, io)
+                problem = self._send(event.send)
                 if problem:
                     text += f" ({problem})"
-            reporter.event(event, text)
-            if event.kind is EventKind.PROBE and event.probe is not None:
-                probes.start(vassal, event.probe)
+            self.line(f"{v.name}: {text}", event.at)
+            if event.probe is not None:
+                assert self.options.probe is not None
+                node, path, timeout = event.probe, self.options.probe, self.options.probe_timeout
+                future = self.pool.submit(self.io.probe, node.name, node.key, path, timeout)
+                self.probes[future] = v
             if not events:
                 # answers already in (a quick vassal, or a pool that runs probes at once)
-                events += probes.answered(rollout, io.clock() - started)
-        if rollout.finished:
-            everything = all(v.phase is Phase.BACK for v in rollout.vassals.values())
-            return EXIT_OK if everything else EXIT_NOT_ALL_RELOADED
-        current = None
-        if touched:
-            # Read the stats at once: the emperor rescans on that connection and acts on the
-            # touch now rather than on the next poll.
-            continue
-        interval = options.check_interval
-        if rollout.watch_closely() or probes.out:
-            interval = min(interval, CLOSE_WATCH_INTERVAL)
-        io.sleep(interval)
+                events += self._answers(machine, self.now())
+        return acted
+
+    def _change(self, event: Event) -> bool:
+        """Touch the config, make or remove the link an event asks for: True if it did."""
+        v = event.vassal
+        if event.touches:
+            assert isinstance(v, VassalReload) and v.baseline is not None
+            self.io.touch(v.config, touch_mtime(self.io.wall_clock(), v.baseline.last_mod))
+        elif event.kind is EventKind.ADD:
+            assert isinstance(v, Twin)
+            self.io.make_link(v.target, v.config)
+        elif event.kind is EventKind.REMOVE:
+            assert isinstance(v, Twin)
+            self.io.remove_link(v.config, v.target)
+        else:
+            return False
+        return True
+
+    def _send(self, packets: Sequence[Subscription]) -> str:
+        """Send packets to every subscription server; what went wrong, or ``""``."""
+        problems = []
+        for server in self.options.subscription_servers:
+            for packet in packets:
+                try:
+                    self.io.send(server, packet.packet())
+                except Exception as exc:  # a packet not sent must not keep the others from going
+                    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                    problems.append(
+                        f"subscription server {server}: cannot {packet.describe()}: {reason}"
+                    )
+        for problem in problems:
+            self.reporter.warning(problem)
+        return "; ".join(problems)
 
 
-def _send(packets: Sequence[Subscription], options: Options, reporter: Reporter, io: Io) -> str:
-    """Send packets to every subscription server; what went wrong, or ``""``."""
-    if not packets:
-        return ""
-    problems = []
-    for server in options.subscription_servers:
-        for packet in packets:
-            try:
-                io.send(server, packet.packet())
-            except Exception as exc:  # a packet not sent must not keep the others from going
-                reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-                problems.append(
-                    f"subscription server {server}: cannot {packet.describe()}: {reason}"
-                )
-    for problem in problems:
-        reporter.warning(problem)
-    return "; ".join(problems)
+def _why(twins: Sequence[Twin]) -> str:
+    return "; ".join(f"{t.name}: {t.detail}" if t.detail else t.name for t in twins)
 
 
 def _details(rollout: Rollout) -> dict[str, str]:
@@ -3489,27 +2922,24 @@ def _summarise(
     vassals = list(rollout.vassals.values())
     for v in vassals:
         if v.drain_left is not None:
-            reporter.line(f"{v.name}: {drain_timeout_text(v, rollout)}: triggered anyway")
+            reporter.line(f"{v.name}: {drain_timeout_text(v, rollout.rules)}: triggered anyway")
     missed = [v for v in vassals if v.phase is not Phase.BACK]
     for v in missed:
         reporter.line(f"{v.name}: {outcome(v.phase).value}: {details[v.id]}")
     lowest = ", ".join(f"{k}: {n}" for k, n in sorted(rollout.lowest_live.items())) or "none"
     summary = (
         f"reloaded {len(vassals) - len(missed)} of {len(vassals)} vassals in {elapsed:.2f}s "
-        f"(minimum {rollout.minimum}; fewest live seen per key: {lowest})"
+        f"(minimum {rollout.rules.minimum}; fewest live seen per key: {lowest})"
     )
     if exit_code == EXIT_OK:
         reporter.line(summary)
         return
     if rollout.abandoned is not None:
         summary = f"{rollout.abandoned}: {summary}"
-    names = [v.name for v in missed]
-    shown = ", ".join(names[:MISSED_SHOWN])
-    if len(names) > MISSED_SHOWN:
-        shown += f" and {len(names) - MISSED_SHOWN} more"
     if extra:
         summary += f"; {extra}"
-    reporter.error(f"{summary}; not reloaded: {shown}" if names else summary)
+    names = [v.name for v in missed]
+    reporter.error(f"{summary}; not reloaded: {shown_names(names)}" if names else summary)
 
 
 # ---------------------------------------------------------------------------------------------

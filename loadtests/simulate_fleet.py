@@ -8,7 +8,7 @@ fastrouters on a fake clock, for the makespan in reload times and the tool's CPU
 A fleet of H hosts, each an emperor of N vassals (TCP sockets ``10.0.0.<h+2>:8001...``),
 announced to one or two fastrouters under one key. The hosts are rolled one after the other, as
 ``examples/ansible/reload.yml`` does (``serial: 1``, stop at the first failing host): for each
-host, ``uwsgi_reload.run`` itself (the real ``Rollout``, ``_drive``, ``locate``, ``check_fleet``,
+host, ``uwsgi_reload.run`` itself (the real ``Rollout``, ``Driver``, ``locate``, ``check_fleet``,
 with only ``Io`` replaced) polls that host's emperor and every router, and decides which of that
 host's vassals to touch; the other hosts' nodes are remote nodes it counts for the minimum. Each
 vassal takes exactly one time unit, *a reload time*, from its touch to live again in every
@@ -22,8 +22,8 @@ Per configuration (H, N, m):
 * polls: the tool's reads of the stats (``Io.snapshot`` calls).
 * CPU per poll, ``time.process_time`` of this process: *read*, the tool's decoding of the stats
   JSON (``json.loads`` as ``read_stats`` does, ``parse_emperor_stats``,
-  ``parse_fastrouter_keys``, ``NodeTable``, ``Snapshot``, as ``take_snapshot`` does); *decide*,
-  everything the tool does between two polls (``Rollout.step`` and ``_drive``'s handling of its
+  ``parse_fastrouter_stats``, ``Snapshot``, as ``take_snapshot`` does); *decide*,
+  everything the tool does between two polls (``Rollout.step`` and the ``Driver``'s handling of its
   events; after a host's last poll, its summary), less the simulator's own time in ``Io.touch``.
   The start-up checks of each host's run (``locate``, ``check_fleet``) are counted apart. Remote
   nodes: ``(H-1) x N``.
@@ -363,10 +363,10 @@ class SimFleet:
         docs = {what: json.loads(text) for what, text in raw.items()}
         decoded = time.process_time()
         vassals = ur.parse_emperor_stats(docs["emperor"])
-        keys: list[ur.KeyNodes] = []
+        nodes: list[ur.Node] = []
         for router in options.routers:
-            keys += ur.parse_fastrouter_keys(docs[router], router)
-        snapshot = ur.Snapshot(vassals, ur.NodeTable(keys), options.routers)
+            nodes += ur.parse_fastrouter_stats(docs[router], router)
+        snapshot = ur.Snapshot(vassals, nodes, options.routers)
         self._since = time.process_time()
         self.read_cpu.append(self._since - started)
         self.json_cpu.append(decoded - started)
@@ -719,9 +719,9 @@ def markdown(results: Sequence[Result], env_lines: Sequence[str], args: argparse
         "- at once: min(N, F - m), the vassals of one host that may be down together; bound = "
         "H x ceil(N / at once) reload times; ratio = makespan / bound.",
         "- read: the tool's decoding of one poll's stats (`json.loads`, `parse_emperor_stats`, "
-        "`parse_fastrouter_keys`, `NodeTable`, `Snapshot`, as `take_snapshot`); decide: the "
+        "`parse_fastrouter_stats`, `Snapshot`, as `take_snapshot`); decide: the "
         "tool's work between two polls "
-        "(`Rollout.step` and `_drive`'s handling of its events, the simulator's time in the "
+        "(`Rollout.step` and the `Driver`'s handling of its events, the simulator's time in the "
         "touch left out; after a host's last poll, its summary too); both "
         "`time.process_time`, means over the polls; start: each host run's start-up checks "
         "(`locate`, `check_fleet`), from its first poll to its first reading of the clock.",

@@ -27,6 +27,7 @@ import pytest
 import uwsgi_reload as ur
 from tests.stats_servers import RESET, StatsServer
 from tests.test_cli import hold_lock, release
+from tests.uwsgi_packets import decode_packet
 
 KEY = "domain.tld"
 
@@ -115,7 +116,7 @@ class FakeStack:
                 data = self.subscriptions.recv(65536)
             except socket.timeout:
                 continue
-            _, command, pairs = ur.decode_packet(data)
+            _, command, pairs = decode_packet(data)
             address = dict(pairs)["address"]
             with self.lock:
                 self.packets.append((command, address))

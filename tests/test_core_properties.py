@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 import uwsgi_reload as ur
 from tests.test_drain_logic import RouterSim
 from tests.test_reload_logic import run_on
+from tests.uwsgi_packets import decode_packet
 
 
 class FleetSim(RouterSim):
@@ -108,11 +109,7 @@ class FleetSim(RouterSim):
             raise RuntimeError("simulated bug")
         assert self.t < 1000, "the run does not end"
         plain = super().snapshot(options)
-        nodes = [
-            dataclasses.replace(n, key=key)
-            for n in plain.nodes
-            for key in self.keys[self._vid(n.name)]
-        ]
+        nodes = [n._replace(key=key) for n in plain.nodes for key in self.keys[self._vid(n.name)]]
         nodes += [
             ur.Node(key=key, name=remote_name(key, i), death_mark=False, ref=0, cores=1, weight=1)
             for key, count in sorted(self.remote.items())
@@ -124,8 +121,7 @@ class FleetSim(RouterSim):
         self.b_held = {vid for vid in self.b_held if self.live(self.vassals[vid])}
         held = self.b_held - dropped
         in_b = [
-            dataclasses.replace(
-                n,
+            n._replace(
                 router="fr-b",
                 death_mark=(n.death_mark or self._vid(n.name) in dropped)
                 and self._vid(n.name) not in held,
@@ -140,11 +136,11 @@ class FleetSim(RouterSim):
             for vid in sorted(held - shown)
             for key in self.keys[vid]
         ]
-        in_a = [dataclasses.replace(n, router="fr-a") for n in nodes]
+        in_a = [n._replace(router="fr-a") for n in nodes]
         return ur.Snapshot(plain.vassals, in_a + in_b, ("fr-a", "fr-b"))
 
     def send(self, address: str, data: bytes) -> None:
-        _, command, pairs = ur.decode_packet(data)
+        _, command, pairs = decode_packet(data)
         fields = dict(pairs)
         assert not fields["address"].startswith("127.0.0.9:"), f"another host's node: {fields}"
         vid = self._vid(fields["address"])

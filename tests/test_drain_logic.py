@@ -23,6 +23,7 @@ import pytest
 
 import uwsgi_reload as ur
 from tests.test_reload_logic import SimStack, SimVassal, fleet, run_on, vassal
+from tests.uwsgi_packets import decode_packet, decode_vars
 
 KEY = "domain.tld"
 
@@ -50,9 +51,7 @@ def test_unsubscribe_packet_is_the_documented_bytes() -> None:
 
 def test_subscribe_packet_repeats_what_the_node_had() -> None:
     n = node("127.0.0.1:3031", modifier1=5, cores=4, load=2, weight=3)
-    modifier1, modifier2, pairs = ur.decode_packet(
-        ur.Subscription(ur.Command.SUBSCRIBE, n).packet()
-    )
+    modifier1, modifier2, pairs = decode_packet(ur.Subscription(ur.Command.SUBSCRIBE, n).packet())
     assert (modifier1, modifier2) == (224, 0)
     assert dict(pairs) == {
         "key": KEY,
@@ -73,7 +72,7 @@ def test_subscribe_weight_is_at_least_one() -> None:
 
 @pytest.mark.parametrize("pairs", [[], [("a", "")], [("key", "dömain"), ("x" * 300, "y" * 35000)]])
 def test_vars_round_trip(pairs: list[tuple[str, str]]) -> None:
-    assert ur.decode_vars(ur.encode_vars(pairs)) == pairs
+    assert decode_vars(ur.encode_vars(pairs)) == pairs
 
 
 @pytest.mark.parametrize(
@@ -88,7 +87,7 @@ def test_vars_round_trip(pairs: list[tuple[str, str]]) -> None:
 )
 def test_decode_refuses_malformed_packets(data: bytes) -> None:
     with pytest.raises(ur.PacketError):
-        ur.decode_packet(data)
+        decode_packet(data)
 
 
 def test_packet_body_over_64k_is_refused() -> None:
@@ -119,7 +118,7 @@ def test_send_datagram_over_udp() -> None:
 
 
 def test_probe_request_is_a_uwsgi_get_for_the_key() -> None:
-    modifier1, modifier2, pairs = ur.decode_packet(
+    modifier1, modifier2, pairs = decode_packet(
         ur.probe_request("/health?full=1", KEY, "/run/a.sock")
     )
     assert (modifier1, modifier2) == (0, 0)
@@ -186,7 +185,7 @@ class UwsgiAppSocket:
             header = conn.recv(4, socket.MSG_WAITALL)
             size = struct.unpack("<H", header[1:3])[0]
             body = conn.recv(size, socket.MSG_WAITALL)
-            self.requests.append(dict(ur.decode_vars(body)))
+            self.requests.append(dict(decode_vars(body)))
             if self.reply is not None:
                 conn.sendall(self.reply)
             else:
@@ -337,7 +336,7 @@ class RouterSim(SimStack):
 
     def send(self, address: str, data: bytes) -> None:
         assert address == "ss.sock"
-        modifier1, command, pairs = ur.decode_packet(data)
+        modifier1, command, pairs = decode_packet(data)
         assert modifier1 == 224
         fields = dict(pairs)
         assert fields["key"] == KEY
@@ -668,7 +667,7 @@ def rsnap(**vassals: tuple[int, bool, bool]) -> ur.Snapshot:
 def test_core_drain_probe_and_a_failed_probe_by_phase() -> None:
     P, E = ur.Phase, ur.EventKind
     rollout = ur.Rollout(
-        fleet("a", "b", "c", "d"), minimum=2, timeout=10, subscriptions=True, probe=True
+        fleet("a", "b", "c", "d"), ur.Rules(minimum=2, timeout=10, drain=True, probe=True)
     )
     a, b, c, _ = rollout.vassals.values()
     up, out, accepting = (0, True, True), (0, True, False), (1, True, False)
@@ -703,16 +702,17 @@ def test_core_drain_probe_and_a_failed_probe_by_phase() -> None:
         ("d", E.NOT_STARTED, P.NOT_STARTED),
     ]
     assert c.not_started is ur.NotStarted.STOPPED
-    assert rollout.finished
+    assert rollout.done
 
 
 def test_core_abandon_puts_draining_vassals_back() -> None:
-    rollout = ur.Rollout(fleet("a", "b"), minimum=1, timeout=10, subscriptions=True)
+    rollout = ur.Rollout(fleet("a", "b"), ur.Rules(minimum=1, timeout=10, drain=True))
     a, b = rollout.vassals.values()
     rollout.step(rsnap(a=(0, True, True), b=(0, True, True)), 0.0)
     assert a.phase is ur.Phase.DRAINING
-    packets = rollout.abandon("interrupted by SIGINT")
-    assert [(p.command, p.node.name) for p in packets] == [(ur.Command.SUBSCRIBE, "/run/a.sock")]
+    (back,) = rollout.abandon("interrupted by SIGINT", 0.1)
+    assert (back.vassal, back.kind) == (a, ur.EventKind.NOT_STARTED)
+    assert [(p.command, p.node.name) for p in back.send] == [(ur.Command.SUBSCRIBE, "/run/a.sock")]
     assert (a.phase, a.not_started) == (ur.Phase.NOT_STARTED, ur.NotStarted.ABANDONED)
     assert b.phase is ur.Phase.NOT_STARTED
 
@@ -720,13 +720,13 @@ def test_core_abandon_puts_draining_vassals_back() -> None:
 def test_core_puts_back_drained_vassals_whose_old_instance_still_serves() -> None:
     """A touch refused, or one the emperor never registered: subscribed again."""
     P, E, SUBSCRIBE = ur.Phase, ur.EventKind, ur.Command.SUBSCRIBE
-    rollout = ur.Rollout(fleet("a", "b", "c"), minimum=1, timeout=2, subscriptions=True)
+    rollout = ur.Rollout(fleet("a", "b", "c"), ur.Rules(minimum=1, timeout=2, drain=True))
     a, b, c = rollout.vassals.values()
     up, out = (0, True, True), (0, True, False)
     rollout.step(rsnap(a=up, b=up, c=up), 0.0)
     events = rollout.step(rsnap(a=out, b=out, c=up), 0.1)
     assert [e.kind for e in events] == [E.TRIGGERED_DRAINED] * 2
-    (failed,) = rollout.touch_failed(a, "[Errno 1] Operation not permitted", 0.1)
+    (failed,) = rollout.act_failed(a, "[Errno 1] Operation not permitted", 0.1)
     assert (failed.kind, a.phase, rollout.stopped_by) == (E.FAILED, P.TOUCH_FAILED, a)
     assert [(p.command, p.node.name) for p in failed.send] == [(SUBSCRIBE, "/run/a.sock")]
     events = rollout.step(rsnap(a=up, b=out, c=up), 0.2)
@@ -735,7 +735,7 @@ def test_core_puts_back_drained_vassals_whose_old_instance_still_serves() -> Non
     (timed_out,) = rollout.step(rsnap(a=up, b=out, c=up), 2.1)
     assert (timed_out.kind, b.phase, b.stalled_in) == (E.TIMED_OUT, P.TIMED_OUT, P.RELOADING)
     assert [(p.command, p.node.name) for p in timed_out.send] == [(SUBSCRIBE, "/run/b.sock")]
-    assert rollout.finished
+    assert rollout.done
     assert ur.vassal_detail(c, rollout) == "the touch of a failed"
 
 

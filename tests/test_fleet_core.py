@@ -23,6 +23,7 @@ import pytest
 import uwsgi_reload as ur
 from tests.test_drain_logic import KEY, RouterSim
 from tests.test_reload_logic import run_on, vassal
+from tests.uwsgi_packets import decode_packet
 
 # ---------------------------------------------------------------------------------------------
 # /proc/net tables
@@ -324,7 +325,7 @@ def test_live_in_every_router(
     routers: tuple[str, ...], nodes: list[ur.Node], unreadable: dict[str, str], live: set[str]
 ) -> None:
     snapshot = ur.Snapshot({}, nodes, routers, unreadable)
-    assert {n.name for n in snapshot.live_nodes} == live
+    assert {name for _, name in snapshot.everywhere} == live
 
 
 @pytest.mark.parametrize(
@@ -439,7 +440,7 @@ class FleetStack(RouterSim):
         return ur.Snapshot(vassals, nodes, self.routers, unreadable)
 
     def send(self, address: str, data: bytes) -> None:
-        _, command, pairs = ur.decode_packet(data)
+        _, command, pairs = decode_packet(data)
         fields = dict(pairs)
         assert fields["key"] == KEY
         self.by_server.append((self.t, address, command, fields["address"]))
@@ -588,9 +589,9 @@ def test_a_vassal_live_in_one_router_only_is_not_back(tmp_path: Path) -> None:
     fleet = fleet_of("a")
     a, b = tnode("/run/a.sock", router="fr-a"), tnode("/run/a.sock", True, router="fr-b")
     snapshot = ur.Snapshot({"a.ini": vassal("a.ini")}, [a, b], TWO)
-    assert ur.live_keys(snapshot.vassals["a.ini"], "a", snapshot.live_nodes) == frozenset()
-    assert ur.placements(snapshot.vassals["a.ini"], "a", snapshot.nodes) == {("fr-a", KEY)}
-    assert ur.nodes_of(fleet[0].name, snapshot.nodes) == [a, b]
+    assert snapshot.live_keys(fleet[0]) == frozenset()
+    assert snapshot.places(fleet[0]) == {("fr-a", KEY)}
+    assert snapshot.nodes_of(fleet[0].name) == [a, b]
 
 
 @pytest.mark.parametrize(("drain", "shortest"), [(False, 4.0), (True, 1.0)])
@@ -725,6 +726,6 @@ def test_the_minimum_holds_in_each_router_and_in_every_router(
     fleet = [dataclasses.replace(fleet_of("v")[0], addresses=frozenset({"127.0.0.2:1"}))]
     nodes = [tnode("127.0.0.2:1", router=r) for r in TWO]
     nodes += [tnode(name, router=r) for r, names in remote.items() for name in names]
-    rollout = ur.Rollout(fleet, minimum=1, timeout=10)
+    rollout = ur.Rollout(fleet, ur.Rules(minimum=1, timeout=10))
     (event,) = rollout.step(ur.Snapshot({"v.ini": vassal("v.ini")}, nodes, TWO), 0.0)
     assert event.touches is starts

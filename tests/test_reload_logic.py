@@ -204,7 +204,7 @@ UP = (0, True, True)
 def test_step_moves_a_reload_by_what_the_stats_show(
     a: tuple[int, bool, bool], phase: ur.Phase, kinds: list[tuple[str, ur.EventKind]]
 ) -> None:
-    rollout = ur.Rollout(fleet("a", "b"), minimum=1, timeout=10)
+    rollout = ur.Rollout(fleet("a", "b"), ur.Rules(minimum=1, timeout=10))
     first = rollout.step(snap(a=UP, b=UP), 0.0)
     assert [(e.vassal.name, e.kind) for e in first] == [("a", E.TRIGGERED)]
     assert phases(rollout) == {"a": P.RELOADING, "b": P.PENDING}
@@ -214,7 +214,7 @@ def test_step_moves_a_reload_by_what_the_stats_show(
 
 
 def test_a_timeout_keeps_how_far_it_got() -> None:
-    rollout = ur.Rollout(fleet("a", "b"), minimum=1, timeout=1)
+    rollout = ur.Rollout(fleet("a", "b"), ur.Rules(minimum=1, timeout=1))
     rollout.step(snap(a=UP, b=UP), 0.0)
     rollout.step(snap(a=(1, False, False), b=UP), 0.5)
     events = rollout.step(snap(a=(1, False, False), b=UP), 1.0)
@@ -226,11 +226,11 @@ def test_a_timeout_keeps_how_far_it_got() -> None:
     assert (b.phase, b.not_started) == (P.NOT_STARTED, ur.NotStarted.MINIMUM)
     assert ur.outcome(a.phase) is ur.Outcome.TIMED_OUT
     assert ur.vassal_detail(a, rollout) == ur.HOW_FAR[P.STARTING]
-    assert rollout.finished
+    assert rollout.done
 
 
 def test_a_vassal_the_emperor_does_not_run_is_not_started() -> None:
-    rollout = ur.Rollout(fleet("a", "b", "gone"), minimum=1, timeout=10)
+    rollout = ur.Rollout(fleet("a", "b", "gone"), ur.Rules(minimum=1, timeout=10))
     rollout.step(snap(a=UP, b=UP), 0.0)
     rollout.step(snap(a=(1, True, True), b=UP), 1.0)
     rollout.step(snap(a=(1, True, True), b=(1, True, True)), 2.0)
@@ -239,24 +239,24 @@ def test_a_vassal_the_emperor_does_not_run_is_not_started() -> None:
 
 
 def test_a_failed_touch_is_reported_through_the_core() -> None:
-    rollout = ur.Rollout(fleet("a", "b"), minimum=1, timeout=10)
+    rollout = ur.Rollout(fleet("a", "b"), ur.Rules(minimum=1, timeout=10))
     (event,) = rollout.step(snap(a=UP, b=UP), 0.0)
     assert event.touches
-    (failed,) = rollout.touch_failed(event.vassal, "[Errno 1] Operation not permitted", 0.0)
+    (failed,) = rollout.act_failed(event.vassal, "[Errno 1] Operation not permitted", 0.0)
     assert (failed.kind, failed.phase) == (E.FAILED, P.TOUCH_FAILED)
     assert ur.outcome(event.vassal.phase) is ur.Outcome.FAILED
 
 
 def test_abandon_leaves_in_flight_ones_where_they_were() -> None:
-    rollout = ur.Rollout(fleet("a", "b", "c"), minimum=1, timeout=10)
+    rollout = ur.Rollout(fleet("a", "b", "c"), ur.Rules(minimum=1, timeout=10))
     rollout.step(snap(a=UP, b=UP, c=UP), 0.0)
     rollout.step(snap(a=(1, False, False), b=(1, False, False), c=UP), 0.5)
-    assert rollout.abandon("interrupted by SIGINT") == ()
+    assert rollout.abandon("interrupted by SIGINT", 0.6) == []
     a, c = rollout.vassals["a.ini"], rollout.vassals["c.ini"]
     assert (a.phase, a.stalled_in) == (P.ABANDONED, P.STARTING)
     assert (c.phase, c.not_started) == (P.NOT_STARTED, ur.NotStarted.ABANDONED)
     assert ur.outcome(a.phase) is ur.Outcome.IN_FLIGHT
-    assert rollout.finished
+    assert rollout.done
 
 
 def test_every_phase_has_words_and_no_phase_is_words() -> None:

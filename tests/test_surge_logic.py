@@ -229,35 +229,35 @@ def test_down_removes_a_twin_only_while_the_minimum_holds(
     live: dict[str, tuple[str, ...]], minimum: int, removed: set[str]
 ) -> None:
     twins = [twin(n) for n in live if ur.SURGE_MARK in n]
-    surge = ur.Surge(twins, minimum, timeout=10.0)
-    events = surge.down(snapshot_of(**live), 0.0)
-    assert {e.twin.name for e in events if e.kind is ur.TwinEventKind.REMOVE} == removed
+    surge = ur.Surge(twins, ur.Rules(minimum=minimum, timeout=10.0)).remove()
+    events = surge.step(snapshot_of(**live), 0.0)
+    assert {e.vassal.name for e in events if e.kind is ur.EventKind.REMOVE} == removed
     assert {t.name for t in surge.in_phase(T.LIVE)} == {t.name for t in twins} - removed
 
 
 def test_a_twin_that_cannot_go_is_kept_at_the_deadline() -> None:
-    surge = ur.Surge([twin("a.surge-1")], 1, timeout=5.0)
+    surge = ur.Surge([twin("a.surge-1")], ur.Rules(minimum=1, timeout=5.0)).remove()
     snap = snapshot_of(**{"a.surge-1": ("k",)})
-    assert surge.down(snap, 0.0) == []
-    [kept] = surge.down(snap, 5.0)
-    assert kept.kind is ur.TwinEventKind.KEPT and surge.down_done
+    assert surge.step(snap, 0.0) == []
+    [kept] = surge.step(snap, 5.0)
+    assert kept.kind is ur.EventKind.KEPT and surge.done
     assert surge.left == surge.twins
 
 
 def test_with_drain_a_twin_is_unsubscribed_then_removed_then_gone() -> None:
-    surge = ur.Surge([twin("a.surge-1")], 1, timeout=10.0, subscriptions=True)
+    surge = ur.Surge([twin("a.surge-1")], ur.Rules(timeout=10.0, drain=True)).remove()
     both = snapshot_of(a=("k",), **{"a.surge-1": ("k",)})
-    [draining] = surge.down(both, 0.0)
-    assert draining.kind is ur.TwinEventKind.DRAINING
+    [draining] = surge.step(both, 0.0)
+    assert draining.kind is ur.EventKind.DRAINING
     assert [s.command for s in draining.send] == [ur.Command.UNSUBSCRIBE]
     # re-announced by its master: unsubscribed again
-    [again] = surge.down(both, 0.1)
-    assert again.kind is ur.TwinEventKind.UNSUBSCRIBED_AGAIN
+    [again] = surge.step(both, 0.1)
+    assert again.kind is ur.EventKind.UNSUBSCRIBED_AGAIN
     drained = ur.Snapshot(both.vassals, [node("/r/a.sock")])
-    [remove] = surge.down(drained, 0.2)
-    assert remove.kind is ur.TwinEventKind.REMOVE and not surge.down_done
-    [gone] = surge.down(snapshot_of(a=("k",)), 0.5)
-    assert gone.kind is ur.TwinEventKind.GONE and surge.down_done and surge.left == []
+    [remove] = surge.step(drained, 0.2)
+    assert remove.kind is ur.EventKind.REMOVE and not surge.done
+    [gone] = surge.step(snapshot_of(a=("k",)), 0.5)
+    assert gone.kind is ur.EventKind.GONE and surge.done and surge.left == []
 
 
 # ---------------------------------------------------------------------------------------------
