@@ -9,6 +9,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -545,3 +546,28 @@ def test_json_report(emperor_dir: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert by_name["vassal_02"]["accepting"] is None
     assert "never accepting" in by_name["vassal_02"]["detail"]
     assert by_name["vassal_03"]["outcome"] == "reloaded"
+
+
+def test_a_move_the_table_does_not_list_is_refused() -> None:
+    v = ur.VassalReload("a.ini", "a", "/e/a.ini")
+    with pytest.raises(ur.IllegalMove, match="PENDING -> BACK"):
+        v.move(P.BACK)
+    v.move(P.RELOADING)
+    v.move(P.RELOADING)  # staying is no move
+    t = ur.Twin("a.surge-1.ini", "a.surge-1", "/e/a.surge-1.ini")
+    with pytest.raises(ur.IllegalMove):
+        t.move(ur.TwinPhase.LIVE)
+
+
+@pytest.mark.parametrize(
+    ("heading", "table"),
+    [("A vassal's phases", ur.PHASE_MOVES), ("A twin's phases", ur.TWIN_MOVES)],
+)
+def test_the_design_doc_draws_each_phase_table(
+    heading: str, table: dict[Any, frozenset[Any]]
+) -> None:
+    text = (Path(__file__).parent.parent / "docs" / "design.md").read_text(encoding="utf-8")
+    diagram = text.split(f"### {heading}", 1)[1].split("```mermaid", 1)[1].split("```", 1)[0]
+    drawn = {tuple(line.split(" --> ")) for line in diagram.splitlines() if " --> " in line}
+    legal = {(a.name, b.name) for a, moves in table.items() for b in moves}
+    assert {(a.strip(), b.strip()) for a, b in drawn} == legal

@@ -9,8 +9,11 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
+from concurrent.futures import Executor, Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -508,3 +511,59 @@ def test_with_drain_a_twin_is_subscribed_as_soon_as_it_accepts(tmp_path: Path) -
     live = float(out.split("vassal_01.surge-1: live after ")[1].split("s")[0])
     assert live < 1.0, out
     assert stack.fewest_in_router >= 1
+
+
+class Deferred(Executor):
+    """A pool whose calls answer only after the run has polled ``polls`` more times: a probe the
+    driver waited on inline would never see an answer."""
+
+    def __init__(self, polls: int = 3) -> None:
+        self.polls, self.seen = polls, 0
+        self.out: list[tuple[int, str, Future[ur.ProbeResult], Callable[[], ur.ProbeResult]]] = []
+        #: (the node probed, polls while its probe was out)
+        self.answered: list[tuple[str, int]] = []
+
+    def submit(  # type: ignore[override]
+        self, fn: Callable[..., ur.ProbeResult], /, *args: Any, **kwargs: Any
+    ) -> Future[ur.ProbeResult]:
+        future: Future[ur.ProbeResult] = Future()
+        self.out.append((self.seen, str(args[0]), future, lambda: fn(*args, **kwargs)))
+        return future
+
+    def poll(self) -> None:
+        self.seen += 1
+        for entry in [e for e in self.out if self.seen - e[0] >= self.polls]:
+            self.out.remove(entry)
+            since, node, future, call = entry
+            future.set_result(call())
+            self.answered.append((node, self.seen - since))
+
+
+def test_a_vassal_and_a_twin_go_through_one_driver_whose_probes_never_hold_the_loop(
+    tmp_path: Path,
+) -> None:
+    """The twin's probe and the original's run in the same pool, and the one loop goes on
+    polling while each is out (a twin's probe used to block it)."""
+    stack = SurgeSim(["vassal_01.ini"], tmp_path)
+    pool = Deferred(polls=3)
+    snapshot = stack.snapshot
+
+    def polled(options: ur.Options) -> ur.Snapshot:
+        pool.poll()
+        return snapshot(options)
+
+    stack.pool = lambda: pool
+    io = stack.io
+    stack.io = lambda: dataclasses.replace(io(), snapshot=polled)  # type: ignore[method-assign]
+    code, out = run_on(
+        stack,
+        tmp_path,
+        minimum_active_vassals=1,
+        max_surge=1,
+        subscription_server="ss.sock",
+        probe="/health",
+    )
+    assert code == ur.EXIT_OK, out
+    probed = [name for name, _ in pool.answered]
+    assert probed == ["/run/vassal_01.surge-1.sock", "/run/vassal_01.sock"], out
+    assert all(polls >= 3 for _, polls in pool.answered), pool.answered
