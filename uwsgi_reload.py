@@ -299,16 +299,22 @@ def _host_port_text(host: str, port: int) -> str:
 def canonical_address(name: str) -> str:
     """A node or socket address in one spelling: ``127.0.0.2:3121``, ``[::1]:3121``; a unix
     path (or anything that is not an IP and a port) as it is."""
-    if not _is_host_port(name):
-        return name
-    host, port = _split_host_port(name)
+    parsed = _ip_port(name)
+    return name if parsed is None else _host_port_text(parsed[0].compressed, parsed[1])
+
+
+def _ip_port(address: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
+    """The IP (an IPv4-mapped one as IPv4) and the port of ``host:port``; None otherwise."""
+    if not _is_host_port(address):
+        return None
+    host, port = _split_host_port(address)
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return name
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return _host_port_text(ip.compressed, port)
+    return ip, port
 
 
 def _proc_ip(hex_address: str) -> str:
@@ -409,14 +415,8 @@ def is_local_host(host: str) -> bool:
 
 def _wildcard_port(address: str) -> tuple[int, int] | None:
     """(IP version, port) of a bind on every address (``0.0.0.0:P``: 4, ``[::]:P``: 6)."""
-    if not _is_host_port(address):
-        return None
-    host, port = _split_host_port(address)
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    return (ip.version, port) if ip.is_unspecified else None
+    parsed = _ip_port(address)
+    return (parsed[0].version, parsed[1]) if parsed and parsed[0].is_unspecified else None
 
 
 def node_addresses(
@@ -912,36 +912,21 @@ class IllegalMove(RuntimeError):
     """A move its phase table does not list: a bug in the core, never bad input."""
 
 
-class Phase(enum.Enum):
-    """Where one vassal is in the run: the one record of it, owned by ``Rollout``.
-
-    DRAINING to SUBSCRIBING are in flight; BACK and the phases after it are final.
-    """
-
-    PENDING = enum.auto()
-    #: unsubscribed from the router; touched once no request is in flight to it there
-    DRAINING = enum.auto()
-    #: touched; the emperor has not registered the reload yet
-    RELOADING = enum.auto()
-    #: registered (or restarted by the emperor): the new instance loads, not accepting yet
-    STARTING = enum.auto()
-    #: accepting; a probe is asked for but no node of it is known to probe yet
-    ACCEPTING = enum.auto()
-    #: accepting; the probe is out, its answer decides
-    PROBING = enum.auto()
-    #: accepting (its probe passed, if any): waiting for its node to be live in the router
-    SUBSCRIBING = enum.auto()
-    BACK = enum.auto()
-    TIMED_OUT = enum.auto()
-    PROBE_FAILED = enum.auto()
-    TOUCH_FAILED = enum.auto()
-    #: drained, but a router still had its node live at the drain timeout: that router never
-    #: acted on the unsubscribe (UDP tells no error); not touched, and nothing more starts
-    DRAIN_IGNORED = enum.auto()
-    NOT_STARTED = enum.auto()
-    #: still in flight when the run was given up (interrupted, stats unreadable)
-    ABANDONED = enum.auto()
-
+#: Where one vassal is in the run, the one record of it, owned by ``Rollout``. DRAINING:
+#: unsubscribed from the router, touched once no request is in flight to it there. RELOADING:
+#: touched, the emperor has not registered the reload yet. STARTING: registered (or restarted by
+#: the emperor), the new instance loads. ACCEPTING: a probe is asked for but no node of it is
+#: known to probe yet. PROBING: the probe is out, its answer decides. SUBSCRIBING: accepting (its
+#: probe passed, if any), waiting for its node to be live in the router. DRAIN_IGNORED: drained,
+#: but a router still had its node live at the drain timeout (it never acted on the unsubscribe:
+#: UDP tells no error), not touched, and nothing more starts. ABANDONED: still in flight when the
+#: run was given up (interrupted, stats unreadable). DRAINING to SUBSCRIBING are in flight
+#: (``IN_FLIGHT``); BACK and the phases after it are final.
+Phase = enum.Enum(
+    "Phase",
+    "PENDING DRAINING RELOADING STARTING ACCEPTING PROBING SUBSCRIBING BACK TIMED_OUT "
+    "PROBE_FAILED TOUCH_FAILED DRAIN_IGNORED NOT_STARTED ABANDONED",
+)
 
 #: Every legal move of a vassal (docs/design.md draws it); ``Instance.move`` refuses the rest.
 PHASE_MOVES = _table(
@@ -966,28 +951,17 @@ COUNTS_LIVE = frozenset(
 )
 
 
-class TwinPhase(enum.Enum):
-    """Where one twin is: the one record of it, owned by ``Surge``."""
-
-    #: in the state file; its link is not made yet
-    PLANNED = enum.auto()
-    #: its link is made: the emperor spawns it; not live in the router yet
-    STARTING = enum.auto()
-    #: live in the router (or subscribed by the tool); the probe is out
-    PROBING = enum.auto()
-    LIVE = enum.auto()
-    #: never came up in time, its probe failed, or its link could not be made: the run stops
-    FAILED = enum.auto()
-    #: unsubscribed from the router; its link goes once no request is in flight to it
-    DRAINING = enum.auto()
-    #: its link is removed; the emperor still lists it (its master is stopping)
-    REMOVED = enum.auto()
-    #: the emperor no longer lists it
-    GONE = enum.auto()
-    #: left in place: removing it would take a key below the minimum, its link is no longer the
-    #: one the tool made, or the run was given up; the next run removes it
-    KEPT = enum.auto()
-
+#: Where one twin is, the one record of it, owned by ``Surge``. PLANNED: in the state file, its
+#: link not made yet. STARTING: its link is made (the emperor spawns it), not live in the router
+#: yet. PROBING: live in the router (or subscribed by the tool), the probe is out. FAILED: never
+#: came up in time, its probe failed, or its link could not be made: the run stops. DRAINING:
+#: unsubscribed, its link goes once no request is in flight to it. REMOVED: its link is removed,
+#: the emperor still lists it (its master is stopping). GONE: the emperor no longer lists it.
+#: KEPT: left in place (removing it would take a key below the minimum, its link is no longer the
+#: one the tool made, or the run was given up): the next run removes it.
+TwinPhase = enum.Enum(
+    "TwinPhase", "PLANNED STARTING PROBING LIVE FAILED DRAINING REMOVED GONE KEPT"
+)
 
 #: Every legal move of a twin (docs/design.md draws it).
 TWIN_MOVES = _table(
@@ -1851,6 +1825,17 @@ def vassal_detail(v: VassalReload, rollout: Rollout) -> str:
     return reason if v.drain_started is None else f"{reason} (was draining, not touched)"
 
 
+#: The events whose words need nothing but the packets' keys, the node probed, the phase.
+_WORDS = {
+    EventKind.DRAINING: "draining: unsubscribed from {keys}",
+    EventKind.UNSUBSCRIBED_AGAIN: "re-announced {again}: unsubscribed again",
+    EventKind.PROBE: "probing {probe}",
+    EventKind.TRIGGERED: "triggered",
+    EventKind.TRIGGERED_NOT_LIVE: "triggered (was not live)",
+    EventKind.GONE: "gone",
+}
+
+
 def drain_timeout_text(v: VassalReload, rules: Rules) -> str:
     return f"drain timed out after {rules.drain_timeout:g}s with {v.drain_left} requests in flight"
 
@@ -1859,21 +1844,15 @@ def event_text(event: Event, machine: Machine) -> str:
     """The line an event prints after the vassal's (or twin's) name."""
     v, kind, rules = event.vassal, event.kind, machine.rules
     keys = ", ".join(sorted({s.node.key for s in event.send}))
-    if kind is EventKind.DRAINING:
-        return f"draining: unsubscribed from {keys}"
-    if kind is EventKind.UNSUBSCRIBED_AGAIN:
-        return f"re-announced {_AGAIN[event.phase]}: unsubscribed again"
-    if kind is EventKind.PROBE:
-        assert event.probe is not None
-        return f"probing {event.probe.name}"
+    if kind in _WORDS:
+        probe = "" if event.probe is None else event.probe.name
+        return _WORDS[kind].format(keys=keys, probe=probe, again=_AGAIN.get(event.phase))
     if kind is EventKind.SUBSCRIBED:
         why = "accepting" if event.result is None else f"probe passed ({event.result.detail})"
         return f"{why}: subscribed to {keys}"
     if isinstance(v, Twin):
         return _twin_text(event, v)
     assert isinstance(v, VassalReload) and isinstance(machine, Rollout)
-    if kind in (EventKind.TRIGGERED, EventKind.TRIGGERED_NOT_LIVE):
-        return "triggered" if kind is EventKind.TRIGGERED else "triggered (was not live)"
     if kind is EventKind.TRIGGERED_DRAINED:
         return f"triggered after draining {v.drained:.2f}s"
     if kind is EventKind.TRIGGERED_UNDRAINED:
@@ -1910,8 +1889,6 @@ def _twin_text(event: Event, t: Twin) -> str:
     if kind is EventKind.REMOVE:
         drained = "" if t.drained is None else f" after draining {t.drained:.2f}s"
         return f"link removed{drained}"
-    if kind is EventKind.GONE:
-        return "gone"
     return f"left in place: {t.detail}"
 
 
