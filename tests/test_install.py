@@ -3,7 +3,7 @@
 The wheel is built from this checkout and installed into fresh venvs, once without extras and
 once with ``[harness]`` (plus Flask, the second app's dependency). In each, a small unrelated
 pytest project must stay green. Then the shipped checks (``--pyargs
-uwsgi_reload_harness.zero_downtime``) run against ``tests/flask_app`` with its own vassal config,
+uwsgi_reload_loadtests.zero_downtime``) run against ``tests/flask_app`` with its own vassal config,
 from a dir that is not the app's: with this tool, with a correct foreign procedure, and with a
 wrong one (the control, which must fail). The app dir must be exactly as it was.
 """
@@ -155,8 +155,16 @@ def procedure_template(mode: str) -> str:
 
 
 def shipped_checks(python: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    args = ["-m", "pytest", "-q", "-p", "no:randomly", "--pyargs"]
-    return run([str(python), *args, "uwsgi_reload_harness.zero_downtime", *FLASK_ARGS, *extra], cwd)
+    args = [
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:randomly",
+        "--pyargs",
+        "uwsgi_reload_loadtests.zero_downtime",
+    ]
+    return run([str(python), *args, *FLASK_ARGS, *extra], cwd)
 
 
 @pytest.mark.parametrize(

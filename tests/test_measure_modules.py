@@ -1,17 +1,21 @@
-"""The shape of ``loadtests/``: commands are leaves, and only the picture module imports
-matplotlib, late enough that everything else runs without it."""
+"""The shape of ``uwsgi_reload_loadtests``, as installed: commands are leaves, and only the
+picture module imports matplotlib, late enough that everything else runs without it."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-LOADTESTS = Path(__file__).resolve().parent.parent / "loadtests"
 PACKAGE = "uwsgi_reload_loadtests"
+SPEC = importlib.util.find_spec(PACKAGE)
+assert SPEC is not None and SPEC.origin is not None, f"{PACKAGE} is not installed"
+#: The installed package's files (the repository's folder is ``loadtests/``).
+LOADTESTS = Path(SPEC.origin).parent
 #: Modules run with ``python -m``: nothing imports them.
 COMMANDS = {
     "demo",

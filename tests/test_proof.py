@@ -17,15 +17,15 @@ import pytest
 
 from uwsgi_reload_harness import render
 from uwsgi_reload_harness.stack import Stack
+from uwsgi_reload_loadtests.measure import Broken, ReloadRun, reload_under_load
 
 # The traps ship with the package (any procedure must pass them); collected here as well.
-from uwsgi_reload_harness.zero_downtime import (  # noqa: F401
+from uwsgi_reload_loadtests.zero_downtime import (  # noqa: F401
     reload_loses_no_request,
     reloads_twice_in_one_second,
     test_a_second_reload_within_one_second_is_not_lost,
     test_configs_with_a_future_mtime_are_reloaded,
 )
-from uwsgi_reload_loadtests.measure import Broken, ReloadRun, reload_under_load
 
 pytestmark = [pytest.mark.e2e]
 

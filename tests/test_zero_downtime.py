@@ -16,7 +16,6 @@ import requests
 
 from tests.procedures import FAULTS, with_fault
 from uwsgi_reload_harness.stack import Stack
-from uwsgi_reload_harness.zero_downtime import reload_loses_no_request
 from uwsgi_reload_loadtests.measure import (
     Broken,
     FreshStacks,
@@ -26,6 +25,7 @@ from uwsgi_reload_loadtests.measure import (
     reload_command,
     reload_under_load,
 )
+from uwsgi_reload_loadtests.zero_downtime import reload_loses_no_request
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +49,7 @@ def fault_result(run: ReloadRun) -> dict[str, object]:
 def test_reload_loses_no_request(
     uwsgi_stack: Stack, reload_template: str, record_reload: Record, minimum: int
 ) -> None:
-    """The shipped check (``uwsgi_reload_harness.zero_downtime``), on the demo stack."""
+    """The shipped check (``uwsgi_reload_loadtests.zero_downtime``), on the demo stack."""
     reload_loses_no_request(uwsgi_stack, reload_template, record_reload, minimum)
 
 

@@ -2,7 +2,7 @@
 
 Run from the installed package, from any dir that is not the app's::
 
-    python -m pytest --pyargs uwsgi_reload_harness.zero_downtime \\
+    python -m pytest --pyargs uwsgi_reload_loadtests.zero_downtime \\
         --uwsgi-app-dir=/path/to/app --uwsgi-wsgi-file=app.py \\
         --uwsgi-vassal-config=/path/to/vassal.ini --uwsgi-health-path=/health \\
         --reload-command='/path/to/my_reload.sh {emperor_path} {minimum}'
@@ -23,16 +23,16 @@ timestamps, a skewed clock) or when it was already touched in the same second.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import pytest
 
-from .plugin import stack_config
+from uwsgi_reload_harness.plugin import stack_config
+from uwsgi_reload_harness.stack import Stack
+from uwsgi_reload_harness.traps import TRAP_LINE
 
-if TYPE_CHECKING:
-    from uwsgi_reload_loadtests.measure import ReloadRun
-
-    from .stack import Stack
+from .measure import ReloadRun, again, observed, reload_command, reload_under_load
+from .observer import read_document
 
 #: The minimums checked, each below the number of vassals (the others are skipped).
 MINIMUMS = (1, 2, 3)
@@ -47,8 +47,6 @@ def reload_loses_no_request(
     stack: Stack, template: str, record: Record, minimum: int, name: str | None = None
 ) -> ReloadRun:
     """Reload ``stack`` under load with the procedure ``template`` at ``minimum``; check it."""
-    from uwsgi_reload_loadtests.measure import again, observed, reload_command
-
     command = reload_command(stack, template, minimum)
     run = observed(again(stack, command), name or f"minimum {minimum}", minimum, record)
     assert run.returncode == 0, f"the reload command exited {run.returncode}\n{run.output}"
@@ -59,16 +57,12 @@ def reload_loses_no_request(
 
 def registered_mtimes(stack: Stack) -> dict[str, int]:
     """The emperor's ``last_mod`` of each vassal, read with the observer's own parser."""
-    from uwsgi_reload_loadtests.observer import read_document
-
     vassals = read_document(stack.emperor_stats)["vassals"]
     return {str(v["id"]): int(v["last_mod"]) for v in vassals}
 
 
 def trapped_second(output: str) -> int | None:
     """The second the trap touched its config at, from the wrapper's line in ``output``."""
-    from .traps import TRAP_LINE
-
     for line in output.splitlines():
         if line.startswith(TRAP_LINE):
             return int(line[len(TRAP_LINE) :])
@@ -83,11 +77,9 @@ def reloads_twice_in_one_second(
     one after its own touch. The run, and what was lost: the first vassal is reloaded after the
     procedure's touch only if the emperor registered an mtime past the trap's second (one reload
     for both touches is fine; the trap's alone is not)."""
-    from uwsgi_reload_loadtests.measure import observed, reload_command, reload_under_load
-
     first = stack.vassal_links[0]
     procedure = reload_command(stack, template, 1, timeout=TRAP_TIMEOUT)
-    command = [sys.executable, "-m", f"{__package__}.traps", "same-second", str(first), "--"]
+    command = [sys.executable, "-m", "uwsgi_reload_harness.traps", "same-second", str(first), "--"]
     after: dict[str, int] = {}
 
     def attempt() -> ReloadRun:
