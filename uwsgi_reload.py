@@ -320,7 +320,10 @@ def _ip_port(address: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addres
 def _proc_ip(hex_address: str) -> str:
     """An address of /proc/net/tcp{,6}: 32-bit words in host (little-endian) byte order."""
     words = [int(hex_address[i : i + 8], 16) for i in range(0, len(hex_address), 8)]
-    raw = b"".join(struct.pack("<I", word) for word in words)
+    return _ip_text(b"".join(struct.pack("<I", word) for word in words))
+
+
+def _ip_text(raw: bytes) -> str:
     ip = ipaddress.ip_address(raw)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -366,26 +369,34 @@ def socket_inode(link: str) -> int | None:
     return None
 
 
-def listening_sockets(pid: int, proc: str = "/proc") -> tuple[str, ...]:
-    """The addresses a process listens on, as node names spell them; ``()`` when its fds cannot
-    be read (another user's process, or gone)."""
-    fd_dir = os.path.join(proc, str(pid), "fd")
-    inodes = set()
-    try:
-        for fd in os.listdir(fd_dir):
-            try:
-                inode = socket_inode(os.readlink(os.path.join(fd_dir, fd)))
-            except OSError:
-                continue  # closed meanwhile
-            if inode is not None:
-                inodes.add(inode)
-    except OSError:
-        return ()
+def listening_sockets(pids: Iterable[int], proc: str = "/proc") -> dict[int, tuple[str, ...]]:
+    """The addresses each process listens on, as node names spell them (none when its fds
+    cannot be read: another user's process, or gone), from one read of the kernel's listening
+    sockets: netlink (``sock_diag_listening``), or /proc/net where netlink is refused (or
+    ``proc`` is not the live one)."""
+    inodes = {pid: _socket_inodes(os.path.join(proc, str(pid), "fd")) for pid in pids}
     table: dict[int, str] = {}
-    for name, parse in (("tcp", parse_proc_net_tcp), ("tcp6", parse_proc_net_tcp)):
-        table.update(_read_table(os.path.join(proc, "net", name), parse))
-    table.update(_read_table(os.path.join(proc, "net", "unix"), parse_proc_net_unix))
-    return tuple(sorted({table[i] for i in inodes if i in table}))
+    if any(inodes.values()):
+        try:
+            if proc != "/proc":
+                raise OSError(errno.ENOENT, "not the live /proc")
+            table = sock_diag_listening()
+        except OSError:
+            for name in ("tcp", "tcp6", "unix"):
+                parse = parse_proc_net_unix if name == "unix" else parse_proc_net_tcp
+                table.update(_read_table(os.path.join(proc, "net", name), parse))
+    return {
+        pid: tuple(sorted({table[i] for i in found if i in table})) for pid, found in inodes.items()
+    }
+
+
+def _socket_inodes(fd_dir: str) -> set[int]:
+    links = []
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(fd_dir):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                links.append(os.readlink(os.path.join(fd_dir, fd)))
+    return {inode for inode in map(socket_inode, links) if inode is not None}
 
 
 def _read_table(path: str, parse: Callable[[str], dict[int, str]]) -> dict[int, str]:
@@ -394,6 +405,71 @@ def _read_table(path: str, parse: Callable[[str], dict[int, str]]) -> dict[int, 
             return parse(f.read())
     except OSError:
         return {}
+
+
+#: Socket diagnostics over netlink (linux/sock_diag.h, inet_diag.h, unix_diag.h): what ``ss -l``
+#: asks. The kernel filters the sockets by state, so a dump of the listening ones costs the same
+#: with a few hundred thousand connections in TIME_WAIT as with none.
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
+_NLMSG = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
+_INET_DIAG_REQ = struct.Struct("=BBBxI48x")  # family, protocol, extensions, states, socket id
+_UNIX_DIAG_REQ = struct.Struct("=BBxxIIIII")  # family, protocol, states, inode, show, cookie
+_LISTENING = 1 << 10  # TCP_LISTEN, the state of a listening unix socket too
+
+
+def sock_diag_listening(timeout: float = 2.0) -> dict[int, str]:
+    """Every listening TCP (IPv4, IPv6) and named unix socket of this network namespace:
+    inode -> address (``@name``: an abstract unix socket). ``OSError`` when netlink is refused."""
+    table = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(timeout)
+        for family in (socket.AF_INET, socket.AF_INET6):
+            request = _INET_DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, _LISTENING)
+            size = 4 if family == socket.AF_INET else 16
+            for msg in _sock_diag(nl, request):
+                # inet_diag_msg: family, state, timer, retrans, then the socket id (source port
+                # and address in network order) ... and the inode at byte 68
+                port, ip = int.from_bytes(msg[4:6], "big"), _ip_text(msg[8 : 8 + size])
+                table[int.from_bytes(msg[68:72], sys.byteorder)] = _host_port_text(ip, port)
+        request = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, _LISTENING, 0, 1, 2**32 - 1, 2**32 - 1)
+        for msg in _sock_diag(nl, request):
+            # unix_diag_msg (16 bytes, the inode at 4), then attributes: UNIX_DIAG_NAME is 0
+            pos = 16
+            while pos + 4 <= len(msg):
+                length, kind = struct.unpack_from("=HH", msg, pos)
+                name = msg[pos + 4 : pos + length]
+                if kind == 0 and name:
+                    path = (
+                        "@" + name[1:].decode(errors="replace")
+                        if name[0] == 0
+                        else name.split(b"\0")[0].decode(errors="replace")
+                    )
+                    table[int.from_bytes(msg[4:8], sys.byteorder)] = path
+                pos += (length + 3) & ~3
+    return table
+
+
+def _sock_diag(nl: socket.socket, request: bytes) -> Iterator[bytes]:
+    """Send one dump request, yield the payload of each answer until the kernel says done."""
+    flags = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
+    nl.send(_NLMSG.pack(_NLMSG.size + len(request), SOCK_DIAG_BY_FAMILY, flags, 1, 0) + request)
+    while True:
+        data = nl.recv(1 << 16)
+        pos = 0
+        while pos + _NLMSG.size <= len(data):
+            length, kind, _, _, _ = _NLMSG.unpack_from(data, pos)
+            payload = data[pos + _NLMSG.size : pos + length]
+            if kind == 3:  # NLMSG_DONE
+                return
+            if kind == 2:  # NLMSG_ERROR: a negative errno, 0 for an acknowledgement
+                code = -int.from_bytes(payload[:4], sys.byteorder, signed=True)
+                if code:
+                    raise OSError(code, os.strerror(code))
+            else:
+                yield payload
+            pos += (length + 3) & ~3
+            if length < _NLMSG.size:
+                raise OSError(errno.EPROTO, "a netlink message shorter than its header")
 
 
 def is_local_host(host: str) -> bool:
@@ -2369,19 +2445,20 @@ def take_snapshot(options: Options) -> Snapshot:
 def locate(
     fleet: Sequence[VassalReload],
     snapshot: Snapshot,
-    sockets: Callable[[int], tuple[str, ...]],
+    sockets: Callable[[Iterable[int]], Mapping[int, tuple[str, ...]]],
     is_local: Callable[[str], bool],
 ) -> list[VassalReload]:
     """Each vassal with the node names it is announced as, from the sockets its master listens
     on (``listening_sockets``). When those match no node but a node is named after the vassal
     (``node_vassal_name``), or when they cannot be read, the name decides (``owns``)."""
+    pids = {v.id: snapshot.vassals[v.id].pid for v in fleet if v.id in snapshot.vassals}
+    try:
+        found = sockets(pid for pid in pids.values() if pid > 0)
+    except OSError:
+        found = {}
     located = []
     for v in fleet:
-        current = snapshot.vassals.get(v.id)
-        listening: tuple[str, ...] = ()
-        if current is not None and current.pid > 0:
-            with contextlib.suppress(OSError):
-                listening = tuple(sockets(current.pid))
+        listening = tuple(found.get(pids.get(v.id, 0), ()))
         addresses, _ = announced_as(v.name, listening, snapshot, is_local)
         located.append(dataclasses.replace(v, addresses=addresses, listening=listening))
     return located
@@ -2521,8 +2598,8 @@ class Io:
     probe: Callable[[str, str, str, float], ProbeResult] = probe_node
     #: where probes run, so that the run goes on polling while a vassal takes its time to answer
     probe_pool: Callable[[], Executor] = lambda: ThreadPoolExecutor(thread_name_prefix="probe")
-    #: pid -> the addresses it listens on (read from /proc)
-    sockets: Callable[[int], tuple[str, ...]] = listening_sockets
+    #: pids -> the addresses each listens on (one read of the kernel's listening sockets)
+    sockets: Callable[[Iterable[int]], Mapping[int, tuple[str, ...]]] = listening_sockets
     #: is this IP address one of this machine's (a node of a vassal bound on 0.0.0.0 or ::)
     is_local: Callable[[str], bool] = is_local_host
     #: surge: (target, link) makes a twin's link; (link, target) removes it
@@ -2784,15 +2861,20 @@ class Driver:
 
     def _locate(self, machine: Machine, snapshot: Snapshot) -> None:
         """An instance's node: the address its master listens on (``announced_as``)."""
+        pids = {}
         for v in machine.unlocated(snapshot):
             current = snapshot.vassals.get(v.id)
-            if current is None or current.pid <= 0:
-                continue
-            try:
-                listening = tuple(self.io.sockets(current.pid))
-            except OSError:
-                continue
+            if current is not None and current.pid > 0:
+                pids[current.pid] = v
+        if not pids:
+            return
+        try:
+            found = self.io.sockets(pids)
+        except OSError:
+            return
+        for pid, v in pids.items():
             announce = v.announce if isinstance(v, Twin) else ()
+            listening = found.get(pid, ())
             addresses, matched = announced_as(
                 v.name, listening, snapshot, self.io.is_local, announce
             )

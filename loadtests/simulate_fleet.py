@@ -49,7 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -398,8 +398,8 @@ class SimFleet:
     def send(self, address: str, data: bytes) -> None:
         raise AssertionError("no drain in this simulation")
 
-    def sockets(self, pid: int) -> tuple[str, ...]:
-        return (self.by_pid[pid].address,)
+    def sockets(self, pids: Iterable[int]) -> dict[int, tuple[str, ...]]:
+        return {pid: (self.by_pid[pid].address,) for pid in pids}
 
     def is_local(self, host: str) -> bool:
         return host == str(FIRST_HOST + self.rolled)

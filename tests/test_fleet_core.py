@@ -22,7 +22,7 @@ import pytest
 
 import uwsgi_reload as ur
 from tests.test_drain_logic import KEY, RouterSim
-from tests.test_reload_logic import run_on, vassal
+from tests.test_reload_logic import per_pid, run_on, vassal
 from tests.uwsgi_packets import decode_packet
 
 # ---------------------------------------------------------------------------------------------
@@ -119,11 +119,11 @@ def test_listening_sockets_of_a_fake_proc(tmp_path: Path) -> None:
         unix="0000000000000000: 00000002 00000000 00010000 0001 01 3 /run/a.sock\n",
     )
     # inode 5 is another process's socket; inode 9 is in no table (a UDP socket, say)
-    assert ur.listening_sockets(77, proc) == ("/run/a.sock", "127.0.0.2:3121", "[::1]:3122")
+    assert ur.listening_sockets([77], proc) == {77: ("/run/a.sock", "127.0.0.2:3121", "[::1]:3122")}
 
 
 def test_listening_sockets_of_a_process_it_cannot_see(tmp_path: Path) -> None:
-    assert ur.listening_sockets(77, str(tmp_path)) == ()
+    assert ur.listening_sockets([77], str(tmp_path)) == {77: ()}
 
 
 @pytest.fixture
@@ -141,10 +141,10 @@ def test_listening_sockets_of_this_very_process(short_dir: Path) -> None:
         path = str(short_dir / "v.sock")
         unix.bind(path)
         unix.listen()
-        found = ur.listening_sockets(os.getpid())
+        found = ur.listening_sockets([os.getpid()])[os.getpid()]
         assert address in found, found
         assert path in found, found
-    assert address not in ur.listening_sockets(os.getpid())
+    assert address not in ur.listening_sockets([os.getpid()])[os.getpid()]
 
 
 def test_listening_sockets_of_this_very_process_over_ipv6() -> None:
@@ -156,7 +156,45 @@ def test_listening_sockets_of_this_very_process_over_ipv6() -> None:
         except OSError:
             pytest.skip("no ::1 here")
         tcp.listen()
-        assert f"[::1]:{tcp.getsockname()[1]}" in ur.listening_sockets(os.getpid())
+        assert f"[::1]:{tcp.getsockname()[1]}" in ur.listening_sockets([os.getpid()])[os.getpid()]
+
+
+def test_netlink_and_proc_agree_on_the_listening_sockets(short_dir: Path) -> None:
+    """The kernel's socket diagnostics (what the tool asks first) and /proc/net (its fallback)
+    name each listening socket alike: TCP, a unix path, an abstract unix name."""
+    with (
+        socket.socket() as tcp,
+        socket.socket(socket.AF_UNIX) as path,
+        socket.socket(socket.AF_UNIX) as abstract,
+    ):
+        tcp.bind(("127.0.0.1", 0))
+        path.bind(str(short_dir / "v.sock"))
+        abstract.bind(f"\0uwsgi-reload-test-{os.getpid()}")
+        mine = {}
+        for s in (tcp, path, abstract):
+            s.listen()
+            mine[os.fstat(s.fileno()).st_ino] = s
+        from_netlink = ur.sock_diag_listening()
+        from_proc = ur.parse_proc_net_tcp(Path("/proc/net/tcp").read_text())
+        from_proc.update(ur.parse_proc_net_unix(Path("/proc/net/unix").read_text()))
+        assert {i: from_netlink.get(i) for i in mine} == {i: from_proc.get(i) for i in mine}
+        assert from_netlink[os.fstat(tcp.fileno()).st_ino] == f"127.0.0.1:{tcp.getsockname()[1]}"
+        assert from_netlink[os.fstat(path.fileno()).st_ino] == str(short_dir / "v.sock")
+        assert from_netlink[os.fstat(abstract.fileno()).st_ino].startswith("@uwsgi-reload-test")
+
+
+def test_where_netlink_is_refused_proc_is_read(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(timeout: float = 2.0) -> dict[int, str]:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ur, "sock_diag_listening", refused)
+    with socket.socket() as tcp:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        found = ur.listening_sockets([os.getpid()])[os.getpid()]
+        assert f"127.0.0.1:{tcp.getsockname()[1]}" in found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +297,7 @@ def test_locate(
             raise PermissionError(13, "Permission denied")
         return listening[pid]
 
-    (located,) = ur.locate(fleet_of("a"), snapshot, sockets, lambda host: False)
+    (located,) = ur.locate(fleet_of("a"), snapshot, per_pid(sockets), lambda host: False)
     assert located.addresses == addresses
     assert located.listening == listening.get(10, ())
 
@@ -463,7 +501,7 @@ class FleetStack(RouterSim):
 
     def io(self) -> ur.Io:
         return dataclasses.replace(
-            super().io(), sockets=self.sockets, is_local=lambda host: host == "127.0.0.2"
+            super().io(), sockets=per_pid(self.sockets), is_local=lambda host: host == "127.0.0.2"
         )
 
     def sent_to(self, vid: str, command: ur.Command) -> set[str]:

@@ -7,7 +7,7 @@ import json
 import math
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -352,13 +352,30 @@ class SimStack:
             touch=self.touch,
             # no /proc: its vassals are found by name (tests/test_fleet_core.py finds them by
             # the sockets their masters listen on)
-            sockets=lambda pid: (),
+            sockets=lambda pids: {},
         )
 
 
 @pytest.fixture
 def emperor_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
+
+
+def per_pid(
+    sockets: Callable[[int], tuple[str, ...]],
+) -> Callable[[Iterable[int]], dict[int, tuple[str, ...]]]:
+    """``Io.sockets`` from a fake that answers for one pid (an ``OSError``: it cannot be read)."""
+
+    def every(pids: Iterable[int]) -> dict[int, tuple[str, ...]]:
+        found: dict[int, tuple[str, ...]] = {}
+        for pid in pids:
+            try:
+                found[pid] = sockets(pid)
+            except OSError:
+                found[pid] = ()
+        return found
+
+    return every
 
 
 def run_on(

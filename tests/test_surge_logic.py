@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import uwsgi_reload as ur
 from tests.test_drain_logic import KEY, RouterSim
-from tests.test_reload_logic import node, run_on, vassal
+from tests.test_reload_logic import node, per_pid, run_on, vassal
 
 T = ur.TwinPhase
 
@@ -500,7 +500,7 @@ def test_with_drain_a_twin_is_subscribed_as_soon_as_it_accepts(tmp_path: Path) -
                 pids.setdefault(v.pid, vid)
             return (f"/run/{ur.strip_suffix(pids[pid], '.ini')}.sock",) if pid in pids else ()
 
-        stack.io = lambda: dataclasses.replace(io(), sockets=sockets)  # type: ignore[method-assign]
+        stack.io = lambda: dataclasses.replace(io(), sockets=per_pid(sockets))  # type: ignore[method-assign]
 
     code, stack, out = surge_run(
         tmp_path, n=1, surge=1, probe="/", setup=proc, twin_start=0.5, announce_delay=10.0
