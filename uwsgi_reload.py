@@ -113,18 +113,33 @@ def _connect(address: str, timeout: float) -> socket.socket:
     return sock
 
 
-def read_stats(address: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Read one JSON document from a uWSGI stats server (it writes it and closes)."""
+#: The most a stats document may hold: an emperor's of ~200,000 vassals is about 60 MB.
+STATS_MAX_BYTES = 64 << 20
+
+
+def read_stats(
+    address: str, timeout: float = 5.0, max_bytes: int = STATS_MAX_BYTES
+) -> dict[str, Any]:
+    """Read one JSON document from a uWSGI stats server (it writes it and closes), all of it
+    within ``timeout`` (a server that sends a byte at a time does not hold the run)."""
+    deadline = time.monotonic() + timeout
+    chunks, size = [], 0
     try:
         with _connect(address, timeout) as sock:
-            chunks = []
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
+            while chunk := _recv_by(sock, deadline):
                 chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise StatsError(
+                        f"stats socket {address} sent more than {max_bytes >> 20} MiB: not a "
+                        "stats document this tool reads"
+                    )
     except FileNotFoundError:
         raise StatsError(f"stats socket {address} does not exist") from None
+    except socket.timeout:
+        raise StatsError(
+            f"stats socket {address} did not send its whole document within {timeout:g}s"
+        ) from None
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise StatsError(f"cannot read stats socket {address}: {reason}") from None
@@ -138,6 +153,15 @@ def read_stats(address: str, timeout: float = 5.0) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise StatsError(f"stats socket {address} answered JSON that is not an object")
     return data
+
+
+def _recv_by(sock: socket.socket, deadline: float) -> bytes:
+    """The next bytes, or ``socket.timeout`` once ``deadline`` (``time.monotonic``) is past."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout
+    sock.settimeout(left)
+    return sock.recv(65536)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -678,17 +702,16 @@ def parse_status_line(head: bytes) -> int:
 
 
 def probe_node(node_name: str, key: str, path: str, timeout: float) -> ProbeResult:
-    """Send ``GET path`` over the uwsgi protocol straight to a vassal's socket; read the status."""
-    head = b""
+    """Send ``GET path`` over the uwsgi protocol straight to a vassal's socket; read the status
+    line, all of it within ``timeout``."""
+    head, deadline = b"", time.monotonic() + timeout
     try:
         with _connect(node_name, timeout) as sock:
-            sock.settimeout(timeout)
             sock.sendall(probe_request(path, key, node_name))
-            while b"\n" not in head and len(head) < 8192:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
+            while b"\n" not in head and len(head) < 8192 and (chunk := _recv_by(sock, deadline)):
                 head += chunk
+    except socket.timeout:
+        return ProbeResult(None, f"GET {path} to {node_name}: timed out after {timeout:g}s")
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         return ProbeResult(None, f"GET {path} to {node_name}: {reason}")
@@ -2365,10 +2388,21 @@ class Reporter:
             print(text, file=self.stream, flush=True)
 
     def error(self, text: str) -> None:
-        print(f"uwsgi-reload: error: {' '.join(text.split())}", file=self.errors, flush=True)
+        print(f"uwsgi-reload: error: {_bounded(text)}", file=self.errors, flush=True)
 
     def warning(self, text: str) -> None:
-        print(f"uwsgi-reload: warning: {' '.join(text.split())}", file=self.errors, flush=True)
+        print(f"uwsgi-reload: warning: {_bounded(text)}", file=self.errors, flush=True)
+
+
+#: The longest error or warning line: whatever it quotes, a line stays readable.
+MAX_LINE = 2000
+
+
+def _bounded(text: str) -> str:
+    line = " ".join(text.split())
+    if len(line) <= MAX_LINE:
+        return line
+    return f"{line[:MAX_LINE]}... ({len(line) - MAX_LINE} more characters)"
 
 
 @dataclasses.dataclass
@@ -2613,6 +2647,12 @@ class Io:
 
 def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
     io = io or Io()
+    if options.max_surge and not options.subscription_servers:
+        # Without one a twin leaves the router only as its master stops, with requests in
+        # flight to it: the run would lose requests that one without twins keeps.
+        raise ReloadError(
+            "--max-surge needs --subscription-server: a twin is drained before it is removed"
+        )
     suffix = options.vassal_config_file_suffix
     configs = find_configs(options.emperor_path, suffix)
     # Twins an earlier run left are no vassals to reload: they are removed first.

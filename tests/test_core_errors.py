@@ -9,12 +9,14 @@ nodes in and out of the router. Each case injects one fault.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -543,3 +545,64 @@ def test_a_failed_probe_keeps_its_vassal_out_and_the_report_says_so(
     assert "left unsubscribed from the fastrouter" in report["vassal_01"]["detail"]
     assert stack.out_of_router(settle=0.2) == ["vassal_01"]
     assert err.splitlines()[-1].startswith("uwsgi-reload: error: reloaded 2 of 4")
+
+
+def test_a_stats_server_that_sends_a_byte_at_a_time_is_given_up_at_the_timeout(
+    short_dir: Path,
+) -> None:
+    """The timeout holds for the whole document, not for each read."""
+    path = str(short_dir / "slow.sock")
+    document = json.dumps({"vassals": []}).encode()
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        server.listen()
+
+        def trickle() -> None:
+            conn, _ = server.accept()
+            with conn, contextlib.suppress(OSError):
+                for byte in document:
+                    conn.sendall(bytes([byte]))
+                    time.sleep(0.1)
+
+        threading.Thread(target=trickle, daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(ur.StatsError, match=r"whole document within 0\.5s"):
+            ur.read_stats(path, timeout=0.5)
+        assert time.monotonic() - started < len(document) * 0.1
+
+
+def test_a_stats_document_past_the_cap_is_refused(short_dir: Path) -> None:
+    path = str(short_dir / "big.sock")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        server.listen()
+
+        def flood() -> None:
+            conn, _ = server.accept()
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(b"[" + b"0," * (2 << 20))
+
+        threading.Thread(target=flood, daemon=True).start()
+        with pytest.raises(ur.StatsError, match="sent more than 1 MiB"):
+            ur.read_stats(path, timeout=5.0, max_bytes=1 << 20)
+
+
+def test_an_error_line_stays_bounded(capsys: pytest.CaptureFixture[str]) -> None:
+    """An emperor of 200,000 vassals, none of them the configs found: one short line."""
+    reporter = ur.Reporter(False, sys.stdout, sys.stderr)
+    vassals = {
+        f"v{i}.ini": ur.EmperorVassal(f"v{i}.ini", 1, 0, 0, True, True) for i in range(200_000)
+    }
+    fleet = [ur.VassalReload("a.ini", "a", "/e/a.ini")]
+    with pytest.raises(ur.ReloadError) as refused:
+        ur.check_fleet(fleet, ur.Snapshot(vassals, []), 1)
+    assert "and 199990 more" in str(refused.value)
+    reporter.error("x" * 10 * ur.MAX_LINE)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert len(line) < ur.MAX_LINE + 100
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="ur-", dir="/tmp") as d:
+        yield Path(d)

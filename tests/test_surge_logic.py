@@ -268,9 +268,7 @@ def test_with_drain_a_twin_is_unsubscribed_then_removed_then_gone() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("n", "surge", "drain"), [(1, 1, True), (1, 1, False), (4, 2, True), (3, 1, True)]
-)
+@pytest.mark.parametrize(("n", "surge", "drain"), [(1, 1, True), (4, 2, True), (3, 1, True)])
 def test_minimum_n_with_surge_never_loses_capacity(
     tmp_path: Path, n: int, surge: int, drain: bool
 ) -> None:
@@ -283,6 +281,14 @@ def test_minimum_n_with_surge_never_loses_capacity(
     assert links(tmp_path) == originals(n), out
     assert set(stack.vassals) == originals(n), out
     assert stack.lost == 0, out
+
+
+def test_surge_without_drain_is_refused_before_anything_is_touched(tmp_path: Path) -> None:
+    """A twin removed without drain stops with requests in flight to it: refused, exit 2."""
+    with pytest.raises(ur.ReloadError, match="needs --subscription-server") as refused:
+        surge_run(tmp_path, n=2, minimum=2, surge=1, drain=False)
+    assert refused.value.exit_code == ur.EXIT_USAGE
+    assert links(tmp_path) == originals(2) and not (tmp_path / ur.SURGE_STATE).exists()
 
 
 def test_without_surge_minimum_n_is_refused(tmp_path: Path) -> None:
@@ -356,7 +362,14 @@ def test_leftover_twins_are_drained_and_removed_first_and_dry_run_lists_them(
         stack._advance()
 
     stack = SurgeSim(sorted(originals(2)), tmp_path)
-    code, out = run_on(stack, tmp_path, killed_run_left_a_twin, dry_run=True, max_surge=1)
+    code, out = run_on(
+        stack,
+        tmp_path,
+        killed_run_left_a_twin,
+        dry_run=True,
+        max_surge=1,
+        subscription_server="ss.sock",
+    )
     assert code == ur.EXIT_OK and "left by an earlier run" in out, out
     assert "would add vassal_01.surge-2.ini" in out, out
     assert stack.touched == [] and (tmp_path / ur.SURGE_STATE).exists()
@@ -440,7 +453,6 @@ def test_sigint_during_the_rollout_removes_the_twins_and_exits_130(tmp_path: Pat
 @given(
     n=st.integers(1, 6),
     surge=st.integers(1, 3),
-    drain=st.booleans(),
     reload=st.floats(0.2, 3.0),
     twin_start=st.floats(0.1, 3.0),
     announce_delay=st.floats(0.0, 1.5),
@@ -450,7 +462,6 @@ def test_property_capacity_never_below_n(
     tmp_path_factory: pytest.TempPathFactory,
     n: int,
     surge: int,
-    drain: bool,
     reload: float,
     twin_start: float,
     announce_delay: float,
@@ -462,7 +473,6 @@ def test_property_capacity_never_below_n(
         n=n,
         minimum=n,
         surge=surge,
-        drain=drain,
         reload=reload,
         twin_start=twin_start,
         announce_delay=announce_delay,
