@@ -2499,74 +2499,57 @@ def locate(
 
 
 def describe_plan(
-    fleet: Sequence[VassalReload],
-    snapshot: Snapshot,
-    options: Options,
-    twins: Sequence[Twin] = (),
+    fleet: Sequence[VassalReload], snapshot: Snapshot, options: Options, twins: Sequence[Twin] = ()
 ) -> list[str]:
     rules = options.rules
     live = {v.id: snapshot.places(v) for v in fleet}
-    keys_of = {
-        vid: {key for router, key in places if router == EVERY_ROUTER}
-        for vid, places in live.items()
-    }
+    keys_of = {v.id: sorted(snapshot.live_keys(v)) for v in fleet}
     others = snapshot.others(fleet)
-    # the twins to add count for every place of their key
-    with_twins = {place: count + rules.surge for place, count in others.items()}
-    for places in live.values():
-        for place in places:
-            with_twins.setdefault(place, rules.surge)
+    # the twins to add count in every place of their key
+    counted = {
+        p: others.get(p, 0) + rules.surge for p in {*others, *(p for v in live.values() for p in v)}
+    }
     routers = (
-        "router counts" if len(snapshot.routers) == 1 else f"{len(snapshot.routers)} routers count"
+        f"{len(snapshot.routers)} routers count" if len(snapshot.routers) > 1 else "router counts"
     )
-    order = [v for v in fleet if not keys_of[v.id]] + [v for v in fleet if keys_of[v.id]]
     lines = [f"dry run: would reload {len(fleet)} vassals of {options.emperor_path}, order:"]
-    for v in order:
-        keys = sorted(keys_of[v.id])
-        state = f"live for {', '.join(keys)}" if keys else "not live, goes first"
-        if v.addresses:
-            state += f" (node {', '.join(sorted(v.addresses))})"
-        lines.append(f"  {v.name} ({v.id}): {state}")
-    for key in sorted({k for ks in keys_of.values() for k in ks}):
+    for v in sorted(fleet, key=lambda v: bool(keys_of[v.id])):
+        state = f"live for {', '.join(keys_of[v.id])}" if keys_of[v.id] else "not live, goes first"
+        node = f" (node {', '.join(sorted(v.addresses))})" if v.addresses else ""
+        lines.append(f"  {v.name} ({v.id}): {state}{node}")
+    for key in sorted({k for keys in keys_of.values() for k in keys}):
         serving = [v.id for v in fleet if key in keys_of[v.id]]
-        at_once = len(pick_reloads(serving, live, rules.minimum, rules.max_parallel, with_twins))
-        head = f"key {key!r}: {len(serving)} live, minimum {rules.minimum}: "
-        if at_once > 0:
-            rounds = math.ceil(len(serving) / at_once)
-            tail = f"up to {at_once} reloading at once, about {rounds} reload times"
-        else:
-            tail = "its live vassals wait until the not-live ones are back"
+        at_once = len(pick_reloads(serving, live, rules.minimum, rules.max_parallel, counted))
+        rounds = math.ceil(len(serving) / max(at_once, 1))
+        how = f"up to {at_once} reloading at once, about {rounds} reload times"
+        how = how if at_once else "its live vassals wait until the not-live ones are back"
         elsewhere = per_key(others).get(key, 0)
-        twins_text = f", {rules.surge} twins to add)" if rules.surge else ")"
-        total = len(serving) + elsewhere + rules.surge
+        twins_text = f", {rules.surge} twins to add" if rules.surge else ""
         lines.append(
-            f"{head}{tail}; the {routers} {total} live ({len(serving)} on this host, "
-            f"{elsewhere} on other hosts{twins_text}"
+            f"key {key!r}: {len(serving)} live, minimum {rules.minimum}: {how}; the {routers} "
+            f"{len(serving) + elsewhere + rules.surge} live ({len(serving)} on this host, "
+            f"{elsewhere} on other hosts{twins_text})"
         )
     if rules.drain:
+        servers = options.subscription_servers
         lines.append(
-            f"drain: each live vassal is unsubscribed via "
-            f"{', '.join(options.subscription_servers)} and touched once no router has a "
-            f"request in flight to it (at most {options.drain_timeout:g}s), then subscribed "
-            "again as soon as it accepts"
+            f"drain: each live vassal is unsubscribed via {', '.join(servers)} and "
+            "touched once no router has a request in flight to it (at most "
+            f"{options.drain_timeout:g}s), then subscribed again as soon as it accepts"
         )
     if options.probe:
         lines.append(
             f"probe: GET {options.probe} on each reloaded vassal's socket before counting it "
             "back; a failure stops the rollout"
         )
-    for t in twins:
-        if t.leftover:
-            lines.append(
-                f"surge: twin {t.name} ({t.id}, twin of {t.of}) was left by an earlier run: "
-                "drained and removed first"
-            )
-    for t in twins:
-        if not t.leftover:
-            lines.append(
-                f"surge: would add {t.id} (a link to {t.target}, twin of {t.of}), live before "
-                "the first reload, drained and removed after the last"
-            )
+    for t in sorted(twins, key=lambda t: not t.leftover):
+        lines.append(
+            f"surge: twin {t.name} ({t.id}, twin of {t.of}) was left by an earlier run: drained "
+            "and removed first"
+            if t.leftover
+            else f"surge: would add {t.id} (a link to {t.target}, twin of {t.of}), live before "
+            "the first reload, drained and removed after the last"
+        )
     return lines
 
 
@@ -3051,49 +3034,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if math.isnan(value) or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
+N = TypeVar("N", int, float)
 
 
-def positive_float(text: str) -> float:
-    """argparse ``type=``: a finite number greater than 0."""
-    value = _number(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number greater than 0")
-    return value
+def _number(kind: Callable[[str], N], ok: Callable[[N], bool], must: str) -> Callable[[str], N]:
+    """An argparse ``type=``: a finite ``kind`` for which ``ok`` holds (``must`` says so)."""
+
+    def check(text: str) -> N:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "number" if kind is float else "whole number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {must}")
+        return value
+
+    return check
 
 
-def non_negative_float(text: str) -> float:
-    """argparse ``type=``: a finite number, 0 or more."""
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse ``type=``: a whole number, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse ``type=``: a whole number, 1 or more."""
-    value = non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
-    return value
+positive_float = _number(float, lambda v: v > 0, "a number greater than 0")
+non_negative_float = _number(float, lambda v: v >= 0, "0 or more")
+non_negative_int = _number(int, lambda v: v >= 0, "0 or more")
+positive_int = _number(int, lambda v: v >= 1, "1 or more")
 
 
 def _subscription_server(text: str) -> str:
@@ -3138,120 +3103,55 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 all reloaded, 1 not all reloaded, 2 usage or bad input, "
         "3 another run holds the lock, 130 interrupted",
     )
-    add = parser.add_argument
-    add(
-        "--emperor-path",
-        required=True,
-        default=argparse.SUPPRESS,
-        metavar="<dir>",
-        help="directory used by the Emperor",
-    )
-    add(
-        "--fastrouter-stats-socket",
-        required=True,
-        action="append",
-        default=argparse.SUPPRESS,
-        metavar="<socket>",
-        help="Fastrouter statistics socket (unix path or host:port); give it once per router: "
-        "a reloaded vassal is back once it is live in every router, and the minimum holds in "
-        "each router and among the nodes live in all of them",
-    )
-    add(
-        "--emperor-stats-socket",
-        required=True,
-        default=argparse.SUPPRESS,
-        metavar="<socket>",
-        help="Emperor statistics socket (unix path or host:port)",
-    )
-    add(
-        "--vassal-config-file-suffix",
-        default=".ini",
-        metavar="<string>",
-        help="vassal config file suffix",
-    )
-    add(
-        "--minimum-active-vassals",
-        type=non_negative_int,
-        default=1,
-        metavar="<int>",
-        help="the minimum number of vassals that should be active at any given time during "
-        "the reload, per fastrouter key: every live node the router has for the key counts, "
-        "other hosts' included (with several routers, each router keeps it)",
-    )
-    add(
-        "--timeout",
-        type=positive_float,
-        default=60.0,
-        metavar="<seconds>",
-        help="how long to wait for the reload of a vassal",
-    )
-    add(
-        "--check-interval",
-        type=positive_float,
-        default=0.1,
-        metavar="<float>",
-        help="interval between vassal status checks (seconds)",
-    )
-    add(
-        "--max-parallel",
-        type=positive_int,
-        default=None,
-        metavar="<int>",
-        help="at most this many vassals reloading at once (default: as many as the minimum allows)",
-    )
-    add(
-        "--subscription-server",
-        type=_subscription_server,
-        action="append",
-        default=argparse.SUPPRESS,  # Options: None, off
-        metavar="<socket>",
-        help="the fastrouter's subscription server (unix datagram path or host:port UDP), once "
-        "per router: drain each vassal before its reload (unsubscribe at every server, wait "
-        "until no router has a request in flight to it) and subscribe it again as soon as it "
-        "accepts (default: off)",
-    )
-    add(
-        "--drain-timeout",
-        type=positive_float,
-        default=5.0,
-        metavar="<seconds>",
+    add, unset = parser.add_argument, argparse.SUPPRESS  # unset: Options has its default
+    # fmt: off
+    add("--emperor-path", required=True, default=unset, metavar="<dir>",
+        help="directory used by the Emperor")
+    add("--fastrouter-stats-socket", required=True, action="append", default=unset,
+        metavar="<socket>", help="Fastrouter statistics socket (unix path or host:port); once "
+        "per router: a reloaded vassal is back once it is live in every router, and the minimum "
+        "holds in each router and among the nodes live in all of them")
+    add("--emperor-stats-socket", required=True, default=unset, metavar="<socket>",
+        help="Emperor statistics socket (unix path or host:port)")
+    add("--vassal-config-file-suffix", default=".ini", metavar="<string>",
+        help="vassal config file suffix")
+    add("--minimum-active-vassals", type=non_negative_int, default=1, metavar="<int>",
+        help="the minimum number of vassals that should be active at any given time during the "
+        "reload, per fastrouter key: every live node the router has for the key counts, other "
+        "hosts' included (with several routers, each router keeps it)")
+    add("--timeout", type=positive_float, default=60.0, metavar="<seconds>",
+        help="how long to wait for the reload of a vassal")
+    add("--check-interval", type=positive_float, default=0.1, metavar="<float>",
+        help="interval between vassal status checks (seconds)")
+    add("--max-parallel", type=positive_int, default=None, metavar="<int>",
+        help="at most this many vassals reloading at once (default: as many as the minimum "
+        "allows)")
+    add("--subscription-server", type=_subscription_server, action="append", default=unset,
+        metavar="<socket>", help="the fastrouter's subscription server (unix datagram path or "
+        "host:port UDP), once per router: drain each vassal before its reload (unsubscribe at "
+        "every server, wait until no router has a request in flight to it) and subscribe it "
+        "again as soon as it accepts (default: off)")
+    add("--drain-timeout", type=positive_float, default=5.0, metavar="<seconds>",
         help="with --subscription-server: reload a vassal anyway when requests are still in "
-        "flight to it after this long",
-    )
-    add(
-        "--probe",
-        type=_probe_path,
-        default=argparse.SUPPRESS,  # Options: None, off
-        metavar="<path>",
+        "flight to it after this long")
+    add("--probe", type=_probe_path, default=unset, metavar="<path>",
         help="before counting a reloaded vassal back, GET this path straight from its socket "
         "(uwsgi protocol, Host: the fastrouter key); anything but 2xx/3xx stops the rollout "
-        "(default: off)",
-    )
-    add(
-        "--probe-timeout",
-        type=positive_float,
-        default=5.0,
-        metavar="<seconds>",
-        help="how long the probe waits for the status line",
-    )
-    add(
-        "--max-surge",
-        type=non_negative_int,
-        default=0,
-        metavar="<int>",
-        help="before the first reload, add this many temporary twins per fastrouter key (new "
-        "links to an original's config, named <name>.surge-<i>, or a free port for configs "
-        "named after their port), wait until they are live, reload the originals counting "
-        "them, then drain and remove them: the minimum may then be the number of vassals",
-    )
+        "(default: off)")
+    add("--probe-timeout", type=positive_float, default=5.0, metavar="<seconds>",
+        help="how long the probe waits for the status line")
+    add("--max-surge", type=non_negative_int, default=0, metavar="<int>",
+        help="with --subscription-server: before the first reload, add this many temporary "
+        "twins per fastrouter key (new links to an original's config, named <name>.surge-<i>, "
+        "or a free port for configs named after their port), wait until they are live, reload "
+        "the originals counting them, then drain and remove them: the minimum may then be the "
+        "number of vassals")
     add("--dry-run", action="store_true", help="print the plan and touch nothing")
-    add(
-        "--json",
-        action="store_true",
-        help="print one JSON report on stdout (event lines go to stderr)",
-    )
+    add("--json", action="store_true",
+        help="print one JSON report on stdout (event lines go to stderr)")
     add("-q", "--quiet", action="store_true", help="print only errors")
     add("--version", action="version", version=f"%(prog)s {__version__}")
+    # fmt: on
     return parser
 
 
