@@ -3117,8 +3117,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="vassal config file suffix")
     add("--minimum-active-vassals", type=non_negative_int, default=1, metavar="<int>",
         help="the minimum number of vassals that should be active at any given time during the "
-        "reload, per fastrouter key: every live node the router has for the key counts, other "
-        "hosts' included (with several routers, each router keeps it)")
+        "reload, per fastrouter key: every live node for the key counts, other hosts' included")
     add("--timeout", type=positive_float, default=60.0, metavar="<seconds>",
         help="how long to wait for the reload of a vassal")
     add("--check-interval", type=positive_float, default=0.1, metavar="<float>",
