@@ -1086,6 +1086,7 @@ class NotStarted(enum.Enum):
     MINIMUM = enum.auto()  # reloading it would take a key below the minimum
     STOPPED = enum.auto()  # a failed probe or touch stopped the rollout (``Rollout.stopped_by``)
     ABANDONED = enum.auto()  # the driver gave the run up (``Rollout.abandoned``)
+    MISSING = enum.auto()  # live earlier, then out of the router for the whole timeout
 
 
 class Outcome(str, enum.Enum):
@@ -1135,6 +1136,9 @@ class VassalReload(Instance):
     phase: Phase = Phase.PENDING
     #: what /proc showed its master listening on when the run began (``locate``)
     listening: tuple[str, ...] = ()
+    #: live in this run's polls before, and since when it is out of the router while it accepts
+    was_live: bool = False
+    missing_since: float | None = None
     #: the emperor's view when the run first saw it; ``baseline`` when it started reloading
     initial: EmperorVassal | None = None
     baseline: EmperorVassal | None = None
@@ -1399,7 +1403,12 @@ class Rollout:
         free = self.rules.max_parallel
         if free is not None:
             free -= len(self.in_phase(*IN_FLIGHT))
-        candidates = [v.id for v in self.in_phase(Phase.PENDING) if v.id in snapshot.vassals]
+        waiting = self._out_of_router(live, snapshot, now)
+        candidates = [
+            v.id
+            for v in self.in_phase(Phase.PENDING)
+            if v.id in snapshot.vassals and v.id not in waiting
+        ]
         for vassal_id in pick_reloads(candidates, live, self.rules.minimum, free, others):
             v = self.vassals[vassal_id]
             v.baseline = snapshot.vassals[vassal_id]
@@ -1412,14 +1421,34 @@ class Rollout:
             v.move(Phase.RELOADING)
             kind = EventKind.TRIGGERED if vassal_id in live else EventKind.TRIGGERED_NOT_LIVE
             events.append(_event(v, kind, now))
-        if not self.in_phase(*IN_FLIGHT):
-            # Nothing in flight and nothing may start: no live count can rise any more.
+        if not self.in_phase(*IN_FLIGHT) and all(
+            now - since >= self.rules.timeout for since in waiting.values()
+        ):
+            # Nothing in flight, nothing may start, none may come back: no live count can rise.
             for v in self.in_phase(Phase.PENDING):
                 known = v.id in snapshot.vassals
                 v.not_started = NotStarted.MINIMUM if known else NotStarted.UNKNOWN
+                v.not_started = NotStarted.MISSING if v.id in waiting else v.not_started
                 v.move(Phase.NOT_STARTED)
                 events.append(_event(v, EventKind.NOT_STARTED, now))
         return events
+
+    def _out_of_router(
+        self, live: Mapping[str, frozenset[tuple[str, str]]], snapshot: Snapshot, now: float
+    ) -> dict[str, float]:
+        """Pending vassals live earlier in the run and out of the router now, though the emperor
+        says they accept, with since when. A restarted router has lost every node until the
+        masters announce again: they wait for that, not a reload (it would keep them out a reload
+        longer, and it costs the minimum nothing only for a vassal that is down)."""
+        waiting = {}
+        for v in self.in_phase(Phase.PENDING):
+            current = snapshot.vassals.get(v.id)
+            if v.id in live:
+                v.was_live, v.missing_since = True, None
+            elif v.was_live and current is not None and current.accepting:
+                v.missing_since = now if v.missing_since is None else v.missing_since
+                waiting[v.id] = v.missing_since
+        return waiting
 
     def _count_lowest(
         self, live: Mapping[str, frozenset[tuple[str, str]]], others: Mapping[tuple[str, str], int]
@@ -1915,6 +1944,11 @@ def vassal_detail(v: VassalReload, rollout: Rollout) -> str:
         return "not known to the emperor"
     if v.not_started is NotStarted.MINIMUM:
         return f"reloading it would leave fewer than {rollout.rules.minimum} live"
+    if v.not_started is NotStarted.MISSING:
+        return (
+            f"accepting, but out of the fastrouter for {rollout.rules.timeout:g}s: its master "
+            "never announced it again (was the router restarted?)"
+        )
     if v.not_started is NotStarted.STOPPED:
         assert rollout.stopped_by is not None
         failed = _STOPPED_BY.get(rollout.stopped_by.phase, "probe")

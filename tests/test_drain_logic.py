@@ -887,3 +887,64 @@ def test_a_broken_vassal_that_vanished_is_not_put_back_in_rotation(tmp_path: Pat
         assert stack.sent(vid, ur.Command.SUBSCRIBE) == [], out
         assert not stack.in_router[vid]
     assert stack.fewest_in_router >= 2, out
+
+
+class RestartingRouter(RouterSim):
+    """A router restarted at ``restart_at``: every node gone, each back at its master's next
+    announce, ``announce_after`` seconds later. ``touched_out``: vassals touched while the
+    restart had them out of the router (not drained by the tool: out of it on their own)."""
+
+    def __init__(self, names: list[str], restart_at: float, announce_after: float) -> None:
+        super().__init__(names, reload=1.0, announce_delay=0.1)
+        self.restart_at, self.announce_after = restart_at, announce_after
+        self.lost: set[str] = set()
+        self.touched_out: list[str] = []
+
+    def _advance(self) -> None:
+        if self.restart_at <= self.t:
+            self.restart_at = math.inf
+            self.lost = {vid for vid, up in self.in_router.items() if up}
+            for vid in self.vassals:
+                self.in_router[vid] = False
+                self.next_announce[vid] = self.t + self.announce_after
+        super()._advance()
+        self.lost -= {vid for vid, up in self.in_router.items() if up}
+
+    def touch(self, path: str, mtime: int) -> None:
+        if os.path.basename(path) in self.lost:
+            self.touched_out.append(os.path.basename(path))
+        super().touch(path, mtime)
+
+
+@pytest.mark.parametrize("announce_after", [2.0, 30.0])
+def test_a_router_restarted_mid_rollout_is_waited_for_not_reloaded_into(
+    tmp_path: Path, announce_after: float
+) -> None:
+    """Its nodes gone, the vassals still accept: none is touched while out of the router (it
+    would stay out a reload longer); they are reloaded once their masters announce them again,
+    or, if they never do within the timeout, reported as not started (exit 1)."""
+    stack = RestartingRouter(
+        [f"vassal_{i:02d}.ini" for i in range(1, 5)], restart_at=0.5, announce_after=announce_after
+    )
+    code, out = run_on(
+        stack, tmp_path, minimum_active_vassals=2, timeout=10.0, subscription_server="ss.sock"
+    )
+    assert stack.touched_out == [], out
+    if announce_after < 10.0:
+        assert code == ur.EXIT_OK, out
+        assert all(v.respawns == 1 for v in stack.vassals.values()), out
+    else:
+        assert code == ur.EXIT_NOT_ALL_RELOADED, out
+        assert "out of the fastrouter for 10s" in out, out
+
+
+def test_control_reloading_every_vassal_out_of_the_router_touches_them_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same check fails on the rule before: a vassal out of the router goes first."""
+    monkeypatch.setattr(ur.Rollout, "_out_of_router", lambda self, live, snapshot, now: {})
+    stack = RestartingRouter(
+        [f"vassal_{i:02d}.ini" for i in range(1, 5)], restart_at=0.5, announce_after=2.0
+    )
+    run_on(stack, tmp_path, minimum_active_vassals=2, timeout=10.0, subscription_server="ss.sock")
+    assert stack.touched_out != []
