@@ -24,7 +24,8 @@ Each vassal is a link named after its port (``38121.ini`` -> ``socket = 127.0.0.
 routers list it by that address. Readiness is probed: every emperor reports every vassal
 accepting, every router has every node live, nginx answers 200. Stopping: nginx by SIGQUIT,
 emperors and routers by SIGINT (a uWSGI master's shutdown; SIGTERM would be a reload, see
-:mod:`.stack`), each as a process tree.
+:mod:`.stack`), each as a process tree. A :class:`Fleet` answers what a :class:`.stack.Stack`
+answers, with the same meaning (:class:`.stack.ProcessGroup`).
 
 Use :func:`running_fleet` outside pytest, the ``make_uwsgi_fleet`` fixture inside.
 """
@@ -38,45 +39,25 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable
-
-import requests
+from typing import Callable
 
 from uwsgi_reload import (
     Command,
-    EmperorVassal,
     Node,
     StatsError,
-    parse_emperor_stats,
-    parse_fastrouter_stats,
     read_stats,
     send_datagram,
     subscriptions,
-    touch,
-    touch_mtime,
 )
 
 from . import render
 from .render import KEY, Layout, Substitution
-from .stack import (
-    CONTROL_ENV,
-    Proc,
-    ProcessGroup,
-    StackRuntime,
-    StackTimeout,
-    children,
-    start_nginx,
-    start_process,
-    stop_trees,
-    write_atomically,
-)
+from .stack import CONTROL_ENV, Host, Process, ProcessGroup, Router, write_control
 
 FLEET_DIR = render.EXAMPLES_DIR / "fleet"
 FLEET_VASSAL_INI = "fleet_vassal.ini"
@@ -109,6 +90,8 @@ class FleetConfig:
     #: demo app only: seconds it sleeps while loading / per request (see stack.StackConfig)
     start_delay: float = 0.0
     request_delay: float = 0.0
+    #: Left running after the test (and after this Python process), for a look at it.
+    keep: bool = False
     start_timeout: float = 60.0
 
     @property
@@ -136,13 +119,11 @@ class FleetConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class FleetRouter:
+class FleetRouter(Router):
     """One standalone fastrouter (a uWSGI master with a fastrouter gateway)."""
 
     index: int  # 1 or 2: router R of the examples (10.0.1.R)
     socket: str  # what nginx connects to
-    subscription_server: str  # where vassals announce themselves (UDP)
-    stats: str  # its stats server
     config: Path  # the rendered router config
     log: Path
 
@@ -150,97 +131,27 @@ class FleetRouter:
     def name(self) -> str:
         return f"router-{self.index}"
 
-    def live_by_key(self) -> dict[str, list[str]]:
-        """Names (``127.0.0.N:PORT``) of the live nodes, by key."""
-        live: dict[str, list[str]] = {}
-        for node in parse_fastrouter_stats(read_stats(self.stats)):
-            if node.live:
-                live.setdefault(node.key, []).append(node.name)
-        return {key: sorted(names) for key, names in live.items()}
-
 
 @dataclasses.dataclass
-class FleetHost:
-    """One app host: an emperor on its own address and dir, vassals on ``address:port``."""
+class FleetHost(Host):
+    """One app host: an emperor on its own address and dir, vassals on ``address:PORT``, each
+    linked as ``PORT.ini``."""
 
     index: int  # 1-based; its address is 127.0.0.(index + 1)
     address: str
-    layout: Layout
-    emperor_stats: str
-    #: vassal id (the link's name, ``PORT.ini``) -> port
-    ports: dict[str, int]
-    routers: tuple[FleetRouter, ...]
     substitutions: list[Substitution]
-    #: the app's health path: with drain, the tool probes it before a vassal goes back
-    health_path: str = "/"
 
     @property
     def name(self) -> str:
         return f"emperor-{self.index}"
 
-    @property
-    def emperor_path(self) -> Path:
-        return self.layout.vassals_dir
-
-    @property
-    def vassal_ids(self) -> list[str]:
-        return list(self.ports)
-
-    @property
-    def control_file(self) -> Path:
-        """The demo app's control file of this host's vassals (each host has its own, so a
-        deploy can go wrong on one host only)."""
-        return self.layout.control_file
-
     def node_name(self, vassal_id: str) -> str:
         """How the routers list this vassal: its socket's address."""
-        return f"{self.address}:{self.ports[vassal_id]}"
+        return f"{self.address}:{Path(vassal_id).stem}"
 
     def nodes(self) -> dict[str, str]:
         """Node name -> vassal id."""
-        return {self.node_name(vid): vid for vid in self.ports}
-
-    def emperor_vassals(self) -> dict[str, EmperorVassal]:
-        return parse_emperor_stats(read_stats(self.emperor_stats))
-
-    def vassal_pids(self) -> dict[str, int]:
-        return {vid: v.pid for vid, v in self.emperor_vassals().items()}
-
-    def worker_pids(self) -> dict[str, list[int]]:
-        """Worker pids by vassal id: the children of each vassal master."""
-        masters = self.vassal_pids()
-        kids = children(set(masters.values()))
-        return {vid: kids[pid] for vid, pid in masters.items()}
-
-    def touch(self, vassal_id: str) -> int:
-        """Reload one vassal: move its link's own mtime past the emperor's ``last_mod``."""
-        last_mod = self.emperor_vassals()[vassal_id].last_mod
-        mtime = touch_mtime(time.time(), last_mod)
-        touch(str(self.emperor_path / vassal_id), mtime)
-        return mtime
-
-    def reload_command(self, *flags: str, drain: bool = True) -> list[str]:
-        """uwsgi_reload.py as it runs on this host: every router's stats (and, with ``drain``,
-        every subscription server and ``--probe`` of the health path), then ``flags``.
-
-        The probe is part of drain here: the tool would otherwise subscribe a reloaded vassal on
-        the Emperor's "accepting", which worker 1 sends before its accepting hooks run, and a
-        blocking accepting hook holds that worker (docs/design.md, "The example configs")."""
-        routers = [a for r in self.routers for a in ("--fastrouter-stats-socket", r.stats)]
-        servers = [
-            a for r in self.routers for a in ("--subscription-server", r.subscription_server)
-        ]
-        return [
-            sys.executable,
-            str(render.RELOAD_TOOL),
-            "--emperor-path",
-            str(self.emperor_path),
-            "--emperor-stats-socket",
-            self.emperor_stats,
-            *routers,
-            *([*servers, "--probe", self.health_path] if drain else []),
-            *flags,
-        ]
+        return {self.node_name(vid): vid for vid in self.vassal_ids}
 
 
 @dataclasses.dataclass
@@ -249,24 +160,15 @@ class Fleet(ProcessGroup):
 
     name: str
     config: FleetConfig
-    layout: Layout  # routers' configs and logs, nginx, the demo app's control file
-    hosts: list[FleetHost]
-    routers: list[FleetRouter]
-    http_port: int
-    logs: dict[str, Path]
-    xprocess: Any
-    host: str = KEY  # the fastrouter key: nginx requests carry it as Host
-    #: pid of each process xprocess started: ``router-R``, ``emperor-H``, ``nginx``
-    pids: dict[str, int] = dataclasses.field(default_factory=dict)
+    layout: Layout  # routers' configs and logs, nginx
+    hosts: list[FleetHost] = dataclasses.field(default_factory=list)
+    routers: list[FleetRouter] = dataclasses.field(default_factory=list)
+    http_port: int = 0
+    keys: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    host: str = KEY
+    logs: dict[str, Path] = dataclasses.field(default_factory=dict)
+    processes_started: dict[str, Process] = dataclasses.field(default_factory=dict)
     stopped: bool = False
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/"
-
-    @property
-    def base_dirs(self) -> list[Path]:
-        return [self.layout.base, *(h.layout.base for h in self.hosts)]
 
     def expected_nodes(self) -> list[str]:
         return sorted(name for h in self.hosts for name in h.nodes())
@@ -277,6 +179,12 @@ class Fleet(ProcessGroup):
             if name in host.nodes():
                 return host, host.nodes()[name]
         raise KeyError(name)
+
+    def vassal_of(self, node: str) -> str:
+        try:
+            return self.node(node)[1]
+        except KeyError:
+            return node
 
     def ansible_inventory(self, tool_dir: Path, minimum: int, timeout: float = 30) -> str:
         """An inventory for ``examples/ansible/reload.yml``: the variables of
@@ -337,7 +245,7 @@ class Fleet(ProcessGroup):
             str(playbook),
         ]
 
-    def rolling_reload_command(
+    def reload_command(
         self, *flags: str, drain: bool = True, hosts: Sequence[FleetHost] | None = None
     ) -> list[str]:
         """Every host's (or ``hosts``') :meth:`FleetHost.reload_command`, host after host
@@ -347,74 +255,11 @@ class Fleet(ProcessGroup):
         commands = (shlex.join(h.reload_command(*flags, drain=drain)) for h in chosen)
         return ["sh", "-c", " && ".join(commands)]
 
-    # --- probes -------------------------------------------------------------------------------
-
-    def live_nodes(self) -> dict[str, dict[str, list[str]]]:
-        """Live node names by router stats address, then by key."""
-        return {r.stats: r.live_by_key() for r in self.routers}
-
-    def worker_pids(self) -> dict[str, dict[str, list[int]]]:
-        """Worker pids by host address, then by vassal id."""
-        return {h.address: h.worker_pids() for h in self.hosts}
-
-    def get(self, path: str | None = None, timeout: float = 10.0) -> requests.Response:
-        path = self.config.health_path if path is None else path
-        return requests.get(
-            self.url + path.lstrip("/"), headers={"Host": self.host}, timeout=timeout
-        )
-
-    def status(self, through_nginx: bool = True) -> tuple[bool, str]:
-        """(every vassal accepting, every node live in every router [, nginx 200], a summary)."""
-        expected = self.expected_nodes()
-        parts, ok = [], True
-        try:
-            for h in self.hosts:
-                accepting = [vid for vid, v in h.emperor_vassals().items() if v.accepting]
-                ok &= sorted(accepting) == sorted(h.vassal_ids)
-                parts.append(f"{h.address}: {len(accepting)}/{len(h.ports)} accepting")
-            for r in self.routers:
-                live = r.live_by_key().get(self.host, [])
-                ok &= live == expected
-                parts.append(f"{r.name}: {len(live)}/{len(expected)} live nodes")
-        except StatsError as exc:
-            return False, "; ".join([*parts, str(exc)])
-        if ok and through_nginx:
-            try:
-                code: object = self.get(timeout=2.0).status_code
-            except requests.RequestException as exc:
-                code = type(exc).__name__
-            ok = code == 200
-            parts.append(f"nginx answered {code}")
-        return ok, "; ".join(parts)
-
-    def wait_all_live(self, timeout: float = 30.0) -> None:
-        last = [""]
-
-        def check() -> bool:
-            ok, last[0] = self.status()
-            return ok
-
-        what = f"{len(self.expected_nodes())} nodes live in {len(self.routers)} router(s)"
-        try:
-            self.wait_for(check, what, timeout)
-        except StackTimeout as exc:
-            raise StackTimeout(f"{exc.args[0]}\nlast status: {last[0]}") from None
-
-    # --- acting -------------------------------------------------------------------------------
-
-    def deploy(self, hosts: Sequence[FleetHost] | None = None, **changes: Any) -> None:
-        """Rewrite the demo app's control file (version, start_delay, broken, request_delay) of
-        every host, or of ``hosts`` only: what their vassals load at their next start."""
-        for host in self.hosts if hosts is None else hosts:
-            control: dict[str, Any] = json.loads(host.control_file.read_text())
-            control.update({k: v for k, v in changes.items() if v is not None})
-            write_atomically(host.control_file, json.dumps(control))
-
     def take_out(self, name: str, timeout: float = 10.0) -> None:
         """Take one node out of rotation and keep it out, as for maintenance: its vassal stops
         announcing itself (``S`` on its master FIFO blocks its subscription packets) and every
-        router is told to unsubscribe it. The vassal keeps running; a reload of it (its
-        accepting hook writes ``S`` again) puts it back."""
+        router is told to unsubscribe it. The vassal keeps running; a reload of it (its hook
+        writes ``S`` again) puts it back."""
         host, vid = self.node(name)
         fifo = host.layout.run_dir / f"{Path(vid).stem}.fifo"
         with open(fifo, "w") as pipe:
@@ -428,30 +273,6 @@ class Fleet(ProcessGroup):
             return all(name not in r.live_by_key().get(self.host, []) for r in self.routers)
 
         self.wait_for(gone, f"{name} out of every router", timeout)
-
-    # --- logs and teardown --------------------------------------------------------------------
-
-    def stop(self) -> set[Proc]:
-        """Stop nginx, then the emperors and routers together (each as a tree); remove every dir.
-
-        Idempotent. Returns every process seen while stopping. An emperor takes ~4 s to bury its
-        vassals (its shutdown loop polls once a second), so the masters are stopped in parallel.
-        """
-        seen: set[Proc] = set()
-        if self.stopped:
-            return seen
-        self.stopped = True
-        masters = [*(h.name for h in self.hosts), *(r.name for r in self.routers)]
-        for names, sig in ((["nginx"], signal.SIGQUIT), (masters, signal.SIGINT)):
-            roots = [self.pids[name] for name in names if name in self.pids]
-            seen |= stop_trees(roots, sig)
-            for pid in roots:
-                self._reap(pid)
-        for name in ["nginx", *masters]:
-            shutil.rmtree(self.xprocess.getinfo(self._xname(name)).controldir, ignore_errors=True)
-        for base in self.base_dirs:
-            shutil.rmtree(base, ignore_errors=True)
-        return seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,16 +329,7 @@ def prepare(config: FleetConfig, uwsgi: str) -> Fleet:
         )
     built_in = render.python_built_in(uwsgi)
     layout = Layout(Path(tempfile.mkdtemp(prefix="ur-", dir="/tmp")))
-    fleet = Fleet(
-        name=f"uwsgi-fleet-{layout.base.name}",
-        config=config,
-        layout=layout,
-        hosts=[],
-        routers=[],
-        http_port=0,
-        logs={},
-        xprocess=None,
-    )
+    fleet = Fleet(name=f"uwsgi-fleet-{layout.base.name}", config=config, layout=layout)
     try:
         _render(fleet, built_in)
     except BaseException:
@@ -562,23 +374,14 @@ def _render(fleet: Fleet, built_in: bool) -> None:
         render.nginx_config(nginx_text, layout, run_as_root=os.geteuid() == 0)
     )
     fleet.logs["nginx"] = layout.nginx_dir / "error.log"
-    control = json.dumps(
-        {
-            "version": "v1",
-            "start_delay": config.start_delay,
-            "broken": False,
-            "request_delay": config.request_delay,
-        }
-    )
     for index in range(1, config.hosts + 1):
         address = f"127.0.0.{index + 1}"
-        ports = _free_ports(address, config.vassals + 1, taken)
+        *ports, stats_port = _free_ports(address, config.vassals + 1, taken)
         host_layout = Layout(Path(tempfile.mkdtemp(prefix="ur-", dir="/tmp")))
+        emperor_stats = f"{address}:{stats_port}"
         subs = [
             Substitution(HOST_ADDRESS, address, "this host's own loopback address"),
-            Substitution(
-                EMPEROR_STATS, f"{address}:{ports.pop()}", "hosts share the machine's loopback"
-            ),
+            Substitution(EMPEROR_STATS, emperor_stats, "hosts share the machine's loopback"),
             *routing,
             *render.substitutions(
                 host_layout,
@@ -589,30 +392,35 @@ def _render(fleet: Fleet, built_in: bool) -> None:
             ),
         ]
         host = FleetHost(
+            layout=host_layout,
+            emperor_stats=emperor_stats,
+            vassal_ids=[f"{port}.ini" for port in ports],
+            routers=fleet.routers,
+            health_path=config.health_path,
             index=index,
             address=address,
-            layout=host_layout,
-            emperor_stats="",
-            ports={f"{port}.ini": port for port in ports},
-            routers=tuple(fleet.routers),
             substitutions=subs,
-            health_path=config.health_path,
         )
         fleet.hosts.append(host)  # listed: prepare() removes its dir if rendering fails
+        fleet.keys.setdefault(fleet.host, []).extend(host.vassal_ids)
         for directory in (host_layout.run_dir, host_layout.vassals_dir):
             directory.mkdir()
-        write_atomically(host.control_file, control)
+        write_control(
+            host.control_file,
+            version="v1",
+            start_delay=config.start_delay,
+            broken=False,
+            request_delay=config.request_delay,
+        )
         for name in (FLEET_VASSAL_INI, FLEET_CONF_D):
             text = render.render_text((FLEET_DIR / name).read_text(), subs)
             host_layout.rendered(name).write_text(text)
         conf_d = host_layout.rendered(FLEET_CONF_D).read_text()
-        host.emperor_stats = render.conf_d_options(conf_d)["emperor-stats-server"]
-        for vid in host.ports:
+        fleet.logs[host.name] = Path(render.shell_assignments(conf_d)["UWSGI_LOG_FILE"])
+        for vid in host.vassal_ids:
             # ln -s /home/some_user/uwsgi/fleet_vassal.ini /etc/uwsgi.d/PORT.ini
             (host_layout.vassals_dir / vid).symlink_to(host_layout.rendered(FLEET_VASSAL_INI))
-        fleet.logs[host.name] = Path(render.shell_assignments(conf_d)["UWSGI_LOG_FILE"])
-        for vid, port in host.ports.items():
-            fleet.logs[f"{address}:{port}"] = host_layout.run_dir / f"{Path(vid).stem}.log"
+            fleet.logs[host.node_name(vid)] = host_layout.run_dir / f"{Path(vid).stem}.log"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,66 +436,48 @@ def _answers(read: Callable[[], object]) -> bool:
     return True
 
 
-def start_fleet(xprocess: Any, config: FleetConfig) -> Fleet:
+def start_fleet(config: FleetConfig) -> Fleet:
     """Render, start the routers, the emperors, then nginx; return once every node is live."""
     uwsgi, nginx = render.find_uwsgi(), render.find_nginx()
     fleet = prepare(config, uwsgi)
-    fleet.xprocess = xprocess
     try:
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {"PYTHONDONTWRITEBYTECODE": "1"}
         for router in fleet.routers:
-            start_process(
-                fleet,
+            fleet.start(
                 router.name,
                 [uwsgi, "--ini", str(router.config)],
-                env,
                 functools.partial(_answers, functools.partial(read_stats, router.stats)),
                 f"stats of {router.name} at {router.stats}",
+                env=env,
             )
         # The emperors are waited for only until their stats answer: their vassals start
         # together, and the fleet is waited for as a whole below.
         for host in fleet.hosts:
-            cmd = render.emperor_command(uwsgi, host.layout.rendered(FLEET_CONF_D).read_text())
-            start_process(
-                fleet,
+            fleet.start(
                 host.name,
-                cmd,
-                {**env, CONTROL_ENV: str(host.control_file)},
+                render.emperor_command(uwsgi, host.layout.rendered(FLEET_CONF_D).read_text()),
                 functools.partial(_answers, host.emperor_vassals),
                 f"emperor stats at {host.emperor_stats}",
+                env={**env, CONTROL_ENV: str(host.control_file)},
             )
         fleet.wait_for(
             lambda: fleet.status(through_nginx=False)[0],
             "every vassal accepting and live in every router",
             config.start_timeout + config.start_delay,
         )
-        start_nginx(fleet, nginx)
+        fleet.start_nginx(nginx)
         fleet.wait_all_live(config.start_timeout)
     except BaseException:
-        _stop_started(fleet)
+        fleet.stop()
         raise
     return fleet
-
-
-def _stop_started(fleet: Fleet) -> None:
-    """After a failed start: stop whatever xprocess started, even if ensure() did not return."""
-    names = ["nginx", *(h.name for h in fleet.hosts), *(r.name for r in fleet.routers)]
-    for name in names:
-        info = fleet.xprocess.getinfo(fleet._xname(name))
-        if name not in fleet.pids and info.pid:
-            fleet.pids[name] = info.pid
-    fleet.stop()
 
 
 @contextlib.contextmanager
 def running_fleet(config: FleetConfig) -> Iterator[Fleet]:
     """A running fleet outside pytest, stopped (and its dirs removed) on the way out."""
-    runtime = StackRuntime()
+    fleet = start_fleet(config)
     try:
-        fleet = start_fleet(runtime.xprocess, config)
-        try:
-            yield fleet
-        finally:
-            fleet.stop()
+        yield fleet
     finally:
-        runtime.close()
+        fleet.stop()

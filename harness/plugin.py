@@ -2,7 +2,7 @@
 
 - ``uwsgi_stack``: a running :class:`uwsgi_reload_harness.stack.Stack` with the options' defaults.
 - ``make_uwsgi_stack``: ``make_uwsgi_stack(vassals=2, start_delay=1.0) -> Stack``; every stack it
-  made is stopped (and its temp dir removed) when the test ends.
+  made is stopped (and its temp dir removed) when the test ends, unless ``--uwsgi-keep-stack``.
 - ``make_uwsgi_fleet`` / ``uwsgi_fleet``: a fleet of app hosts (an emperor each, on its own
   loopback address), fastrouters and nginx (:mod:`uwsgi_reload_harness.fleet`).
 - ``reload_template``: the reload procedure under test (``--reload-command``).
@@ -11,23 +11,25 @@
 Installed, this module is loaded by every pytest run in the environment (entry point ``pytest11``),
 so it stays inert until a test asks for one of its fixtures: importing it needs nothing beyond
 pytest, it registers no marker, and the options are read and checked only when a stack fixture is
-requested. The stack code (requests, pytest-xprocess) is imported then too.
+requested. The stack code (requests, mirakuru) is imported then too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import pytest
 
 if TYPE_CHECKING:
     from .fleet import Fleet
-    from .stack import Stack, StackConfig
+    from .stack import ProcessGroup, Stack, StackConfig
 
-STACKS = pytest.StashKey[list["Stack"]]()
-KEPT = pytest.StashKey[list["Stack"]]()
+Made = TypeVar("Made", bound="ProcessGroup")
+#: The stacks and fleets a test made (their logs go into its report when it fails), those kept.
+MADE = pytest.StashKey[list["ProcessGroup"]]()
+KEPT = pytest.StashKey[list["ProcessGroup"]]()
 ROWS = pytest.StashKey[list[dict[str, object]]]()
 
 #: The reload command when ``--reload-command`` is not given: this project's tool, draining each
@@ -69,8 +71,11 @@ _OPTIONS: list[tuple[str, str, str]] = [
         "demo app: seconds its view sleeps per request (a slow endpoint); default 0",
         "string",
     ),
-    ("broken-deploy", "demo app: record that tests deploy a broken version", "bool"),
-    ("keep-stack", "do not stop stacks after the test: print their dir and pids", "bool"),
+    (
+        "keep-stack",
+        "do not stop stacks and fleets after the test: print their dirs and pids",
+        "bool",
+    ),
 ]
 
 _RELOAD_HELP = (
@@ -151,7 +156,6 @@ def stack_config(config: pytest.Config) -> StackConfig:
         kwargs["wsgi_file"] = str(wsgi_file)
     if (health_path := _value(config, "health-path")) is not None:
         kwargs["health_path"] = str(health_path)
-    kwargs["broken_deploy"] = bool(_value(config, "broken-deploy"))
     kwargs["keep"] = bool(_value(config, "keep-stack"))
     result = StackConfig(**kwargs)
     try:
@@ -172,39 +176,46 @@ def foreign_procedure(config: pytest.Config) -> bool:
     return reload_template_of(config) != DEFAULT_TEMPLATE
 
 
+def _factory(
+    request: pytest.FixtureRequest, start: Callable[..., Made]
+) -> Iterator[Callable[..., Made]]:
+    """``start(**overrides)`` as a factory fixture: what it made is stopped when the test ends,
+    or kept (``--uwsgi-keep-stack``) and listed at the end of the run."""
+    from . import render
+
+    made: list[Made] = []
+
+    def make(**overrides: Any) -> Made:
+        for name in ("app_dir", "vassal_config"):
+            if name in overrides:
+                overrides[name] = Path(overrides[name])
+        try:
+            group = start(**overrides)
+        except render.MissingTool as exc:
+            pytest.fail(f"uwsgi-reload harness: {exc}", pytrace=False)
+        made.append(group)
+        request.node.stash.setdefault(MADE, []).append(group)
+        return group
+
+    try:
+        yield make
+    finally:
+        for group in reversed(made):
+            if group.config.keep:
+                request.config.stash.setdefault(KEPT, []).append(group)
+            else:
+                group.stop()
+
+
 @pytest.fixture
 def make_uwsgi_stack(request: pytest.FixtureRequest) -> Iterator[Callable[..., Stack]]:
     """A factory of running stacks: ``make_uwsgi_stack(**StackConfig overrides) -> Stack``."""
     import dataclasses
 
-    from . import render
-    from .stack import StackRuntime
+    from .stack import start_stack
 
     defaults = stack_config(request.config)
-    made: list[Stack] = []
-    request.node.stash[STACKS] = made
-    runtime = StackRuntime()
-
-    def make(**overrides: Any) -> Stack:
-        for name in ("app_dir", "vassal_config"):
-            if name in overrides:
-                overrides[name] = Path(overrides[name])
-        try:
-            stack = runtime.start(dataclasses.replace(defaults, **overrides))
-        except render.MissingTool as exc:
-            pytest.fail(f"uwsgi-reload harness: {exc}", pytrace=False)
-        made.append(stack)
-        return stack
-
-    try:
-        yield make
-    finally:
-        kept = [stack for stack in made if stack.config.keep]
-        for stack in reversed(made):
-            if not stack.config.keep:
-                stack.stop()
-        request.config.stash.setdefault(KEPT, []).extend(kept)
-        runtime.close(keep=bool(kept))
+    yield from _factory(request, lambda **o: start_stack(dataclasses.replace(defaults, **o)))
 
 
 @pytest.fixture
@@ -218,42 +229,15 @@ def make_uwsgi_fleet(request: pytest.FixtureRequest) -> Iterator[Callable[..., F
     """A factory of running fleets on this machine (app hosts on 127.0.0.2, 127.0.0.3, ...,
     fastrouters and nginx on 127.0.0.1): ``make_uwsgi_fleet(hosts=2, vassals=2, routers=2)``,
     :class:`uwsgi_reload_harness.fleet.FleetConfig` overrides. The app dir, wsgi file, health
-    path and demo delays come from the options, as for stacks. Every fleet it made is stopped
-    and its dirs removed when the test ends (``--uwsgi-keep-stack`` does not keep fleets).
-    """
-    from . import render
+    path, demo delays and ``--uwsgi-keep-stack`` come from the options, as for stacks."""
+    import dataclasses
+
     from .fleet import FleetConfig, start_fleet
-    from .stack import StackRuntime
 
-    defaults = stack_config(request.config)
-    made: list[Fleet] = []
-    runtime = StackRuntime()
-
-    def make(**overrides: Any) -> Fleet:
-        if "app_dir" in overrides:
-            overrides["app_dir"] = Path(overrides["app_dir"])
-        settings: dict[str, Any] = {
-            "vassals": defaults.vassals,
-            "app_dir": defaults.app_dir,
-            "wsgi_file": defaults.wsgi_file,
-            "health_path": defaults.health_path,
-            "start_delay": defaults.start_delay,
-            "request_delay": defaults.request_delay,
-            **overrides,
-        }
-        try:
-            fleet = start_fleet(runtime.xprocess, FleetConfig(**settings))
-        except render.MissingTool as exc:
-            pytest.fail(f"uwsgi-reload harness: {exc}", pytrace=False)
-        made.append(fleet)
-        return fleet
-
-    try:
-        yield make
-    finally:
-        for fleet in reversed(made):
-            fleet.stop()
-        runtime.close()
+    options = stack_config(request.config)
+    fields = [f.name for f in dataclasses.fields(FleetConfig)]
+    defaults = {name: getattr(options, name) for name in fields if hasattr(options, name)}
+    yield from _factory(request, lambda **o: start_fleet(FleetConfig(**{**defaults, **o})))
 
 
 @pytest.fixture
@@ -279,11 +263,11 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report: pytest.TestReport = yield
-    stacks: list[Stack] | None = item.stash.get(STACKS, None)
-    if report.failed and stacks:
-        for stack in stacks:
-            if not stack.stopped:
-                report.sections.append((f"uwsgi stack {stack.base_dir} logs", stack.report(30)))
+    if report.failed:
+        for group in item.stash.get(MADE, []):
+            if not group.stopped:
+                dirs = " ".join(map(str, group.base_dirs))
+                report.sections.append((f"uwsgi {group.kind} {dirs} logs", group.report(30)))
     return report
 
 
@@ -298,9 +282,11 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         for row in rows:
             cells = (str(row.get(c, "")).ljust(w) for c, w in zip(columns, widths))
             terminalreporter.write_line(" | ".join(cells))
-    for stack in config.stash.get(KEPT, []):
+    for group in config.stash.get(KEPT, []):
+        masters = " ".join(str(pid) for name, pid in group.pids.items() if name != "nginx")
         terminalreporter.write_line(
-            f"uwsgi-reload harness kept stack {stack.base_dir}: pids {stack.pids} "
-            f"(stop with: kill -INT {stack.pids.get('emperor')}; "
-            f"kill -QUIT {stack.pids.get('nginx')})"
+            f"uwsgi-reload harness kept {group.kind} {group.url} in "
+            f"{' '.join(map(str, group.base_dirs))}: "
+            f"pids {group.pids} (stop with: kill -INT {masters}; "
+            f"kill -QUIT {group.pids.get('nginx')})"
         )

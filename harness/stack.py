@@ -1,41 +1,45 @@
 """One uWSGI stack under test: emperor + fastrouter + N vassals + nginx, from ``examples/``.
 
-The fixtures and :func:`running_stack` (outside pytest) start stacks through a
-:class:`StackRuntime`, a pytest-xprocess ``XProcess`` rooted in a short temp dir of its own.
-
 :func:`start_stack` renders the examples into a short temp dir (:mod:`.render`), starts the
 emperor (which runs the fastrouter and its subscription server, as the conf.d fragment says) and
-nginx under pytest-xprocess, and returns a :class:`Stack` once real probes agree: the emperor
-reports every vassal accepting, the fastrouter has a live node per vassal for the key, and nginx
-answers 200 through to the app.
+nginx, and returns a :class:`Stack` once real probes agree: the emperor reports every vassal
+accepting, the fastrouter has a live node per vassal for each key, and nginx answers 200 through
+to the app.
 
-Stopping is not xprocess's ``terminate()``: it sends SIGTERM to the leaves of the tree first, and
-SIGTERM to a uWSGI 2.0 master means *reload*: a vassal master respawns the worker it just lost
-(a new pid, outside xprocess's list) and ignores the emperor's stop message, so the tree hangs
-for 20 s and leaks the new worker. SIGINT to the emperor's master is uWSGI's shutdown: the
-emperor stops every vassal ("RAGNAROK") and exits. Without --die-on-term, core/master.c maps
-SIGTERM to reap_them_all (reload) and SIGINT to kill_them_all.
+A stack is a fleet of one host and one router: a :class:`Stack` is its own only :class:`Host`
+and has one :class:`Router`, and answers what a :class:`.fleet.Fleet` answers, with the same
+meaning (:class:`ProcessGroup`).
+
+Each process runs under a mirakuru executor (:class:`Process`), which polls its readiness probe
+and fails at once if it exits while starting. It is stopped with SIGINT, uWSGI's shutdown: the
+emperor stops every vassal ("RAGNAROK") and exits. SIGTERM (what xprocess sends) means *reload*
+to a uWSGI 2.0 master: core/master.c maps it to reap_them_all without --die-on-term, and SIGINT
+to kill_them_all. nginx stops gracefully on SIGQUIT.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-import py  # type: ignore[import-untyped]  # pytest's py.path shim, what XProcess wants
+import mirakuru
+import psutil
 import requests
-from xprocess import ProcessStarter, XProcess
+from mirakuru.base import ENV_UUID
+from mirakuru.exceptions import ProcessFinishedWithError
 
 from uwsgi_reload import (
     EmperorVassal,
@@ -89,8 +93,7 @@ class StackConfig:
     #: gives configs "from the future" (copied with preserved timestamps, a skewed clock), so the
     #: emperor's ``last_mod`` is ahead of the clock and a plain ``touch`` is ignored.
     link_mtime_offset: float = 0.0
-    #: Recorded for tests that want to deploy a broken version (``stack.deploy(broken=True)``).
-    broken_deploy: bool = False
+    #: Left running after the test (and after this Python process), for a look at it.
     keep: bool = False
     start_timeout: float = 60.0
 
@@ -118,98 +121,82 @@ class StackConfig:
         render.subscription_key(self.vassal_config.read_text())  # ValueError when it has none
         if not self.health_path.startswith("/"):
             raise ValueError(f"health path must start with /, not {self.health_path!r}")
-        if not self.demo_app and (self.start_delay or self.request_delay or self.broken_deploy):
+        if not self.demo_app and (self.start_delay or self.request_delay):
             raise ValueError(
-                "start delay, request delay and broken deploy drive the demo app in examples/: "
+                "start delay and request delay drive the demo app in examples/: "
                 f"{self.app_dir} does not read {CONTROL_ENV}"
             )
 
 
 # ---------------------------------------------------------------------------------------------
-# Processes, from /proc (Linux): identity is (pid, start time), so a reused pid is not confused
+# Processes
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Proc:
+    """A process by (pid, start time): a reused pid is not taken for the process seen before."""
+
     pid: int
-    start: int
+    start: float
+
+    @classmethod
+    def tree(cls, pid: int) -> set[Proc]:
+        """``pid`` and its live descendants; empty when it is gone."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
+            return {cls(p.pid, p.create_time()) for p in tree if _live(p)}
+        return set()
 
     def alive(self) -> bool:
-        stat = _proc_stat(self.pid)
-        return stat is not None and stat[2] == self.start and stat[0] != "Z"
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process = psutil.Process(self.pid)
+            return process.create_time() == self.start and _live(process)
+        return False
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, start time) of a process, None when it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # comm (field 2) may hold spaces
-    return fields[0], int(fields[1]), int(fields[19])
+def children(pid: int) -> list[int]:
+    """The live children of ``pid``; none when it is gone."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return sorted(p.pid for p in psutil.Process(pid).children() if _live(p))
+    return []
 
 
-def _all_procs() -> dict[int, tuple[str, int, int]]:
-    procs = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _proc_stat(int(entry))
-            if stat is not None:
-                procs[int(entry)] = stat
-    return procs
+def _live(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return process.status() != psutil.STATUS_ZOMBIE
+    return False
 
 
-def children(pids: set[int]) -> dict[int, list[int]]:
-    """Live children of each pid, from the ppid field of /proc/*/stat."""
-    found: dict[int, list[int]] = {pid: [] for pid in pids}
-    for pid, (state, ppid, _) in sorted(_all_procs().items()):
-        if ppid in found and state != "Z":
-            found[ppid].append(pid)
-    return found
+class Process(mirakuru.Executor):
+    """One process of a stack: mirakuru polls ``ready()`` until its deadline and raises
+    ``mirakuru.ProcessExitedWithError`` at once if the process exits while starting. ``keep``:
+    the process outlives this Python process (mirakuru kills what it started on exit, marked by
+    an environment variable, and when the executor is collected)."""
 
+    def __init__(
+        self, command: list[str], ready: Callable[[], bool], *, keep: bool, **options: Any
+    ) -> None:
+        super().__init__(command, **options)
+        self.ready, self.keep = ready, keep
 
-def process_tree(root: int) -> set[Proc]:
-    """``root`` and all its live descendants."""
-    procs = _all_procs()
-    tree, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid in procs and procs[pid][0] != "Z":
-            tree.add(Proc(pid, procs[pid][2]))
-            todo += [p for p, (_, ppid, _) in procs.items() if ppid == pid]
-    return tree
+    def pre_start_check(self) -> bool:
+        return False
 
+    def after_start_check(self) -> bool:
+        return self.ready()
 
-def stop_trees(
-    roots: Sequence[int], sig: signal.Signals, timeout: float = STOP_TIMEOUT
-) -> set[Proc]:
-    """Send ``sig`` to each root only, wait for every tree to go, SIGKILL what stays.
+    @property
+    def envvars(self) -> dict[str, str]:
+        env = super().envvars
+        if self.keep:
+            del env[ENV_UUID]
+        return env
 
-    Descendants are collected on every poll, so a process respawned during shutdown is not missed.
-    Several roots are stopped together (an emperor takes ~4 s to bury its vassals). Returns every
-    process seen.
-    """
-    seen: set[Proc] = set().union(*(process_tree(root) for root in roots))
-    for root in roots:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(root, sig)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        seen = seen.union(*(process_tree(root) for root in roots))
-        if not any(p.alive() for p in seen):
-            return seen
-        time.sleep(POLL_INTERVAL)
-    for proc in seen:
-        if proc.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-    return seen
-
-
-def stop_tree(root: int, sig: signal.Signals, timeout: float = STOP_TIMEOUT) -> set[Proc]:
-    """:func:`stop_trees` for one root."""
-    return stop_trees([root], sig, timeout)
+    def __del__(self) -> None:
+        if not self.keep:
+            super().__del__()
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -223,39 +210,224 @@ def log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def write_control(path: Path, **changes: object) -> None:
+    """Update the demo app's control file (JSON) with ``changes`` (None: unchanged), atomically:
+    vassals read it when they next load."""
+    control = json.loads(path.read_text()) if path.exists() else {}
+    control.update({k: v for k, v in changes.items() if v is not None})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(control))
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------------------------------
-# The stack
+# Routers and hosts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Router:
+    """A fastrouter, by its stats server and subscription server."""
+
+    stats: str
+    subscription_server: str
+
+    def live_by_key(self) -> dict[str, list[str]]:
+        """Names of the live nodes (their socket addresses), by key."""
+        live: dict[str, list[str]] = {}
+        for node in parse_fastrouter_stats(read_stats(self.stats)):
+            if node.live:
+                live.setdefault(node.key, []).append(node.name)
+        return {key: sorted(names) for key, names in live.items()}
+
+
+@dataclasses.dataclass
+class Host:
+    """An emperor and its vassals, behind ``routers``: a stack, or one host of a fleet."""
+
+    layout: Layout
+    emperor_stats: str
+    #: the names of the vassal links (``uwsgi_vassal_01.ini``; on a fleet ``PORT.ini``)
+    vassal_ids: list[str]
+    routers: Sequence[Router]
+    #: the app's health path: with drain, the tool probes it before a vassal goes back
+    health_path: str
+
+    @property
+    def emperor_path(self) -> Path:
+        return self.layout.vassals_dir
+
+    @property
+    def vassal_links(self) -> list[Path]:
+        return [self.emperor_path / vid for vid in self.vassal_ids]
+
+    @property
+    def control_file(self) -> Path:
+        """The demo app's control file of this host's vassals (each host of a fleet has its
+        own, so a deploy can go wrong on one host only)."""
+        return self.layout.control_file
+
+    def emperor_vassals(self) -> dict[str, EmperorVassal]:
+        return parse_emperor_stats(read_stats(self.emperor_stats))
+
+    def vassal_pids(self) -> dict[str, int]:
+        """Vassal master pid by vassal id, as the emperor reports them."""
+        return {vid: v.pid for vid, v in self.emperor_vassals().items()}
+
+    def worker_pids(self) -> dict[str, list[int]]:
+        """Worker pids by vassal id: the live children of each vassal master."""
+        return {vid: children(pid) for vid, pid in self.vassal_pids().items()}
+
+    def touch(self, vassal_id: str) -> int:
+        """Make the emperor reload one vassal: move its link's own mtime past ``last_mod``.
+
+        The emperor compares whole seconds (``st_mtime > last_mod``) and, with --emperor-nofollow,
+        lstat()s the link: touching the shared target would reload every vassal.
+        """
+        last_mod = self.emperor_vassals()[vassal_id].last_mod
+        mtime = touch_mtime(time.time(), last_mod)
+        touch(str(self.emperor_path / vassal_id), mtime)
+        return mtime
+
+    def reload_command(self, *flags: str, drain: bool = True) -> list[str]:
+        """uwsgi_reload.py for this host, as examples/uwsgi_reload.sh runs it: every router's
+        stats (and, with ``drain``, every subscription server and ``--probe`` of the health
+        path), then ``flags``.
+
+        The probe is part of drain: the tool would otherwise subscribe a reloaded vassal on the
+        Emperor's "accepting", which worker 1 sends before its accepting hooks run, and a
+        blocking accepting hook holds that worker (docs/design.md, "The example configs")."""
+        routers = [a for r in self.routers for a in ("--fastrouter-stats-socket", r.stats)]
+        servers = [
+            a for r in self.routers for a in ("--subscription-server", r.subscription_server)
+        ]
+        return [
+            sys.executable,
+            str(render.RELOAD_TOOL),
+            "--emperor-path",
+            str(self.emperor_path),
+            "--emperor-stats-socket",
+            self.emperor_stats,
+            *routers,
+            *([*servers, "--probe", self.health_path] if drain else []),
+            *flags,
+        ]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a stack and a fleet share
 # ---------------------------------------------------------------------------------------------
 
 
 class ProcessGroup:
-    """What a stack and a fleet share: the processes xprocess started for them, their logs, and
-    waiting on probes while checking that none of those processes exited."""
+    """A stack or a fleet: its hosts and routers, the processes started for them, their logs,
+    the probes of the whole, and waiting on probes while checking that no process exited."""
 
     name: str
-    config: Any
+    config: Any  # StackConfig or FleetConfig
     layout: Layout
-    xprocess: Any
-    pids: dict[str, int]
+    hosts: Sequence[Host]
+    routers: Sequence[Router]
+    #: vassal ids by fastrouter key: :attr:`host` first
+    keys: dict[str, list[str]]
+    host: str  # the fastrouter key: nginx requests carry it as Host
+    http_port: int
     logs: dict[str, Path]
+    #: the processes started, by name: ``emperor``/``emperor-H``, ``router-R``, ``nginx``
+    processes_started: dict[str, Process]
+    stopped: bool
 
-    def status(self) -> tuple[bool, str]:
+    def vassal_of(self, node: str) -> str:
+        """The vassal id a router's node name stands for."""
         raise NotImplementedError
 
-    def get(self, path: str | None = None, timeout: float = 10.0) -> requests.Response:
-        raise NotImplementedError
+    # --- where things are ---------------------------------------------------------------------
 
     @property
     def kind(self) -> str:
         return type(self).__name__.lower()
 
-    def _xname(self, name: str) -> str:
-        return f"{self.name}-{name}"
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/"
+
+    @property
+    def base_dirs(self) -> list[Path]:
+        return list(dict.fromkeys([self.layout.base, *(h.layout.base for h in self.hosts)]))
+
+    @property
+    def pids(self) -> dict[str, int]:
+        started = self.processes_started.items()
+        return {name: p.process.pid for name, p in started if p.process is not None}
+
+    def processes(self) -> set[Proc]:
+        """Every live process of the group: the trees of the processes it started."""
+        return set().union(*(Proc.tree(pid) for pid in self.pids.values()))
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        return log_tail(self.logs[name], lines)
+
+    def report(self, lines: int = 15) -> str:
+        return "\n".join(
+            f"--- {name} ({path}) ---\n{log_tail(path, lines)}"
+            for name, path in self.logs.items()
+            if path.exists()
+        )
+
+    # --- probes -------------------------------------------------------------------------------
+
+    def live_nodes(self) -> dict[str, dict[str, list[str]]]:
+        """Live node names by router stats address, then by key."""
+        return {r.stats: r.live_by_key() for r in self.routers}
+
+    def worker_pids(self) -> dict[str, list[int]]:
+        """Worker pids by vassal id, of every host (a fleet's ids are unique: named by port)."""
+        return {vid: pids for h in self.hosts for vid, pids in h.worker_pids().items()}
+
+    def get(
+        self, path: str | None = None, timeout: float = 10.0, host: str | None = None
+    ) -> requests.Response:
+        """GET ``path`` (default: the health path) through nginx, a fastrouter key as Host."""
+        path = self.config.health_path if path is None else path
+        url = self.url + path.lstrip("/")
+        return requests.get(url, headers={"Host": host or self.host}, timeout=timeout)
+
+    def status(self, through_nginx: bool = True) -> tuple[bool, str]:
+        """(every vassal accepting and live under its key in every router [and nginx answering
+        200 for every key], a summary)."""
+        parts, ok = [], True
+        try:
+            for h in self.hosts:
+                accepting = sorted(vid for vid, v in h.emperor_vassals().items() if v.accepting)
+                ok &= accepting == sorted(h.vassal_ids)
+                parts.append(f"{h.emperor_stats}: {len(accepting)}/{len(h.vassal_ids)} accepting")
+            for r in self.routers:
+                live = r.live_by_key()
+                for key, ids in self.keys.items():
+                    vassals = sorted(self.vassal_of(node) for node in live.get(key, []))
+                    ok &= vassals == sorted(ids)
+                    parts.append(f"{r.stats}: {len(vassals)}/{len(ids)} live nodes for {key}")
+        except StatsError as exc:
+            return False, "; ".join([*parts, str(exc)])
+        if ok and through_nginx:
+            codes: list[object] = []
+            for key in self.keys:
+                try:
+                    codes.append(self.get(timeout=2.0, host=key).status_code)
+                except requests.RequestException as exc:
+                    codes.append(type(exc).__name__)
+            ok = all(code == 200 for code in codes)
+            parts.append(f"nginx answered {', '.join(map(str, codes))}")
+        return ok, "; ".join(parts)
+
+    def all_live(self) -> bool:
+        return self.status()[0]
 
     def check_running(self) -> None:
         """Raise ProcessExitedWithError if a process of the group is gone."""
-        for name in self.pids:
-            if not self.xprocess.getinfo(self._xname(name)).isrunning():
+        for name, process in self.processes_started.items():
+            if not process.running():
                 raise ProcessExitedWithError(
                     f"{name} of {self.kind} {self.name} exited\n{self.report()}"
                 )
@@ -271,165 +443,6 @@ class ProcessGroup:
                 raise StackTimeout(f"waited {timeout:g} s for {what}\n{self.report()}")
             time.sleep(POLL_INTERVAL)
 
-    def log_tail(self, name: str, lines: int = 30) -> str:
-        return log_tail(self.logs[name], lines)
-
-    def report(self, lines: int = 15) -> str:
-        return "\n".join(
-            f"--- {name} ({path}) ---\n{log_tail(path, lines)}"
-            for name, path in self.logs.items()
-            if path.exists()
-        )
-
-    def processes(self) -> set[Proc]:
-        """Every live process of the group: the trees of the processes xprocess started."""
-        return set().union(*(process_tree(pid) for pid in self.pids.values()))
-
-    def _reap(self, pid: int) -> None:
-        # xprocess keeps the Popen; wait on it so it neither stays a zombie nor warns when
-        # collected (ResourceWarning: "subprocess is still running" is an error here).
-        for resource in self.xprocess.resources:
-            popen = getattr(resource, "popen", None)
-            if popen is not None and popen.pid == pid:
-                popen.wait(STOP_TIMEOUT)
-
-
-@dataclasses.dataclass
-class Stack(ProcessGroup):
-    """A running stack. Socket paths come from the rendered conf.d fragment."""
-
-    name: str
-    config: StackConfig
-    layout: Layout
-    substitutions: list[Substitution]
-    http_port: int
-    vassal_ids: list[str]
-    logs: dict[str, Path]
-    xprocess: Any
-    host: str = KEY  # the fastrouter key: nginx requests carry it as Host
-    #: Vassal ids by fastrouter key: :attr:`host` first, then ``StackConfig.extra_keys``.
-    keys: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    #: pid of each process xprocess started: ``emperor`` (the uWSGI master) and ``nginx``.
-    pids: dict[str, int] = dataclasses.field(default_factory=dict)
-    stopped: bool = False
-    _options: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    # --- where things are ---------------------------------------------------------------------
-
-    @property
-    def base_dir(self) -> Path:
-        return self.layout.base
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/"
-
-    @property
-    def emperor_path(self) -> Path:
-        return self.layout.vassals_dir
-
-    @property
-    def vassal_links(self) -> list[Path]:
-        return [self.emperor_path / vid for vid in self.vassal_ids]
-
-    def _option(self, name: str) -> str:
-        if not self._options:
-            text = self.layout.rendered(render.CONF_D).read_text()
-            self._options = render.conf_d_options(text)
-        return self._options[name]
-
-    @property
-    def emperor_stats(self) -> str:
-        return self._option("emperor-stats-server")
-
-    @property
-    def fastrouter_stats(self) -> str:
-        return self._option("fastrouter-stats-server")
-
-    @property
-    def subscription_server(self) -> str:
-        return self._option("fastrouter-subscription-server")
-
-    @property
-    def fastrouter_socket(self) -> str:
-        return self._option("fastrouter")
-
-    @property
-    def control_file(self) -> Path:
-        return self.layout.control_file
-
-    # --- probes -------------------------------------------------------------------------------
-
-    def emperor_vassals(self) -> dict[str, EmperorVassal]:
-        return parse_emperor_stats(read_stats(self.emperor_stats))
-
-    def live_node_vassals(self, key: str | None = None) -> list[str]:
-        """Vassal names (socket stems) of the live nodes for ``key`` (default :attr:`host`)."""
-        return self.live_by_key().get(key or self.host, [])
-
-    def live_by_key(self) -> dict[str, list[str]]:
-        """Vassal names (socket stems) of the live nodes, by fastrouter key."""
-        nodes = parse_fastrouter_stats(read_stats(self.fastrouter_stats))
-        live: dict[str, list[str]] = {}
-        for node in nodes:
-            if node.live:
-                live.setdefault(node.key, []).append(node_vassal_name(node.name))
-        return {key: sorted(names) for key, names in live.items()}
-
-    def live_nodes(self) -> int:
-        return len(self.live_node_vassals())
-
-    def vassal_pids(self) -> dict[str, int]:
-        """Vassal master pid by vassal id, as the emperor reports them."""
-        return {vid: v.pid for vid, v in self.emperor_vassals().items()}
-
-    def worker_pids(self) -> dict[str, list[int]]:
-        """Worker pids by vassal id: the children of each vassal master."""
-        masters = self.vassal_pids()
-        kids = children(set(masters.values()))
-        return {vid: kids[pid] for vid, pid in masters.items()}
-
-    def get(
-        self, path: str | None = None, timeout: float = 10.0, host: str | None = None
-    ) -> requests.Response:
-        """GET ``path`` (default: the health path) through nginx, a fastrouter key as Host."""
-        path = self.config.health_path if path is None else path
-        return requests.get(
-            self.url + path.lstrip("/"), headers={"Host": host or self.host}, timeout=timeout
-        )
-
-    def status(self, through_nginx: bool = True) -> tuple[bool, str]:
-        """(every vassal accepting and live in the router [and nginx answers 200], a summary)."""
-        try:
-            vassals = self.emperor_vassals()
-            accepting = sorted(vid for vid, v in vassals.items() if v.accepting)
-            live = self.live_by_key()
-        except StatsError as exc:
-            return False, str(exc)
-        expected = {
-            key: sorted(node_vassal_name(vid) for vid in ids) for key, ids in self.keys.items()
-        }
-        live_counts = ", ".join(
-            f"{len(live.get(key, []))}/{len(stems)} live nodes for {key}"
-            for key, stems in expected.items()
-        )
-        summary = f"{len(accepting)}/{len(self.vassal_ids)} vassals accepting, {live_counts}"
-        if accepting != sorted(self.vassal_ids) or live != expected:
-            return False, summary
-        if not through_nginx:
-            return True, summary
-        codes: list[object] = []
-        for key in self.keys:
-            try:
-                codes.append(self.get(timeout=2.0, host=key).status_code)
-            except requests.RequestException as exc:
-                codes.append(type(exc).__name__)
-        answered = ", ".join(map(str, codes))
-        return all(code == 200 for code in codes), f"{summary}, nginx answered {answered}"
-
-    def all_live(self) -> bool:
-        return self.status()[0]
-
     def wait_all_live(self, timeout: float = 30.0) -> None:
         last = [""]
 
@@ -437,90 +450,159 @@ class Stack(ProcessGroup):
             ok, last[0] = self.status()
             return ok
 
+        vassals = sum(len(ids) for ids in self.keys.values())
+        what = f"all {vassals} vassals live in {len(self.routers)} router(s)"
         try:
-            self.wait_for(check, f"all {len(self.vassal_ids)} vassals live", timeout)
+            self.wait_for(check, what, timeout)
         except StackTimeout as exc:
             raise StackTimeout(f"{exc.args[0]}\nlast status: {last[0]}") from None
 
-    # --- acting on the stack ------------------------------------------------------------------
+    # --- acting -------------------------------------------------------------------------------
 
     def deploy(
         self,
+        hosts: Sequence[Host] | None = None,
+        *,
         version: str | None = None,
         start_delay: float | None = None,
         broken: bool | None = None,
         request_delay: float | None = None,
-    ) -> dict[str, Any]:
-        """Rewrite the demo app's control file (atomically); vassals load it on their next start."""
-        control: dict[str, Any] = json.loads(self.control_file.read_text())
-        changes = {
-            "version": version,
-            "start_delay": start_delay,
-            "broken": broken,
-            "request_delay": request_delay,
-        }
-        control.update({k: v for k, v in changes.items() if v is not None})
-        write_atomically(self.control_file, json.dumps(control))
-        return control
+    ) -> None:
+        """Rewrite the demo app's control file of every host, or of ``hosts`` only: what their
+        vassals load at their next start."""
+        for h in self.hosts if hosts is None else hosts:
+            write_control(
+                h.control_file,
+                version=version,
+                start_delay=start_delay,
+                broken=broken,
+                request_delay=request_delay,
+            )
 
-    def touch(self, vassal_id: str) -> int:
-        """Make the emperor reload one vassal: move its link's own mtime past ``last_mod``.
+    # --- starting and stopping ----------------------------------------------------------------
 
-        The emperor compares whole seconds (``st_mtime > last_mod``) and, with --emperor-nofollow,
-        lstat()s the link: touching the shared target would reload every vassal.
-        """
-        last_mod = self.emperor_vassals()[vassal_id].last_mod
-        mtime = touch_mtime(time.time(), last_mod)
-        touch(str(self.emperor_path / vassal_id), mtime)
-        return mtime
+    def start(
+        self,
+        name: str,
+        command: list[str],
+        ready: Callable[[], bool],
+        what: str,
+        *,
+        env: dict[str, str] | None = None,
+        stop_signal: int = signal.SIGINT,
+    ) -> None:
+        """Start one process of the group, its output in ``<base>/<name>.out``; return once
+        ``ready()``. It exiting while starting raises ``ProcessExitedWithError`` at once, the
+        deadline ``StackTimeout``, both with the log tails."""
+        log = self.logs[f"{name}-stdout"] = self.layout.base / f"{name}.out"
+        timeout = self.config.start_timeout + self.config.start_delay
+        with log.open("w") as out:
+            process = Process(
+                command,
+                ready,
+                keep=self.config.keep,
+                envvars=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                stop_signal=stop_signal,
+            )
+            self.processes_started[name] = process
+            try:
+                process.start()
+            except mirakuru.ProcessExitedWithError:
+                raise ProcessExitedWithError(
+                    f"{name} of {self.kind} {self.name} exited while starting "
+                    f"({shlex.join(command)})\n{self.report()}"
+                ) from None
+            except mirakuru.TimeoutExpired:
+                raise StackTimeout(
+                    f"{name} of {self.kind} {self.name} not ready after {timeout:g} s: waited "
+                    f"for {what}\nlast status: {self.status()[1]}\n{self.report()}"
+                ) from None
 
-    def reload_command(self, *extra: str) -> list[str]:
-        """uwsgi_reload.py for this stack, as examples/uwsgi_reload.sh runs it."""
-        return [
-            sys.executable,
-            str(render.RELOAD_TOOL),
-            "--emperor-path",
-            str(self.emperor_path),
-            "--fastrouter-stats-socket",
-            self.fastrouter_stats,
-            "--emperor-stats-socket",
-            self.emperor_stats,
-            *extra,
-        ]
+    def start_nginx(self, nginx: str) -> None:
+        """nginx in the foreground with the group's config; ready once it answers 200 through."""
+        conf = ["-p", str(self.layout.nginx_dir), "-c", str(self.layout.nginx_conf)]
+        command = [nginx, "-e", str(self.logs["nginx"]), *conf]
 
-    # --- logs and teardown --------------------------------------------------------------------
+        def ready() -> bool:
+            try:
+                return self.get(timeout=2.0).status_code == 200
+            except requests.RequestException:
+                return False
+
+        # SIGQUIT: a graceful shutdown (workers finish their requests, then exit)
+        self.start("nginx", command, ready, "HTTP 200 through nginx", stop_signal=signal.SIGQUIT)
 
     def stop(self) -> set[Proc]:
-        """Stop nginx, then the emperor (SIGINT: it stops its vassals); remove the base dir.
+        """Stop every process together, each as a tree; remove every dir. Idempotent.
 
-        Idempotent. Returns every process seen while stopping.
-        """
-        seen: set[Proc] = set()
+        Returns every process seen while stopping. An emperor takes ~4 s to bury its vassals
+        (its shutdown loop polls once a second), so the processes are stopped in parallel;
+        mirakuru waits for each process it started, and this for their descendants."""
         if self.stopped:
-            return seen
+            return set()
         self.stopped = True
-        # nginx: SIGQUIT is a graceful shutdown (workers finish their requests, then exit).
-        signals = {"nginx": signal.SIGQUIT, "emperor": signal.SIGINT}
-        for name in ("nginx", "emperor"):
-            if name in self.pids:
-                seen |= stop_tree(self.pids[name], signals[name])
-                self._reap(self.pids[name])
-        for name in ("nginx", "emperor"):
-            shutil.rmtree(self.xprocess.getinfo(self._xname(name)).controldir, ignore_errors=True)
-        shutil.rmtree(self.base_dir, ignore_errors=True)
+        seen = self.processes()
+        with concurrent.futures.ThreadPoolExecutor() as pool:
+            list(pool.map(_stop, self.processes_started.values()))
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while any(p.alive() for p in seen) and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+        for proc in seen:
+            if proc.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+        for base in self.base_dirs:
+            shutil.rmtree(base, ignore_errors=True)
         return seen
 
 
-def write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _stop(process: Process) -> None:
+    with contextlib.suppress(ProcessFinishedWithError):  # how it ended no longer matters
+        process.stop()
 
 
 # ---------------------------------------------------------------------------------------------
-# Starting
+# The stack
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Stack(Host, ProcessGroup):  # its methods as a host are its methods as a group
+    """A running stack: one host (itself) and one router (the emperor's fastrouter)."""
+
+    name: str
+    config: StackConfig
+    substitutions: list[Substitution]
+    http_port: int
+    host: str = KEY
+    keys: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    logs: dict[str, Path] = dataclasses.field(default_factory=dict)
+    processes_started: dict[str, Process] = dataclasses.field(default_factory=dict)
+    stopped: bool = False
+    hosts: list[Host] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.hosts = [self]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.layout.base
+
+    @property
+    def fastrouter_stats(self) -> str:
+        return self.routers[0].stats
+
+    @property
+    def subscription_server(self) -> str:
+        return self.routers[0].subscription_server
+
+    def vassal_of(self, node: str) -> str:
+        # the socket is named after the vassal's config: %n in the vassal config
+        return f"{node_vassal_name(node)}.ini"
 
 
 def vassal_ids(n: int) -> list[str]:
@@ -567,195 +649,67 @@ def prepare(config: StackConfig, uwsgi: str) -> Stack:
             files[render.NGINX_FRAGMENT].read_text(), layout, run_as_root=os.geteuid() == 0
         )
     )
-    write_atomically(
+    write_control(
         layout.control_file,
-        json.dumps(
-            {
-                "version": "v1",
-                "start_delay": config.start_delay,
-                "broken": False,
-                "request_delay": config.request_delay,
-            }
-        ),
+        version="v1",
+        start_delay=config.start_delay,
+        broken=False,
+        request_delay=config.request_delay,
     )
-    conf = render.shell_assignments(files[render.CONF_D].read_text())
+    conf_d = files[render.CONF_D].read_text()
+    options = render.conf_d_options(conf_d)
     logs = {
-        "emperor": Path(conf["UWSGI_LOG_FILE"]),
+        "emperor": Path(render.shell_assignments(conf_d)["UWSGI_LOG_FILE"]),
         "nginx": layout.nginx_dir / "error.log",
         **{node_vassal_name(vid): layout.run_dir / f"{node_vassal_name(vid)}.log" for vid in ids},
     }
+    router = Router(options["fastrouter-stats-server"], options["fastrouter-subscription-server"])
     return Stack(
-        host=host,
-        keys=keys,
+        layout=layout,
+        emperor_stats=options["emperor-stats-server"],
+        vassal_ids=ids,
+        routers=[router],
+        health_path=config.health_path,
         name=f"uwsgi-reload-{layout.base.name}",
         config=config,
-        layout=layout,
         substitutions=subs,
         http_port=port,
-        vassal_ids=ids,
+        host=host,
+        keys=keys,
         logs=logs,
-        xprocess=None,
     )
 
 
-def _starter(
-    cmd: list[str], env: dict[str, str], check: Callable[[], bool], wait: float
-) -> type[Any]:
-    class Starter(ProcessStarter):  # type: ignore[misc]  # xprocess is untyped
-        args = cmd
-        timeout = wait
-
-        def startup_check(self) -> bool:
-            return check()
-
-    Starter.env = env
-    return Starter
-
-
-def start_process(
-    owner: ProcessGroup,
-    name: str,
-    cmd: list[str],
-    env: dict[str, str],
-    ready: Callable[[], bool],
-    what: str,
-) -> None:
-    """Start one process of ``owner`` under xprocess; return once ``ready()``; fail fast if it
-    exits while starting (``ProcessExitedWithError``), or at the deadline (``StackTimeout``),
-    either with the log tails."""
-    xname = owner._xname(name)
-    kind = owner.kind
-
-    def check() -> bool:
-        if not owner.xprocess.getinfo(xname).isrunning():
-            raise ProcessExitedWithError(
-                f"{name} of {kind} {owner.name} exited while starting ({' '.join(cmd)})\n"
-                f"{owner.report()}"
-            )
-        return ready()
-
-    timeout = owner.config.start_timeout + owner.config.start_delay
-    try:
-        pid, logfile = owner.xprocess.ensure(
-            xname, _starter(cmd, env, check, timeout), persist_logs=False
-        )
-    except TimeoutError:
-        raise StackTimeout(
-            f"{name} of {kind} {owner.name} not ready after {timeout:g} s: waited for {what}\n"
-            f"last status: {owner.status()[1]}\n{owner.report()}"
-        ) from None
-    owner.pids[name] = pid
-    owner.logs[f"{name}-stdout"] = Path(str(logfile))
-
-
-def start_nginx(owner: ProcessGroup, nginx: str) -> None:
-    """nginx in the foreground with the group's config; ready once it answers 200 through."""
-    cmd = [
-        nginx,
-        "-p",
-        str(owner.layout.nginx_dir),
-        "-e",
-        str(owner.logs["nginx"]),
-        "-c",
-        str(owner.layout.nginx_conf),
-    ]
-
-    def ready() -> bool:
-        try:
-            return owner.get(timeout=2.0).status_code == 200
-        except requests.RequestException:
-            return False
-
-    start_process(owner, "nginx", cmd, dict(os.environ), ready, "HTTP 200 through nginx")
-
-
-def start_stack(xprocess: Any, config: StackConfig) -> Stack:
+def start_stack(config: StackConfig) -> Stack:
     """Render, start the emperor then nginx, return once every vassal is live through nginx."""
     uwsgi, nginx = render.find_uwsgi(), render.find_nginx()
     stack = prepare(config, uwsgi)
-    stack.xprocess = xprocess
     try:
-        emperor_cmd = render.emperor_command(
-            uwsgi, stack.layout.rendered(render.CONF_D).read_text()
-        )
+        command = render.emperor_command(uwsgi, stack.layout.rendered(render.CONF_D).read_text())
         # No bytecode written next to the app's sources: the app dir stays as it was.
-        env = {**os.environ, CONTROL_ENV: str(stack.control_file), "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {CONTROL_ENV: str(stack.control_file), "PYTHONDONTWRITEBYTECODE": "1"}
         n = len(stack.vassal_ids)
-
-        def emperor_ready() -> bool:
-            return stack.status(through_nginx=False)[0]
-
-        start_process(
-            stack,
+        stack.start(
             "emperor",
-            emperor_cmd,
-            env,
-            emperor_ready,
+            command,
+            lambda: stack.status(through_nginx=False)[0],
             f"{n} vassals accepting and live in the router",
+            env=env,
         )
-        start_nginx(stack, nginx)
+        stack.start_nginx(nginx)
         stack.wait_all_live(config.start_timeout)
     except BaseException:
-        _stop_started(stack)
+        stack.stop()
         raise
     return stack
 
 
-def _stop_started(stack: Stack) -> None:
-    """After a failed start: stop whatever xprocess started, even if ensure() did not return."""
-    for name in ("emperor", "nginx"):
-        info = stack.xprocess.getinfo(stack._xname(name))
-        if name not in stack.pids and info.pid:
-            stack.pids[name] = info.pid  # even if it exited: stop() reaps it
-    stack.stop()
-
-
-class _QuietLog:
-    """xprocess prints every start to stdout by default; a command-line tool has its own lines."""
-
-    def debug(self, msg: str, *args: object) -> None:
-        pass
-
-
-class StackRuntime:
-    """Starts stacks under an ``XProcess`` of its own, rooted in a short temp dir.
-
-    Neither pytest's cache (``.pytest_cache`` in the rootdir, which may be a team's app dir) nor
-    any other dir outside ``/tmp/ur-*`` receives the processes' records and stdout logs. The
-    fixtures and :func:`running_stack` both start stacks through one runtime.
-    """
-
-    def __init__(self) -> None:
-        self.rootdir = Path(tempfile.mkdtemp(prefix="ur-x-", dir="/tmp"))
-        # XProcess wants a py.path root and a config whose __dict__ it may stash log handles in.
-        self.xprocess = XProcess(
-            types.SimpleNamespace(), py.path.local(self.rootdir), log=_QuietLog()
-        )
-
-    def start(self, config: StackConfig) -> Stack:
-        return start_stack(self.xprocess, config)
-
-    def close(self, *, keep: bool = False) -> None:
-        """Close the log handles ``ensure()`` keeps open; remove the root unless stacks are kept."""
-        self.xprocess._force_clean_up()
-        if not keep:
-            shutil.rmtree(self.rootdir, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def running_stack(config: StackConfig) -> Iterator[Stack]:
-    """A running stack outside pytest (a demo, a benchmark), stopped on the way out.
-
-    The same :func:`start_stack` and :meth:`Stack.stop` as the fixtures, through a
-    :class:`StackRuntime` removed with the stack's base dir however the block ends (an
-    exception, Ctrl-C).
-    """
-    runtime = StackRuntime()
+    """A running stack outside pytest (a demo, a benchmark), stopped and its dir removed on the
+    way out, however the block ends (an exception, Ctrl-C): what the fixtures do."""
+    stack = start_stack(config)
     try:
-        stack = runtime.start(config)
-        try:
-            yield stack
-        finally:
-            stack.stop()
+        yield stack
     finally:
-        runtime.close()
+        stack.stop()

@@ -144,7 +144,7 @@ def bench_one_size(
             command = (
                 original_plan_command(stack, m)
                 if schedule == ORIGINAL
-                else tool_command(stack, m, "--timeout", "120")
+                else tool_command(stack, m, "--timeout", "120", drain=False)
             )
             print(
                 f"N={n} m={m} {schedule}: load running, reload at {args.reload_at:g} s...",

@@ -58,10 +58,6 @@ DRAIN_OFF, DRAIN_ON = "off", "on (+ fast return, probe /)"
 BROKEN_N, BROKEN_M, BROKEN_TIMEOUT = 4, 2, 5
 
 
-def drain_args(stack: Stack) -> list[str]:
-    return ["--subscription-server", stack.subscription_server, "--probe", "/"]
-
-
 @dataclasses.dataclass
 class Run:
     n: int
@@ -158,8 +154,8 @@ def bench_size(n: int, minimums: Sequence[int], args: argparse.Namespace, runs: 
         for m in minimums:
             for drain in (DRAIN_OFF, DRAIN_ON) * args.repeat:
                 stack.wait_all_live(60)
-                extra = ["--timeout", "120"] + (drain_args(stack) if drain == DRAIN_ON else [])
-                run = Run(n, m, drain, measure(stack, tool_command(stack, m, *extra), args))
+                command = tool_command(stack, m, "--timeout", "120", drain=drain == DRAIN_ON)
+                run = Run(n, m, drain, measure(stack, command, args))
                 runs.append(run)
                 print(f"N={n} m={m} drain {drain}: {run_line(run)}", flush=True)
         stop_and_check(stack)
@@ -193,23 +189,13 @@ def recover(stack: Stack, version: str) -> float:
 def bench_broken(args: argparse.Namespace, runs: list[BrokenRun]) -> None:
     print(f"broken deploys: starting stack ({BROKEN_N} vassals)...", flush=True)
     config = StackConfig(
-        vassals=BROKEN_N,
-        start_delay=args.start_delay,
-        request_delay=args.request_delay,
-        broken_deploy=True,
+        vassals=BROKEN_N, start_delay=args.start_delay, request_delay=args.request_delay
     )
     with running_stack(config) as stack:
         for index in range(1, args.broken_runs + 1):
             stack.wait_all_live(60)
             stack.deploy(version=f"broken-{index}", broken=True)
-            command = stack.reload_command(
-                "--json",
-                "--minimum-active-vassals",
-                str(BROKEN_M),
-                "--timeout",
-                str(BROKEN_TIMEOUT),
-                *drain_args(stack),
-            )
+            command = tool_command(stack, BROKEN_M, "--timeout", str(BROKEN_TIMEOUT))
             measured = measure(stack, command, args, broken=True)
             recovered = recover(stack, f"good-{index}")
             run = BrokenRun(index, measured, recovered)

@@ -297,7 +297,7 @@ def bench_makespan(hosts: int, args: argparse.Namespace, rows: list[MakespanRow]
             name = f"{hosts} x {n}, minimum {m}"
             rolled = measure(
                 fleet,
-                fleet.rolling_reload_command("--minimum-active-vassals", str(m), "--json"),
+                fleet.reload_command("--minimum-active-vassals", str(m), "--json"),
                 args,
                 m,
                 f"{name}, the tool host after host",

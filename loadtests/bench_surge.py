@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from uwsgi_reload import non_negative_float, positive_int
-from uwsgi_reload_harness.stack import Stack, StackConfig, running_stack
+from uwsgi_reload_harness.stack import StackConfig, running_stack
 
 from .capacity import lost_capacity
 from .cli import (
@@ -95,9 +95,8 @@ def plans(n: int, surges: Sequence[int]) -> list[tuple[int, int]]:
     return runs + [(k, n) for k in twins]
 
 
-def surge_args(stack: Stack, surge: int) -> list[str]:
-    args = ["--subscription-server", stack.subscription_server, "--probe", "/", "--timeout", "120"]
-    return args + (["--max-surge", str(surge)] if surge else [])
+def surge_args(surge: int) -> list[str]:
+    return ["--timeout", "120", *(["--max-surge", str(surge)] if surge else [])]
 
 
 def bench_size(n: int, args: argparse.Namespace, runs: list[Run]) -> None:
@@ -106,7 +105,7 @@ def bench_size(n: int, args: argparse.Namespace, runs: list[Run]) -> None:
     with running_stack(config) as stack:
         for surge, m in plans(n, args.surges) * args.repeat:
             stack.wait_all_live(60)
-            command = tool_command(stack, m, *surge_args(stack, surge))
+            command = tool_command(stack, m, *surge_args(surge))
             measured = reload_under_load(
                 stack,
                 command,

@@ -24,9 +24,7 @@ import contextlib
 import dataclasses
 import enum
 import json
-import os
 import shlex
-import signal
 import sys
 import tempfile
 import threading
@@ -35,8 +33,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from uwsgi_reload_harness.fleet import Fleet, FleetHost
-from uwsgi_reload_harness.stack import Stack
+import psutil
+
+from uwsgi_reload_harness import render
+from uwsgi_reload_harness.fleet import Fleet
+from uwsgi_reload_harness.stack import Host, Stack
 
 from .endstate import EndState, wrapped
 from .observer import ObserverError, RouterObserver, RoutersObserver, Sample
@@ -56,10 +57,9 @@ COMMAND_GRACE_S = 90.0
 
 def reload_command(stack: Stack, template: str, minimum: int, timeout: float = 60) -> list[str]:
     """The reload command under test for this stack, from a ``--reload-command`` template."""
-    tool = stack.reload_command()[1]
     fields = {
         "python": sys.executable,
-        "tool": tool,
+        "tool": str(render.RELOAD_TOOL),
         "emperor_path": str(stack.emperor_path),
         "emperor_stats": stack.emperor_stats,
         "fastrouter_stats": stack.fastrouter_stats,
@@ -71,65 +71,23 @@ def reload_command(stack: Stack, template: str, minimum: int, timeout: float = 6
     return [part.format(**fields) for part in shlex.split(template)]
 
 
-def tool_command(stack: Stack, minimum: int, *extra: str) -> list[str]:
-    """This repository's ``uwsgi_reload.py --json`` for ``stack``."""
-    return stack.reload_command("--json", "--minimum-active-vassals", str(minimum), *extra)
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """What a load run needs of what it reloads: a stack (one emperor, one router) or a fleet."""
-
-    url: str
-    keys: list[str]
-    """The fastrouter keys under load; the users take them in turn."""
-    health_path: str
-    emperor_stats: list[str]
-    router_stats: list[str]
-    emperor_paths: list[Path]
-    vassals: int
-    worker_pids: Callable[[], dict[str, list[int]]]
-    """Worker pids by vassal id (a fleet's ids are unique: its configs are named by port)."""
-
-    @classmethod
-    def of(cls, what: Stack | Fleet, hosts: Sequence[FleetHost] | None = None) -> Target:
-        """``hosts``: of a fleet, the hosts the command reloads (default: every host); the
-        workers and the end state are theirs, the routers count every host's nodes."""
-        if isinstance(what, Fleet):
-            hosts = what.hosts if hosts is None else list(hosts)
-
-            def fleet_workers() -> dict[str, list[int]]:
-                return {vid: pids for h in hosts for vid, pids in h.worker_pids().items()}
-
-            return cls(
-                url=what.url,
-                keys=[what.host],
-                health_path=what.config.health_path,
-                emperor_stats=[h.emperor_stats for h in hosts],
-                router_stats=[r.stats for r in what.routers],
-                emperor_paths=[h.emperor_path for h in hosts],
-                vassals=sum(len(h.ports) for h in hosts),
-                worker_pids=fleet_workers,
-            )
-        return cls(
-            url=what.url,
-            keys=list(what.keys) or [what.host],
-            health_path=what.config.health_path,
-            emperor_stats=[what.emperor_stats],
-            router_stats=[what.fastrouter_stats],
-            emperor_paths=[what.emperor_path],
-            vassals=len(what.vassal_ids),
-            worker_pids=what.worker_pids,
-        )
-
-    def observer(self, **options: Any) -> Observer:
-        """One observer per router, counting the fewest live nodes of any key under load."""
-        if len(self.router_stats) == 1:
-            return RouterObserver(self.router_stats[0], keys=self.keys, **options)
-        return RoutersObserver(self.router_stats, keys=self.keys, **options)
+def tool_command(stack: Stack, minimum: int, *extra: str, drain: bool = True) -> list[str]:
+    """This repository's ``uwsgi_reload.py --json`` for ``stack`` (:meth:`Stack.reload_command`:
+    with ``drain``, it drains each vassal and probes the health path)."""
+    return stack.reload_command(
+        "--json", "--minimum-active-vassals", str(minimum), *extra, drain=drain
+    )
 
 
 Observer = RouterObserver | RoutersObserver
+
+
+def observer_of(target: Stack | Fleet, **options: Any) -> Observer:
+    """One observer per router, counting the fewest live nodes of any key under load."""
+    stats = [r.stats for r in target.routers]
+    if len(stats) == 1:
+        return RouterObserver(stats[0], keys=list(target.keys), **options)
+    return RoutersObserver(stats, keys=list(target.keys), **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,7 +486,7 @@ def progress(observer: Observer, total: int, every: float = 1.0) -> Iterator[Non
 
 
 def reload_under_load(
-    stack: Stack | Fleet,
+    target: Stack | Fleet,
     command: Sequence[str],
     *,
     reload_at: float = 1.5,
@@ -541,7 +499,7 @@ def reload_under_load(
     load_json: Path | None = None,
     show_progress: bool = False,
     max_run_time: float | None = None,
-    hosts: Sequence[FleetHost] | None = None,
+    hosts: Sequence[Host] | None = None,
 ) -> ReloadRun:
     """Load through nginx on the stack's (or fleet's) health path, ``command`` ``reload_at`` s
     in, the router (every router) watched the whole time.
@@ -550,25 +508,32 @@ def reload_under_load(
     the command under a wrapper that records its CPU seconds. ``load_json``: keep the load
     report there. ``show_progress``: print the live node count every second. ``max_run_time``
     bounds the load (default ``reload_at + after_reload + COMMAND_GRACE_S``): a command still
-    running then is killed. ``hosts``: of a fleet, the hosts ``command`` reloads (see
-    :meth:`Target.of`).
+    running then is killed. ``hosts``: of a fleet, the hosts ``command`` reloads (default: every
+    host); the workers and the end state are theirs, the routers count every host's nodes.
     """
-    target = Target.of(stack, hosts)
-    workers_before = target.worker_pids()
-    observer = target.observer(interval=observer_interval, readers=observer_readers)
-    shown = progress(observer, target.vassals) if show_progress else contextlib.nullcontext()
+    hosts = target.hosts if hosts is None else hosts
+
+    def worker_pids() -> dict[str, list[int]]:
+        return {vid: pids for h in hosts for vid, pids in h.worker_pids().items()}
+
+    workers_before = worker_pids()
+    observer = observer_of(target, interval=observer_interval, readers=observer_readers)
+    vassals = sum(len(h.vassal_ids) for h in hosts)
+    shown = progress(observer, vassals) if show_progress else contextlib.nullcontext()
+    emperor_paths = [h.emperor_path for h in hosts]
     with tempfile.TemporaryDirectory(prefix="ur-measure-") as tmp:
         cpu_file = Path(tmp, "cpu.json")
         end_file = Path(tmp, "end-state.json")
         run_command = cpu_measured(command, cpu_file) if measure_cpu else list(command)
-        run_command = wrapped(run_command, target.emperor_stats, target.router_stats, end_file)
+        emperors, routers = [h.emperor_stats for h in hosts], [r.stats for r in target.routers]
+        run_command = wrapped(run_command, emperors, routers, end_file)
         with observer, shown:
             try:
                 load = run_load(
                     target.url,
                     # users take the keys in turn: every key is under load
                     host_header=",".join(target.keys),
-                    url_path=target.health_path,
+                    url_path=target.config.health_path,
                     users=users,
                     rate=rate,
                     reload_command=shlex.join(run_command),
@@ -583,7 +548,7 @@ def reload_under_load(
                     nice=5,
                 )
             except BaseException:
-                stop_reload_commands(target.emperor_paths)
+                stop_reload_commands(emperor_paths)
                 raise
         cpu_seconds = read_cpu_seconds(cpu_file) if measure_cpu else None
         end_state = (
@@ -593,7 +558,7 @@ def reload_under_load(
         load,
         observer,
         workers_before,
-        target.worker_pids(),
+        worker_pids(),
         users,
         command=list(command),
         tool_json=None if load.reload is None else tool_report(load.reload.stdout),
@@ -608,22 +573,16 @@ def stop_reload_commands(emperor_paths: Sequence[Path], timeout: float = 10.0) -
     (Ctrl-C). The dirs are fresh temp dirs, so only commands started for this stack or fleet
     match (an emperor itself has ``--emperor <dir>/``: SIGTERM would make it reload, not
     stop)."""
-    needles = [b"\0--emperor-path\0" + str(path).encode() + b"\0" for path in emperor_paths]
+    wanted = {("--emperor-path", str(path)) for path in emperor_paths}
     strays = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            argv = entry.joinpath("cmdline").read_bytes()
-            if any(needle in argv for needle in needles):
-                strays.append(int(entry.name))
-    for pid in strays:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while strays and time.monotonic() < deadline:
-        strays = [pid for pid in strays if Path(f"/proc/{pid}").exists()]
-        time.sleep(0.1)
+    for process in psutil.process_iter(["cmdline"]):
+        argv = process.info["cmdline"] or []
+        if wanted & set(zip(argv, argv[1:])):
+            strays.append(process)
+    for process in strays:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    psutil.wait_procs(strays, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,9 +46,7 @@ BROKEN_USERS = 32
 
 def command(stack: Stack, minimum: int, *, drain: bool, timeout: float = 60) -> list[str]:
     extra = ["--minimum-active-vassals", str(minimum), "--timeout", f"{timeout:g}"]
-    if drain:
-        extra += ["--subscription-server", stack.subscription_server, "--probe", "/"]
-    return stack.reload_command(*extra)
+    return stack.reload_command(*extra, drain=drain)
 
 
 def summary(run: ReloadRun) -> str:
@@ -137,10 +135,8 @@ def test_failing_probe_stops_the_rollout(
     def failing_probe() -> ReloadRun:
         stack = fresh()
         extra = ["--subscription-server", stack.subscription_server, "--probe", "/no-such-page"]
-        return reload_under_load(
-            stack,
-            stack.reload_command("--minimum-active-vassals", "2", "--timeout", "30", *extra),
-        )
+        limits = ["--minimum-active-vassals", "2", "--timeout", "30"]
+        return reload_under_load(stack, stack.reload_command(*limits, *extra, drain=False))
 
     run = observed(
         failing_probe, "probe answers 404", 2, record_reload, all_replaced=False, expected_exit=1

@@ -111,7 +111,7 @@ def test_control_a_procedure_counting_only_its_own_host_is_caught(
 
         return attempt
 
-    tool = fleet.rolling_reload_command(
+    tool = fleet.reload_command(
         "--minimum-active-vassals", str(OWN_MINIMUM), "--json", hosts=rolled
     )
     right = observed(under_load(tool), "fleet 8 of 9 live, the tool", OWN_MINIMUM, record_reload)

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import pytest
+import requests
 
 from uwsgi_reload_harness import render
 from uwsgi_reload_harness.render import Layout, Substitution
-from uwsgi_reload_harness.stack import ProcessExitedWithError, Stack, StackConfig
+from uwsgi_reload_harness.stack import Proc, ProcessExitedWithError, Stack, StackConfig
 
 MakeStack = Callable[..., Stack]
 
@@ -235,9 +241,19 @@ def test_stack_serves_demo_app_through_nginx(uwsgi_stack: Stack) -> None:
     assert sorted(workers) == stack.vassal_ids
     assert all(len(pids) == 1 for pids in workers.values()), workers  # processes = 1
     assert body["pid"] in {pid for pids in workers.values() for pid in pids}
-    assert stack.live_nodes() == len(stack.vassal_ids) == stack.config.vassals
+    # a stack is a fleet of one host and one router
+    assert len(stack.hosts) == 1 and stack.hosts[0] is stack
+    live = stack.live_nodes()
+    assert list(live) == [stack.fastrouter_stats] == [r.stats for r in stack.routers]
+    assert len(live[stack.fastrouter_stats][stack.host]) == len(stack.vassal_ids)
+    assert len(stack.vassal_ids) == stack.config.vassals
     assert all(link.is_symlink() for link in stack.vassal_links)
-    assert stack.reload_command("--timeout", "5")[-2:] == ["--timeout", "5"]
+    command = stack.reload_command("--timeout", "5")
+    assert command[-2:] == ["--timeout", "5"]
+    pairs = list(zip(command, command[1:]))
+    assert ("--subscription-server", stack.subscription_server) in pairs  # drains by default
+    assert ("--probe", stack.config.health_path) in pairs
+    assert "--probe" not in stack.reload_command(drain=False)
 
 
 @pytest.mark.e2e
@@ -287,7 +303,7 @@ def test_touch_reloads_only_that_vassal_with_the_new_deploy(make_uwsgi_stack: Ma
 
 
 @pytest.mark.e2e
-def test_stop_leaves_no_process_and_no_temp_dir(make_uwsgi_stack: MakeStack) -> None:
+def test_stop_leaves_no_process_no_socket_and_no_temp_dir(make_uwsgi_stack: MakeStack) -> None:
     stack = make_uwsgi_stack(vassals=2)
     running = stack.processes()
     vassal_masters = set(stack.vassal_pids().values())
@@ -296,12 +312,17 @@ def test_stop_leaves_no_process_and_no_temp_dir(make_uwsgi_stack: MakeStack) -> 
     assert len(running) >= 9, running
     assert vassal_masters | workers <= {p.pid for p in running}
     base = stack.base_dir
+    assert stack.logs["emperor-stdout"].is_relative_to(base)  # each process's output is there
+    assert listening(stack.http_port)  # nginx
 
     seen = stack.stop()
 
     assert running <= seen
     assert [p for p in seen if p.alive()] == []
-    assert not base.exists()
+    assert not base.exists()  # the unix sockets were there
+    assert _pids_mentioning(str(base)) == []
+    assert not listening(stack.http_port)
+    assert stack.stop() == set(), "stop is idempotent"
 
 
 @pytest.mark.e2e
@@ -324,16 +345,50 @@ def test_a_process_exiting_while_starting_fails_fast_and_leaves_nothing(
     assert [pid for pid in _pids_mentioning(base)] == []
 
 
+def listening(port: int) -> bool:
+    """Something listens on 127.0.0.1:``port``."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no listener
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+@pytest.mark.e2e
+def test_a_kept_stack_outlives_pytest() -> None:
+    """``--uwsgi-keep-stack``: the stack still serves after the run, which says how to stop it."""
+    with tempfile.TemporaryDirectory(prefix="ur-t-") as tmp:
+        Path(tmp, "test_keep.py").write_text("def test_stack(uwsgi_stack):\n    pass\n")
+        args = ["test_keep.py", "--uwsgi-keep-stack", "--uwsgi-vassals=1"]
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    kept = re.search(r"kept stack (\S+) in (\S+): pids (\{.*\}) \(stop with", done.stdout)
+    assert kept, done.stdout + done.stderr
+    url, base, pids = kept[1], Path(kept[2]), ast.literal_eval(kept[3])
+    processes = set().union(*(Proc.tree(pid) for pid in pids.values()))
+    try:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert requests.get(url, headers={"Host": render.KEY}, timeout=10).status_code == 200
+        assert len(processes) >= 6, processes  # emperor's 3, vassal's 2, nginx's 2
+    finally:
+        os.kill(pids["nginx"], signal.SIGQUIT)
+        os.kill(pids["emperor"], signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while any(p.alive() for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        shutil.rmtree(base, ignore_errors=True)
+    assert [p for p in processes if p.alive()] == []
+
+
 def _pids_mentioning(text: str) -> list[int]:
     """Processes whose command line holds ``text`` (a stack's base dir)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(int(entry))
-    return found
+    processes = psutil.process_iter(["cmdline"])
+    return [p.pid for p in processes if text in " ".join(p.info["cmdline"] or [])]

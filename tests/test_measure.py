@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import pytest
 
+from uwsgi_reload_harness import render
 from uwsgi_reload_harness.plugin import DEFAULT_TEMPLATE
 from uwsgi_reload_loadtests import observer as observer_module
 from uwsgi_reload_loadtests import report as report_module
@@ -330,13 +331,10 @@ class _TemplateStack:
     subscription_server = "/run/e/ss.sock"
     config = dataclasses.make_dataclass("Config", [("health_path", str)])("/healthz")
 
-    def reload_command(self) -> list[str]:
-        return ["python3", "/opt/uwsgi_reload.py"]
-
 
 def test_the_default_template_drains_and_probes_the_health_path() -> None:
     command = reload_command(cast(Any, _TemplateStack()), DEFAULT_TEMPLATE, minimum=2, timeout=5)
-    assert command[1] == "/opt/uwsgi_reload.py"
+    assert command[1] == str(render.RELOAD_TOOL)
     assert command[command.index("--subscription-server") + 1] == "/run/e/ss.sock"
     assert command[command.index("--probe") + 1] == "/healthz"
     assert command[command.index("--minimum-active-vassals") + 1] == "2"

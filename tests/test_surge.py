@@ -41,18 +41,7 @@ BROKEN_USERS = 32
 
 
 def surge_command(stack: Stack, minimum: int, surge: int, timeout: float = 60) -> list[str]:
-    return tool_command(
-        stack,
-        minimum,
-        "--max-surge",
-        str(surge),
-        "--subscription-server",
-        stack.subscription_server,
-        "--probe",
-        "/",
-        "--timeout",
-        f"{timeout:g}",
-    )
+    return tool_command(stack, minimum, "--max-surge", str(surge), "--timeout", f"{timeout:g}")
 
 
 def lost(run: ReloadRun, vassals: int) -> float:
@@ -166,7 +155,7 @@ def test_control_without_surge_four_vassals_fall_below_four(
     """The tool at its best without surge (m = N - 1) still takes one node out: the same check
     against N catches it."""
     stack = make_uwsgi_stack(vassals=4)
-    command = tool_command(stack, 3, "--subscription-server", stack.subscription_server)
+    command = tool_command(stack, 3)
     run = reload_under_load(stack, command)
     record_reload(run.row("control: N=4 m=3 no surge, checked against 4", 4))
     print(summary(run, 4))
@@ -219,9 +208,7 @@ def test_control_broken_deploy_without_surge_touches_an_original(
     fresh = FreshStacks(make_uwsgi_stack, vassals=2)
     run = broken_run(
         fresh,
-        lambda s: tool_command(
-            s, 1, "--subscription-server", s.subscription_server, "--timeout", "5"
-        ),
+        lambda s: tool_command(s, 1, "--timeout", "5"),
     )
     stack = fresh.current
     assert stack is not None
@@ -238,17 +225,8 @@ def test_a_run_killed_mid_surge_is_cleaned_up_by_the_next(
     """SIGKILL to the tool once its twin is live and its first original triggered; a second run
     finds the twin in the state file, drains and removes it, then surges and reloads again."""
     stack = make_uwsgi_stack(vassals=2)
-    first = stack.reload_command(
-        "--minimum-active-vassals",
-        "2",
-        "--max-surge",
-        "1",
-        "--subscription-server",
-        stack.subscription_server,
-        "--timeout",
-        "60",
-    )
-    command = with_fault("kill-and-rerun", first)
+    limits = ["--minimum-active-vassals", "2", "--max-surge", "1", "--timeout", "60"]
+    command = with_fault("kill-and-rerun", stack.reload_command(*limits))
     run = observed(
         again(stack, command),
         "surge: SIGKILL mid-surge, second run",
@@ -300,7 +278,7 @@ def test_surge_on_a_fleet_is_per_host(make_uwsgi_fleet: MakeFleet, record_reload
     rolled host after host with --max-surge 1 and the minimum at every node of the key: each
     host adds its own twin on a free port of its own address; never fewer than 4 live."""
     fleet = make_uwsgi_fleet(hosts=2, vassals=2, routers=2)
-    command = fleet.rolling_reload_command(
+    command = fleet.reload_command(
         "--json", "--minimum-active-vassals", "4", "--max-surge", "1", "--timeout", "60"
     )
     run = observed(
