@@ -55,7 +55,7 @@ from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import repeat
-from typing import Any, Callable, ClassVar, NamedTuple, TextIO, TypeVar, Union
+from typing import Any, Callable, ClassVar, NamedTuple, TextIO, TypeVar
 
 __version__ = "0.1.0"
 
@@ -1320,7 +1320,48 @@ def probe_target(v: Instance, snapshot: Snapshot, known: Iterable[Node]) -> Node
     return nodes[0] if nodes else None
 
 
-class Rollout:
+class Machine:
+    """What ``Driver.drive`` steps: a state machine over one kind of instance, with no I/O.
+    ``step`` decides from one poll; the other methods are how the driver tells it what happened
+    (its defaults: nothing to locate, to answer or to undo)."""
+
+    rules: Rules
+    #: why the driver gave it up (``abandon``)
+    abandoned: str | None = None
+
+    @property
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def step(self, snapshot: Snapshot, now: float) -> list[Event]:
+        raise NotImplementedError
+
+    def watch_closely(self) -> bool:
+        """Poll every ``CLOSE_WATCH_INTERVAL`` rather than ``--check-interval``."""
+        return False
+
+    def unlocated(self, snapshot: Snapshot) -> list[Instance]:
+        """The instances whose node names are not known yet (the driver reads /proc)."""
+        return []
+
+    def located(self, v: Instance, addresses: frozenset[str]) -> None:
+        v.addresses = addresses
+
+    def probed(self, v: Instance, result: ProbeResult, now: float) -> list[Event]:
+        """The answer to the probe of a ``PROBE`` event."""
+        return []
+
+    def act_failed(self, v: Instance, error: str, now: float) -> list[Event]:
+        """The driver could not do what an event asked (touch a config, make or remove a link)."""
+        return []
+
+    def abandon(self, reason: str, now: float) -> list[Event]:
+        """The driver gives the machine up: a signal, stats unreadable, an error."""
+        self.abandoned = reason
+        return []
+
+
+class Rollout(Machine):
     """The originals' state machine: ``step`` decides from one snapshot, with no I/O of its own.
 
     Each vassal's ``phase`` moves here only (``PHASE_MOVES``): by ``step`` from what the stats
@@ -1338,8 +1379,6 @@ class Rollout:
         self.lowest_live: dict[str, int] = {}
         #: the vassal whose failed probe, touch or drain stopped the rollout: nothing more starts
         self.stopped_by: VassalReload | None = None
-        #: why the caller gave the run up (``abandon``)
-        self.abandoned: str | None = None
         #: the last snapshot stepped on: what a probe's answer is weighed against
         self._last: Snapshot | None = None
         #: per draining vassal, the routers seen without a live node of it since its unsubscribe
@@ -1363,12 +1402,6 @@ class Rollout:
     @property
     def done(self) -> bool:
         return not self.in_phase(Phase.PENDING, *IN_FLIGHT)
-
-    def unlocated(self, snapshot: Snapshot) -> list[Instance]:
-        return []  # located before the run (``locate``)
-
-    def located(self, v: Instance, addresses: frozenset[str]) -> None:
-        v.addresses = addresses
 
     def step(self, snapshot: Snapshot, now: float) -> list[Event]:
         """Record who is back or timed out, drain, then mark the vassals that may start now.
@@ -1660,7 +1693,7 @@ class Rollout:
         return events
 
 
-class Surge:
+class Surge(Machine):
     """The twins' state machine: ``step`` decides from one snapshot, with no I/O of its own.
 
     Adding (until ``remove`` is called): every twin's link is made and the twin followed until it
@@ -1676,7 +1709,6 @@ class Surge:
         self.removing = False
         #: when the removal began: the deadline of the whole removal
         self.removal_started: float | None = None
-        self.abandoned: str | None = None
         self._last: Snapshot | None = None
 
     def in_phase(self, *phases: TwinPhase) -> list[Twin]:
@@ -1711,7 +1743,6 @@ class Surge:
         return bool(self.in_phase(TwinPhase.DRAINING))
 
     def unlocated(self, snapshot: Snapshot) -> list[Instance]:
-        """The twins whose node names are not known yet (the caller reads their masters')."""
         return [t for t in self.twins if not t.located]
 
     def located(self, t: Instance, addresses: frozenset[str]) -> None:
@@ -1871,10 +1902,6 @@ class Surge:
             t.move(TwinPhase.KEPT)
             events.append(_event(t, EventKind.KEPT, now))
         return events
-
-
-#: What the driver steps: every machine has the same methods.
-Machine = Union[Rollout, Surge]
 
 
 # ---------------------------------------------------------------------------------------------
