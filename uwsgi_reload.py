@@ -11,7 +11,7 @@ emperor: each vassal's node is the address its master listens on (/proc), other 
 count for the minimum and are never touched.
 
 Exit codes: 0 all reloaded, 1 not all reloaded, 2 usage or bad input, 3 another run holds the
-lock, 130 interrupted (SIGINT or SIGTERM).
+lock, 4 failed and reverted (``--revert-command``), 130 interrupted (SIGINT or SIGTERM).
 
 Map of this file, top to bottom (each layer uses only the ones above it):
 
@@ -49,6 +49,7 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
@@ -63,6 +64,7 @@ EXIT_OK = 0
 EXIT_NOT_ALL_RELOADED = 1
 EXIT_USAGE = 2
 EXIT_LOCKED = 3
+EXIT_REVERTED = 4
 EXIT_INTERRUPTED = 130
 
 #: The names an error line shows, at most ("and N more").
@@ -191,6 +193,8 @@ class Node(NamedTuple):
     weight: int = 0
     #: the fastrouter stats socket it was read from (``""``: the only one)
     router: str = ""
+    #: connections to it the router could not open (plugins/corerouter/cr_common.c)
+    failcnt: int = 0
 
     @property
     def live(self) -> bool:
@@ -256,7 +260,7 @@ def parse_emperor_stats(data: Mapping[str, Any]) -> dict[str, EmperorVassal]:
 
 #: The integer fields of a node the tool reads, in ``Node``'s order.
 _NODE_NUMBERS = ("death_mark", "ref", "modifier1", "modifier2", "cores", "load", "weight")
-_COLUMNS = tuple(map(operator.itemgetter, ("name", *_NODE_NUMBERS)))
+_COLUMNS = tuple(map(operator.itemgetter, ("name", *_NODE_NUMBERS, "failcnt")))
 
 
 def parse_fastrouter_stats(data: Mapping[str, Any], router: str = "") -> list[Node]:
@@ -274,18 +278,20 @@ def parse_fastrouter_stats(data: Mapping[str, Any], router: str = "") -> list[No
         where = f"fastrouter stats: key {key!r}: nodes"
         raw = _objects(sub.get("nodes", []), where)
         try:  # what a fastrouter writes, every field there and of its type: checked in C
-            names, death_marks, *rest = columns = [[*map(c, raw)] for c in _COLUMNS]
+            names, death_marks, *rest, failcnts = columns = [[*map(c, raw)] for c in _COLUMNS]
             plain = {str}.issuperset(map(type, names)) and "" not in names
             plain = plain and all({int}.issuperset(map(type, n)) for n in columns[1:])
         except KeyError:
             plain = False
         if plain:
-            nodes += map(Node, repeat(key), names, map(bool, death_marks), *rest, repeat(router))
+            marks = map(bool, death_marks)
+            nodes += map(Node, repeat(key), names, marks, *rest, repeat(router), failcnts)
             continue
         for j, node in enumerate(raw):
             name = _text(node, "name", f"{where}[{j}]")
-            mark, *more = (_int_field(node, f, f"{where}: {name}") for f in _NODE_NUMBERS)
-            nodes.append(Node._make((key, name, mark != 0, *more, router)))
+            fields = (*_NODE_NUMBERS, "failcnt")
+            mark, *more, failcnt = (_int_field(node, f, f"{where}: {name}") for f in fields)
+            nodes.append(Node._make((key, name, mark != 0, *more, router, failcnt)))
     return nodes
 
 
@@ -992,6 +998,11 @@ class Rules:
     probe: bool = False
     #: twins per key, live before the first reload
     surge: int = 0
+    #: vassals per key reloaded first, then watched while they serve for ``soak`` seconds
+    canary: int = 0
+    soak: float = 0.0
+    #: warm-up requests before a reloaded vassal goes back into rotation (kept out until then)
+    warmup: bool = False
 
 
 E = TypeVar("E", bound=enum.Enum)
@@ -1044,6 +1055,8 @@ PHASE_MOVES = _table(
 IN_FLIGHT = frozenset(
     Phase[p] for p in ["DRAINING", "RELOADING", "STARTING", "ACCEPTING", "PROBING", "SUBSCRIBING"]
 )
+#: A reload that shows the new code failing (what ``--revert-command`` reverts).
+CODE_FAILED = frozenset({Phase.TIMED_OUT, Phase.PROBE_FAILED})
 #: Phases in which a vassal counts as live when the stats show it live: untouched, or reloaded.
 COUNTS_LIVE = frozenset(
     Phase[p] for p in ["PENDING", "BACK", "NOT_STARTED", "TOUCH_FAILED", "DRAIN_IGNORED"]
@@ -1087,6 +1100,7 @@ class NotStarted(enum.Enum):
     STOPPED = enum.auto()  # a failed probe or touch stopped the rollout (``Rollout.stopped_by``)
     ABANDONED = enum.auto()  # the driver gave the run up (``Rollout.abandoned``)
     MISSING = enum.auto()  # live earlier, then out of the router for the whole timeout
+    CANARY = enum.auto()  # held back while the canaries went, and a canary failed
 
 
 class Outcome(str, enum.Enum):
@@ -1236,14 +1250,16 @@ def _round(value: float | None) -> float | None:
 #: its master announced it again; TRIGGERED_UNDRAINED: its drain timed out, touched with requests
 #: in flight to it; RESTARTED: the emperor restarted it (a new pid), waited for, not touched;
 #: SUBSCRIBED: the fast return (or start), subscribed as soon as it accepts (and its probe
-#: passed); FAILED: its probe failed, its config could not be touched, a twin never came up. A
-#: twin's own: ADD (the caller makes its link), LIVE, REMOVE (the caller removes its link), GONE,
-#: KEPT.
+#: passed); FAILED: its probe failed, its config could not be touched, a twin never came up, a
+#: canary failed its soak. A twin's own: ADD (the caller makes its link), LIVE, REMOVE (the caller
+#: removes its link), GONE, KEPT. COMMAND: the caller runs a team's command (``--canary-check``,
+#: ``--revert-command``), then hands the result to the machine's ``ran``; SOAKED: the canaries
+#: served the whole soak, healthy.
 EventKind = enum.Enum(
     "EventKind",
     "DRAINING UNSUBSCRIBED_AGAIN TRIGGERED TRIGGERED_NOT_LIVE TRIGGERED_DRAINED "
     "TRIGGERED_UNDRAINED RESTARTED PROBE SUBSCRIBED BACK TIMED_OUT FAILED NOT_STARTED "
-    "ADD LIVE REMOVE GONE KEPT",
+    "ADD LIVE REMOVE GONE KEPT COMMAND SOAKED",
 )
 #: Events whose vassal the caller touches.
 TRIGGERS = frozenset(k for k in EventKind if k.name.startswith("TRIGGERED"))
@@ -1255,7 +1271,7 @@ class Event:
     vassal: Instance
     kind: EventKind
     #: the vassal's phase when it happened
-    phase: enum.Enum
+    phase: enum.Enum | None
     #: packets the caller sends to the subscription server
     send: tuple[Subscription, ...] = ()
     #: the node the caller probes (``PROBE``), then hands the result to the machine's ``probed``
@@ -1264,6 +1280,10 @@ class Event:
     result: ProbeResult | None = None
     #: ``RESTARTED``: the vassal's master pid before and after
     pids: tuple[int, int] | None = None
+    #: ``COMMAND``: what the caller runs
+    command: str | None = None
+    #: the words of an event whose machine says them itself (a soak, a command)
+    words: str = ""
 
     @property
     def touches(self) -> bool:
@@ -1355,6 +1375,10 @@ class Machine:
         """The driver could not do what an event asked (touch a config, make or remove a link)."""
         return []
 
+    def ran(self, v: Instance, result: CommandResult, now: float) -> list[Event]:
+        """What the command of a ``COMMAND`` event gave."""
+        return []
+
     def abandon(self, reason: str, now: float) -> list[Event]:
         """The driver gives the machine up: a signal, stats unreadable, an error."""
         self.abandoned = reason
@@ -1379,6 +1403,10 @@ class Rollout(Machine):
         self.lowest_live: dict[str, int] = {}
         #: the vassal whose failed probe, touch or drain stopped the rollout: nothing more starts
         self.stopped_by: VassalReload | None = None
+        #: vassals that may not start yet: the rest, while the canaries go first (``release``)
+        self.held: set[str] = set()
+        #: why the canaries failed (``canary_failed``)
+        self.canary_failure: str | None = None
         #: the last snapshot stepped on: what a probe's answer is weighed against
         self._last: Snapshot | None = None
         #: per draining vassal, the routers seen without a live node of it since its unsubscribe
@@ -1396,12 +1424,38 @@ class Rollout(Machine):
         return any(
             v.phase is Phase.DRAINING
             or (v.phase is Phase.RELOADING and v.drain_started is not None)
+            or self._warming(v)
             for v in self.vassals.values()
+        )
+
+    def _warming(self, v: VassalReload) -> bool:
+        """With warm-up, a drained vassal stays out of rotation from its touch until it passed
+        its warm-up (and probe): its master's own announce is undone."""
+        return (
+            self.rules.warmup
+            and v.drain_started is not None
+            and v.phase in (Phase.STARTING, Phase.ACCEPTING, Phase.PROBING)
         )
 
     @property
     def done(self) -> bool:
-        return not self.in_phase(Phase.PENDING, *IN_FLIGHT)
+        return not self._pending() and not self.in_phase(*IN_FLIGHT)
+
+    def _pending(self) -> list[VassalReload]:
+        return [v for v in self.in_phase(Phase.PENDING) if v.id not in self.held]
+
+    def release(self) -> Rollout:
+        """The canaries passed: the vassals held back may start."""
+        self.held.clear()
+        return self
+
+    def canary_failed(self, why: str) -> None:
+        """A canary failed its soak: the vassals held back are not started."""
+        self.canary_failure = why
+        for v in self.in_phase(Phase.PENDING):
+            if v.id in self.held:
+                v.not_started = NotStarted.CANARY
+                v.move(Phase.NOT_STARTED)
 
     def step(self, snapshot: Snapshot, now: float) -> list[Event]:
         """Record who is back or timed out, drain, then mark the vassals that may start now.
@@ -1438,9 +1492,7 @@ class Rollout(Machine):
             free -= len(self.in_phase(*IN_FLIGHT))
         waiting = self._out_of_router(live, snapshot, now)
         candidates = [
-            v.id
-            for v in self.in_phase(Phase.PENDING)
-            if v.id in snapshot.vassals and v.id not in waiting
+            v.id for v in self._pending() if v.id in snapshot.vassals and v.id not in waiting
         ]
         for vassal_id in pick_reloads(candidates, live, self.rules.minimum, free, others):
             v = self.vassals[vassal_id]
@@ -1458,7 +1510,7 @@ class Rollout(Machine):
             now - since >= self.rules.timeout for since in waiting.values()
         ):
             # Nothing in flight, nothing may start, none may come back: no live count can rise.
-            for v in self.in_phase(Phase.PENDING):
+            for v in self._pending():
                 known = v.id in snapshot.vassals
                 v.not_started = NotStarted.MINIMUM if known else NotStarted.UNKNOWN
                 v.not_started = NotStarted.MISSING if v.id in waiting else v.not_started
@@ -1508,6 +1560,8 @@ class Rollout(Machine):
             stage = self._stage(v, snapshot)
             if v.accepting is None and stage in (Stage.ACCEPTING, Stage.BACK):
                 v.accepting = now
+            if stage is Stage.BACK and self._warming(v):
+                events += unsubscribe_again(v, snapshot, now)  # its master announced it: not yet
             if v.phase is Phase.PROBING:
                 continue  # its answer decides; the probe's own timeout bounds the wait
             if stage is Stage.TOUCHED:
@@ -1562,7 +1616,7 @@ class Rollout(Machine):
         v.probe_result = result
         if result.ok:
             assert self._last is not None
-            if self._stage(v, self._last) is Stage.BACK:
+            if self._stage(v, self._last) is Stage.BACK and not self.rules.warmup:
                 return [self._back(v, now)]
             v.move(Phase.SUBSCRIBING)
             return self._fast_return(v, now, result)
@@ -1904,6 +1958,162 @@ class Surge(Machine):
         return events
 
 
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    """What a team's command (``--canary-check``, ``--revert-command``) gave: its exit code
+    (``None``: it could not run, or ran past its time and was killed), the end of its output."""
+
+    code: int | None
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+    def describe(self) -> str:
+        said = f": {self.output}" if self.output else ""
+        return (f"exited {self.code}" if self.code is not None else "did not finish") + said
+
+
+#: Seconds between two probes of each canary while it soaks.
+SOAK_PROBE_INTERVAL = 1.0
+
+
+def pick_canaries(fleet: Sequence[VassalReload], snapshot: Snapshot, per_key: int) -> list[str]:
+    """The vassals that go first: ``per_key`` live vassals of each fastrouter key (a vassal that
+    serves several keys counts for each), in the fleet's order."""
+    keys = {v.id: snapshot.live_keys(v) for v in fleet}
+    chosen: list[str] = []
+    for key in sorted({k for ks in keys.values() for k in ks}):
+        serving = [v.id for v in fleet if key in keys[v.id]]
+        for vid in serving:
+            if sum(1 for c in chosen if key in keys[c]) >= per_key:
+                break
+            if vid not in chosen:
+                chosen.append(vid)
+    return chosen
+
+
+class Soak(Machine):
+    """The canaries serve real traffic for ``rules.soak`` seconds (Kubernetes' minReadySeconds,
+    Nomad's min_healthy_time), watched: each keeps its master (a vassal that crashes is respawned
+    by the emperor: a new pid, or its respawns moved), keeps accepting, the routers open every
+    connection to it (``failcnt`` does not move), and with ``rules.probe`` it passes a probe every
+    ``SOAK_PROBE_INTERVAL``; at the end ``check`` (``--canary-check``) must exit 0. The first
+    failure ends the soak (``failure``)."""
+
+    def __init__(self, canaries: Sequence[VassalReload], rules: Rules, check: str | None) -> None:
+        self.canaries, self.rules, self.check = list(canaries), rules, check
+        #: the line its own events print under
+        self.who = Instance("", "canary", "")
+        self.started: float | None = None
+        self.seen: dict[str, EmperorVassal] = {}
+        self.failcnt: dict[tuple[str, str, str], int] = {}
+        self.last_probe = -math.inf
+        self.out = 0
+        self.checked: CommandResult | None = None
+        #: the canary that failed (``None``: the check) and why; when the soak ended healthy
+        self.failure: tuple[VassalReload | None, str] | None = None
+        self.passed: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.out == 0 and (self.failure is not None or self.passed is not None)
+
+    def step(self, snapshot: Snapshot, now: float) -> list[Event]:
+        if self.failure or self.passed is not None or self.abandoned or snapshot.unreadable:
+            return []
+        if self.started is None:
+            self.started = now
+            self.seen = {v.id: snapshot.vassals[v.id] for v in self.canaries}
+            self.failcnt = self._failcnt(snapshot)
+        for v in self.canaries:
+            why = self._unhealthy(v, snapshot)
+            if why:
+                return [self._fail(v, why, now)]
+        if self.out:
+            return []  # answers first
+        soaked = now - self.started >= self.rules.soak
+        if soaked and self.check is not None and self.checked is None:
+            self.out += 1
+            return [_event(self.who, EventKind.COMMAND, now, command=self.check)]
+        if soaked:
+            self.passed = now
+            words = f"{len(self.canaries)} served {self.rules.soak:g}s healthy: the rest may go"
+            return [_event(self.who, EventKind.SOAKED, now, words=words)]
+        if not self.rules.probe or now - self.last_probe < SOAK_PROBE_INTERVAL:
+            return []
+        self.last_probe = now
+        targets = [(v, probe_target(v, snapshot, v.nodes)) for v in self.canaries]
+        self.out = sum(1 for _, target in targets if target is not None)
+        return [_event(v, EventKind.PROBE, now, probe=t) for v, t in targets if t is not None]
+
+    def _failcnt(self, snapshot: Snapshot) -> dict[tuple[str, str, str], int]:
+        return {
+            (n.router, n.key, n.name): n.failcnt
+            for v in self.canaries
+            for n in snapshot.nodes_of(v.name, v.addresses)
+        }
+
+    def _unhealthy(self, v: VassalReload, snapshot: Snapshot) -> str:
+        before, now = self.seen.get(v.id), snapshot.vassals.get(v.id)
+        if now is None:
+            return "the emperor no longer lists it (it died)"
+        if before is not None and (now.pid, now.respawns) != (before.pid, before.respawns):
+            return (
+                f"crashed under traffic: the emperor restarted it (pid {before.pid} -> "
+                f"{now.pid}, respawns {before.respawns} -> {now.respawns})"
+            )
+        if not now.accepting:
+            return "no longer accepting"
+        for place, count in self._failcnt(snapshot).items():
+            if count > self.failcnt.get(place, count):
+                router = place[0] or "the fastrouter"
+                return f"{router} failed {count - self.failcnt[place]} connections to it"
+        return ""
+
+    def _fail(self, v: VassalReload | None, why: str, now: float) -> Event:
+        self.failure = (v, why)
+        return _event(v or self.who, EventKind.FAILED, now, words=f"failed its soak: {why}")
+
+    def probed(self, v: Instance, result: ProbeResult, now: float) -> list[Event]:
+        self.out -= 1
+        if result.ok or self.failure is not None:
+            return []
+        assert isinstance(v, VassalReload)
+        return [self._fail(v, f"probe failed: {result.detail}", now)]
+
+    def ran(self, v: Instance, result: CommandResult, now: float) -> list[Event]:
+        self.out -= 1
+        self.checked = result
+        if result.ok:
+            return []
+        return [self._fail(None, f"--canary-check {result.describe()}", now)]
+
+
+class TeamCommand(Machine):
+    """One of the team's commands (``--revert-command``), run by the driver in its pool."""
+
+    def __init__(self, name: str, command: str, rules: Rules) -> None:
+        self.who, self.command, self.rules = Instance("", name, ""), command, rules
+        self.sent = False
+        self.result: CommandResult | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.abandoned is not None
+
+    def step(self, snapshot: Snapshot, now: float) -> list[Event]:
+        if self.sent:
+            return []
+        self.sent = True
+        return [_event(self.who, EventKind.COMMAND, now, command=self.command)]
+
+    def ran(self, v: Instance, result: CommandResult, now: float) -> list[Event]:
+        self.result = result
+        return [_event(self.who, EventKind.COMMAND, now, words=result.describe())]
+
+
 # ---------------------------------------------------------------------------------------------
 # Display: the words for phases and events, derived from them (the core holds none)
 # ---------------------------------------------------------------------------------------------
@@ -1935,7 +2145,7 @@ HOW_FAR = {
 }
 
 #: When a re-announced node was unsubscribed again, by the phase it was in.
-_AGAIN = {
+_AGAIN: dict[Any, str] = {
     Phase.DRAINING: "while draining",
     Phase.RELOADING: "before its reload",
     Phase.PROBE_FAILED: "after its failed probe",
@@ -1971,6 +2181,8 @@ def vassal_detail(v: VassalReload, rollout: Rollout) -> str:
         return "not known to the emperor"
     if v.not_started is NotStarted.MINIMUM:
         return f"reloading it would leave fewer than {rollout.rules.minimum} live"
+    if v.not_started is NotStarted.CANARY:
+        return f"held back while the canaries went, and a canary failed: {rollout.canary_failure}"
     if v.not_started is NotStarted.MISSING:
         return (
             f"accepting, but out of the fastrouter for {rollout.rules.timeout:g}s: its master "
@@ -2004,6 +2216,8 @@ def event_text(event: Event, machine: Machine) -> str:
     """The line an event prints after the vassal's (or twin's) name."""
     v, kind, rules = event.vassal, event.kind, machine.rules
     keys = ", ".join(sorted({s.node.key for s in event.send}))
+    if event.words or event.command:
+        return event.words or f"running {event.command}"
     if kind in _WORDS:
         probe = "" if event.probe is None else event.probe.name
         return _WORDS[kind].format(keys=keys, probe=probe, again=_AGAIN.get(event.phase))
@@ -2314,6 +2528,27 @@ def port_free(port: int, host: str) -> bool:
     return True
 
 
+def run_command(command: str, timeout: float) -> CommandResult:
+    """Run a team's command with the shell, for at most ``timeout`` seconds; its exit code and
+    the last lines of what it printed."""
+    try:
+        done = subprocess.run(
+            command,
+            shell=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return CommandResult(None, f"still running after {timeout:g}s: stopped")
+    except OSError as exc:
+        return CommandResult(None, str(exc))
+    said = (done.stdout + done.stderr).strip().splitlines()[-3:]
+    return CommandResult(done.returncode, _bounded(" / ".join(said))[:300])
+
+
 def write_surge_state(emperor_path: str, twins: Sequence[Twin]) -> None:
     """Record the twins (atomically: a new file renamed over the old one); none: remove it.
 
@@ -2486,6 +2721,15 @@ class Options:
     probe_timeout: float = 5.0
     #: temporary twins per fastrouter key, live before the first reload, removed after the last
     max_surge: int = 0
+    #: vassals per key reloaded first and watched for ``soak`` seconds before the rest
+    canary: int = 0
+    soak: float = 30.0
+    canary_check: str | None = None
+    #: the team's way back to the previous code, run when the new code fails
+    revert_command: str | None = None
+    #: requests sent to a reloaded vassal before it goes back into rotation
+    warmup: str | None = None
+    warmup_requests: int = 10
 
     @property
     def routers(self) -> tuple[str, ...]:
@@ -2505,8 +2749,11 @@ class Options:
             max_parallel=self.max_parallel,
             drain=bool(self.subscription_servers),
             drain_timeout=self.drain_timeout,
-            probe=self.probe is not None,
+            probe=self.probe is not None or self.warmup is not None,
             surge=self.max_surge,
+            canary=self.canary,
+            soak=self.soak,
+            warmup=self.warmup is not None,
         )
 
 
@@ -2623,6 +2870,8 @@ def report_json(
     rollout: Rollout | None,
     details: Mapping[str, str] | None = None,
     twins: Sequence[Twin] = (),
+    soak: Soak | None = None,
+    revert: tuple[TeamCommand, Rollout | None] | None = None,
 ) -> dict[str, Any]:
     return {
         "version": __version__,
@@ -2640,6 +2889,34 @@ def report_json(
         "vassals": [v.as_json((details or {}).get(v.id, "")) for v in fleet],
         "max_surge": options.max_surge,
         "twins": [t.as_json() for t in twins],
+        "canary": _canary_json(options, rollout, soak),
+        "revert": _revert_json(options, revert),
+    }
+
+
+def _canary_json(options: Options, rollout: Rollout | None, soak: Soak | None) -> Any:
+    if not options.canary or rollout is None:
+        return None
+    failed = soak.failure if soak else None
+    return {
+        "vassals": [vid for vid in rollout.vassals if vid not in rollout.held],
+        "soak": options.soak,
+        "canary_check": options.canary_check,
+        "outcome": "failed" if failed else "passed" if soak and soak.passed else "not reached",
+        "failure": f"{failed[0].name if failed[0] else 'check'}: {failed[1]}" if failed else None,
+    }
+
+
+def _revert_json(options: Options, revert: tuple[TeamCommand, Rollout | None] | None) -> Any:
+    if revert is None:
+        return None
+    command, again = revert
+    result = command.result
+    return {
+        "command": options.revert_command,
+        "exit_code": result.code if result else None,
+        "output": result.output if result else "",
+        "vassals": [v.as_json() for v in again.vassals.values()] if again else [],
     }
 
 
@@ -2687,6 +2964,8 @@ class Io:
     write_state: Callable[[str, Sequence[Twin]], None] = write_surge_state
     #: (port, host): nothing listens there (a twin of a config named after its port)
     port_free: Callable[[int, str], bool] = port_free
+    #: (a team's command, timeout) -> what it gave
+    run_command: Callable[[str, float], CommandResult] = run_command
 
 
 def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
@@ -2697,6 +2976,13 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
         raise ReloadError(
             "--max-surge needs --subscription-server: a twin is drained before it is removed"
         )
+    if options.warmup and not options.subscription_servers:
+        raise ReloadError(
+            "--warmup needs --subscription-server: without drain a reloaded vassal takes user "
+            "requests as soon as its master announces it, before any warm-up"
+        )
+    if options.canary_check and not options.canary:
+        raise ReloadError("--canary-check needs --canary: it judges the canaries after the soak")
     suffix = options.vassal_config_file_suffix
     configs = find_configs(options.emperor_path, suffix)
     # Twins an earlier run left are no vassals to reload: they are removed first.
@@ -2739,6 +3025,8 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
     interrupted = _Interrupted()
     previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     rollout = Rollout(fleet, options.rules)
+    if options.canary:
+        rollout.held = set(rollout.vassals) - set(pick_canaries(fleet, first, options.canary))
     surges = [Surge(leftovers, options.rules), Surge(twins, options.rules)]
     try:
         with emperor_lock(options.emperor_path), io.probe_pool() as pool:
@@ -2761,6 +3049,8 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
                     rollout,
                     details,
                     [t for s in surges for t in s.twins],
+                    driver.soak,
+                    driver.revert,
                 )
                 print(json.dumps(report), flush=True)
         except OSError:
@@ -2832,8 +3122,11 @@ class Driver:
     ) -> None:
         self.options, self.reporter, self.io, self.pool = options, reporter, io, pool
         self.interrupted, self.started = interrupted, started
-        #: probes out, with what they probe; answered to the machine in the order asked
-        self.probes: dict[Future[ProbeResult], Instance] = {}
+        #: probes and commands out, with what they are about; answered in the order asked
+        self.probes: dict[Future[Any], Instance] = {}
+        #: what the run's canary soak and revert did (for the report)
+        self.soak: Soak | None = None
+        self.revert: tuple[TeamCommand, Rollout | None] | None = None
 
     def now(self) -> float:
         return self.io.clock() - self.started
@@ -2858,16 +3151,14 @@ class Driver:
             ending = self.drive(leftovers.remove())
             self.io.write_state(path, leftovers.left + twins.left)
         if ending is Ending.DONE and not twins.failed and not leftovers.left:
-            ending = self.drive(rollout)
-            everything = all(v.phase is Phase.BACK for v in rollout.vassals.values())
-            code = EXIT_OK if ending is Ending.DONE and everything else EXIT_NOT_ALL_RELOADED
+            ending, code, failure = self._roll(rollout)
             if twins.twins:
                 self.line(f"surge: removing {len(twins.twins)} twins")
                 self.drive(twins.remove())
                 self.io.write_state(path, twins.left)
             extra = f"twins left in place: {_why(twins.left)} (the next run removes them)"
-            extra = extra if twins.left else ""
-            if code == EXIT_OK and extra:
+            extra = "; ".join(filter(None, (failure, extra if twins.left else "")))
+            if code == EXIT_OK and twins.left:
                 code = EXIT_NOT_ALL_RELOADED
             return (EXIT_INTERRUPTED if ending is Ending.INTERRUPTED else code), extra, True
         for surge in (twins, leftovers):
@@ -2885,6 +3176,62 @@ class Driver:
         else:
             what = "the twins an earlier run left could not all be removed"
         return EXIT_NOT_ALL_RELOADED, f"{what}; nothing was reloaded{kept}", False
+
+    def _roll(self, rollout: Rollout) -> tuple[Ending, int, str]:
+        """The canaries first (the rest held back), their soak, then the rest; when the new
+        code fails (a canary, a timeout, a probe), the revert. (ending, exit code, what failed)."""
+        ending = self.drive(rollout)
+        canaries = [v for v in rollout.vassals.values() if v.id not in rollout.held]
+        if rollout.rules.canary and ending is Ending.DONE:
+            if all(v.phase is Phase.BACK for v in canaries):
+                self.line(f"canary: {len(canaries)} reloaded: soaking {rollout.rules.soak:g}s")
+                self.soak = Soak(canaries, rollout.rules, self.options.canary_check)
+                ending = self.drive(self.soak)
+                if self.soak.failure is not None:
+                    who, why = self.soak.failure
+                    rollout.canary_failed(f"{who.name} {why}" if who else why)
+                elif ending is Ending.DONE:
+                    ending = self.drive(rollout.release())
+            if rollout.in_phase(Phase.PENDING):  # held back: not started
+                reason = self.soak.abandoned if self.soak else "the canaries were not all reloaded"
+                self._act(rollout, rollout.abandon(reason or "interrupted", self.now()))
+        everything = all(v.phase is Phase.BACK for v in rollout.vassals.values())
+        code = EXIT_OK if ending is Ending.DONE and everything else EXIT_NOT_ALL_RELOADED
+        failed = [v.name for v in rollout.vassals.values() if v.phase in CODE_FAILED]
+        if rollout.canary_failure:
+            failure = f"canary failed: {rollout.canary_failure}"
+        elif failed:
+            failure = f"the new code failed on {shown_names(failed)}"
+        else:
+            failure = ""
+        if not failure or not self.options.revert_command or ending is Ending.INTERRUPTED:
+            return ending, code, ""
+        return self._revert(rollout, failure, self.options.revert_command)
+
+    def _revert(self, rollout: Rollout, failure: str, command: str) -> tuple[Ending, int, str]:
+        """Run the team's way back, then reload every vassal the run touched, with the same
+        rules: each ends on the previous code (exit 4), or the report says which did not."""
+        self.line(f"revert: {failure}")
+        revert = TeamCommand("revert", command, rollout.rules)
+        self.revert = (revert, None)
+        ending = self.drive(revert)
+        if revert.result is None or not revert.result.ok:
+            how = revert.result.describe() if revert.result else "interrupted"
+            return ending, EXIT_NOT_ALL_RELOADED, f"{failure}; --revert-command {how}: not reverted"
+        touched = [v for v in rollout.vassals.values() if v.triggered is not None]
+        again = Rollout(
+            [VassalReload(v.id, v.name, v.config, addresses=v.addresses) for v in touched],
+            rollout.rules,
+        )
+        self.revert = (revert, again)
+        ending = self.drive(again)
+        missed = [v.name for v in again.vassals.values() if v.phase is not Phase.BACK]
+        if ending is Ending.INTERRUPTED:
+            return ending, EXIT_INTERRUPTED, f"{failure}; interrupted while reverting"
+        if missed:
+            left = shown_names(missed)
+            return ending, EXIT_NOT_ALL_RELOADED, f"{failure}; revert incomplete: {left} not back"
+        return ending, EXIT_REVERTED, f"{failure}; reverted {len(touched)} vassals (exit 4)"
 
     def drive(self, machine: Machine) -> Ending:
         """Step ``machine`` until it is done, or give it up (``Ending``)."""
@@ -2968,7 +3315,11 @@ class Driver:
     def _answers(self, machine: Machine, now: float) -> list[Event]:
         events = []
         for future in [f for f in self.probes if f.done()]:
-            events += machine.probed(self.probes.pop(future), future.result(), now)
+            v, result = self.probes.pop(future), future.result()
+            if isinstance(result, CommandResult):
+                events += machine.ran(v, result, now)
+            else:
+                events += machine.probed(v, result, now)
         return events
 
     def _act(self, machine: Machine, events: list[Event]) -> bool:
@@ -2989,14 +3340,26 @@ class Driver:
                     text += f" ({problem})"
             self.line(f"{v.name}: {text}", event.at)
             if event.probe is not None:
-                assert self.options.probe is not None
-                node, path, timeout = event.probe, self.options.probe, self.options.probe_timeout
-                future = self.pool.submit(self.io.probe, node.name, node.key, path, timeout)
-                self.probes[future] = v
+                self.probes[self.pool.submit(self._probe, event.probe)] = v
+            if event.command is not None:
+                command = self.pool.submit(self.io.run_command, event.command, self.options.timeout)
+                self.probes[command] = v
             if not events:
                 # answers already in (a quick vassal, or a pool that runs probes at once)
                 events += self._answers(machine, self.now())
         return acted
+
+    def _probe(self, node: Node) -> ProbeResult:
+        """The warm-up requests, then the probe: each a GET straight to the vassal's socket."""
+        o, result = self.options, ProbeResult(200, "")
+        for _ in range(o.warmup_requests if o.warmup else 0):
+            assert o.warmup is not None
+            result = self.io.probe(node.name, node.key, o.warmup, o.probe_timeout)
+            if not result.ok:
+                return ProbeResult(result.status, f"warm-up {result.detail}")
+        if o.probe is None:
+            return ProbeResult(result.status, f"warmed up ({o.warmup_requests} x {result.detail})")
+        return self.io.probe(node.name, node.key, o.probe, o.probe_timeout)
 
     def _change(self, event: Event) -> bool:
         """Touch the config, make or remove the link an event asks for: True if it did."""
@@ -3162,7 +3525,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Graceful reload for uWSGI vassals behind a fastrouter.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="exit codes: 0 all reloaded, 1 not all reloaded, 2 usage or bad input, "
-        "3 another run holds the lock, 130 interrupted",
+        "3 another run holds the lock, 4 failed and reverted, 130 interrupted",
     )
     add, unset = parser.add_argument, argparse.SUPPRESS  # unset: Options has its default
     # fmt: off
@@ -3206,6 +3569,24 @@ def build_parser() -> argparse.ArgumentParser:
         "or a free port for configs named after their port), wait until they are live, reload "
         "the originals counting them, then drain and remove them: the minimum may then be the "
         "number of vassals")
+    add("--canary", type=non_negative_int, default=0, metavar="<int>",
+        help="reload this many vassals per fastrouter key first, then watch them serve for "
+        "--soak seconds (their master, the routers' failcnt, the probe, --canary-check) before "
+        "the rest go")
+    add("--soak", type=non_negative_float, default=30.0, metavar="<seconds>",
+        help="with --canary: how long the canaries serve real traffic, watched")
+    add("--canary-check", default=unset, metavar="<command>",
+        help="with --canary: a shell command run after the soak; any exit but 0 fails the "
+        "canaries (an error rate from your metrics, a smoke test)")
+    add("--revert-command", default=unset, metavar="<command>",
+        help="when the new code fails (a canary, a timeout, a probe): run this shell command "
+        "(the way back: flip the release link), then reload every vassal already reloaded; "
+        "exit 4 once all are back on the previous code")
+    add("--warmup", type=_probe_path, default=unset, metavar="<path>",
+        help="with --subscription-server: GET this path --warmup-requests times straight from "
+        "a reloaded vassal's socket while it is out of rotation, before it goes back")
+    add("--warmup-requests", type=positive_int, default=10, metavar="<int>",
+        help="how many warm-up requests")
     add("--dry-run", action="store_true", help="print the plan and touch nothing")
     add("--json", action="store_true",
         help="print one JSON report on stdout (event lines go to stderr)")

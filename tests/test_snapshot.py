@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import uwsgi_reload as ur
 
 #: the integer fields of a node the tool reads
-NODE_NUMBERS = ("death_mark", "ref", "modifier1", "modifier2", "cores", "load", "weight")
+NODE_NUMBERS = ("death_mark", "ref", "modifier1", "modifier2", "cores", "load", "weight", "failcnt")
 
 
 #: node names as routers show them: spellings of the same address, and sockets named after
@@ -107,8 +107,8 @@ def router_stats(draw: st.DrawFn) -> dict[str, Any]:
 
 def expected_node(raw: dict[str, Any], key: str, router: str) -> ur.Node:
     """A node as the checks take it, field by field: absent is 0, a float is cut."""
-    numbers = [int(raw.get(f, 0)) for f in NODE_NUMBERS]
-    return ur.Node._make((key, raw["name"], bool(numbers[0]), *numbers[1:], router))
+    mark, *numbers, failcnt = [int(raw.get(f, 0)) for f in NODE_NUMBERS]
+    return ur.Node._make((key, raw["name"], bool(mark), *numbers, router, failcnt))
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)

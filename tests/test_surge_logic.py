@@ -537,7 +537,7 @@ class Deferred(Executor):
         self, fn: Callable[..., ur.ProbeResult], /, *args: Any, **kwargs: Any
     ) -> Future[ur.ProbeResult]:
         future: Future[ur.ProbeResult] = Future()
-        self.out.append((self.seen, str(args[0]), future, lambda: fn(*args, **kwargs)))
+        self.out.append((self.seen, args[0].name, future, lambda: fn(*args, **kwargs)))
         return future
 
     def poll(self) -> None:
