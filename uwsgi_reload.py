@@ -2850,6 +2850,22 @@ def describe_plan(
             f"probe: GET {options.probe} on each reloaded vassal's socket before counting it "
             "back; a failure stops the rollout"
         )
+    if rules.canary:
+        canaries = [v.name for v in fleet if v.id in pick_canaries(fleet, snapshot, rules.canary)]
+        lines.append(
+            f"canary: {shown_names(canaries)} first, watched for {rules.soak:g}s of real traffic"
+            f"{' and --canary-check' if options.canary_check else ''} before the rest"
+        )
+    if options.revert_command:
+        lines.append(
+            f"revert: when the new code fails, run {options.revert_command!r}, then reload "
+            "every vassal already reloaded"
+        )
+    if options.warmup:
+        lines.append(
+            f"warm-up: GET {options.warmup} x {options.warmup_requests} on each reloaded vassal's "
+            "socket, kept out of rotation until then"
+        )
     for t in sorted(twins, key=lambda t: not t.leftover):
         lines.append(
             f"surge: twin {t.name} ({t.id}, twin of {t.of}) was left by an earlier run: drained "

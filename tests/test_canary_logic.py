@@ -236,3 +236,14 @@ def test_pick_canaries_takes_k_per_key() -> None:
     # b serves both keys: it is k2's canary as well as k1's second
     assert ur.pick_canaries(fleet, snapshot, 1) == ["a.ini", "b.ini"]
     assert ur.pick_canaries(fleet, snapshot, 2) == ["a.ini", "b.ini", "c.ini"]
+
+
+def test_the_dry_run_names_the_canaries_the_revert_and_the_warm_up(tmp_path: Path) -> None:
+    stack = ReleaseSim("good")
+    code, out = deploy(
+        stack, tmp_path, dry_run=True, revert_command="revert", warmup="/warm", canary=2
+    )
+    assert code == ur.EXIT_OK and stack.touched == [], out
+    assert "canary: vassal_01, vassal_02 first, watched for 5s" in out, out
+    assert "revert: when the new code fails, run 'revert'" in out, out
+    assert "warm-up: GET /warm x 10" in out, out
