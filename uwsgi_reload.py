@@ -2730,6 +2730,8 @@ class Options:
     #: requests sent to a reloaded vassal before it goes back into rotation
     warmup: str | None = None
     warmup_requests: int = 10
+    #: a Prometheus textfile written at the end of every run
+    metrics_file: str | None = None
 
     @property
     def routers(self) -> tuple[str, ...]:
@@ -2943,6 +2945,80 @@ def _one_or_all(values: Sequence[str]) -> str | list[str] | None:
     return values[0] if len(values) == 1 else list(values)
 
 
+#: Prometheus metrics of the last run: (name, help); every one a gauge, labelled by emperor.
+METRICS = {
+    "start_timestamp_seconds": "When the last run started.",
+    "end_timestamp_seconds": "When the last run ended.",
+    "exit_code": "The last run's exit code (0 all reloaded, 1 not all, 2 bad input, 4 reverted, "
+    "130 interrupted).",
+    "success": "1 when the last run reloaded every vassal, else 0.",
+    "vassals": "The last run's vassals by outcome.",
+    "vassals_reverted": "Vassals the last run brought back to the previous code.",
+    "live_nodes_min": "The fewest live nodes the last run saw per fastrouter key.",
+    "drain_wait_seconds_max": "The longest drain of the last run.",
+    "drain_wait_seconds_sum": "The drains of the last run, together.",
+    "drain_timeouts": "Drains of the last run that timed out with requests in flight.",
+    "probe_failures": "Probes of the last run that failed.",
+}
+
+
+def metrics_text(
+    options: Options,
+    started: float,
+    ended: float,
+    exit_code: int,
+    rollout: Rollout | None = None,
+    reverted: Rollout | None = None,
+) -> str:
+    """The run in Prometheus' text format (node_exporter's textfile collector reads it)."""
+    vassals = list(rollout.vassals.values()) if rollout else []
+    back = [v for v in (reverted.vassals.values() if reverted else ()) if v.phase is Phase.BACK]
+    drains = [v.drained for v in vassals if v.drained is not None]
+    lowest = sorted(rollout.lowest_live.items()) if rollout else []
+    values: dict[str, list[tuple[dict[str, str], float]]] = {
+        "start_timestamp_seconds": [({}, started)],
+        "end_timestamp_seconds": [({}, ended)],
+        "exit_code": [({}, exit_code)],
+        "success": [({}, exit_code == EXIT_OK)],
+        "vassals": [
+            ({"outcome": o.value}, sum(1 for v in vassals if outcome(v.phase) is o))
+            for o in Outcome
+        ],
+        "vassals_reverted": [({}, len(back))],
+        "live_nodes_min": [({"key": key}, count) for key, count in lowest],
+        "drain_wait_seconds_max": [({}, max(drains, default=0.0))],
+        "drain_wait_seconds_sum": [({}, sum(drains))],
+        "drain_timeouts": [({}, sum(1 for v in vassals if v.drain_left is not None))],
+        "probe_failures": [({}, sum(1 for v in vassals if v.phase is Phase.PROBE_FAILED))],
+    }
+    lines = []
+    for name, samples in values.items():
+        metric = f"uwsgi_reload_last_run_{name}"
+        lines += [f"# HELP {metric} {METRICS[name]}", f"# TYPE {metric} gauge"]
+        for labels, value in samples:
+            pairs = {"emperor": options.emperor_path, **labels}.items()
+            text = ",".join(f'{k}="{_label(v)}"' for k, v in pairs)
+            lines.append(f"{metric}{{{text}}} {float(value)!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _write_metrics(path: str, text: str, reporter: Reporter) -> None:
+    """Atomically (a new file renamed over the old one): the collector never reads half a file."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except OSError as exc:
+        reporter.warning(f"cannot write the metrics file {path}: {exc.strerror or exc}")
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+
+
 class _Interrupted:
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -3071,6 +3147,12 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
                 print(json.dumps(report), flush=True)
         except OSError:
             pass  # stdout or stderr closed (a pipe whose reader went): the exit code still tells
+        if options.metrics_file:
+            reverted = driver.revert[1] if driver.revert else None
+            metrics = metrics_text(
+                options, started_wall, io.wall_clock(), exit_code, rollout, reverted
+            )
+            _write_metrics(options.metrics_file, metrics, reporter)
     finally:
         # restored only now: a SIGINT while the summary is written must not look like one
         # before the run (main's KeyboardInterrupt)
@@ -3603,6 +3685,9 @@ def build_parser() -> argparse.ArgumentParser:
         "a reloaded vassal's socket while it is out of rotation, before it goes back")
     add("--warmup-requests", type=positive_int, default=10, metavar="<int>",
         help="how many warm-up requests")
+    add("--metrics-file", default=unset, metavar="<path>",
+        help="write the run's metrics there, in Prometheus' text format, at the end of every run "
+        "(failed ones too): for node_exporter's textfile collector")
     add("--dry-run", action="store_true", help="print the plan and touch nothing")
     add("--json", action="store_true",
         help="print one JSON report on stdout (event lines go to stderr)")
@@ -3626,6 +3711,10 @@ def main(argv: Sequence[str] | None = None, *, io: Io | None = None) -> int:
         return run(options, reporter, io)
     except ReloadError as exc:
         reporter.error(str(exc))
+        if options.metrics_file and not isinstance(exc, LockedError):  # the holder writes it
+            now = time.time()
+            metrics = metrics_text(options, now, now, exc.exit_code)
+            _write_metrics(options.metrics_file, metrics, reporter)
         return exc.exit_code
     except KeyboardInterrupt:
         reporter.error("interrupted before anything was touched")
