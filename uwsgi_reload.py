@@ -3686,8 +3686,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--warmup-requests", type=positive_int, default=10, metavar="<int>",
         help="how many warm-up requests")
     add("--metrics-file", default=unset, metavar="<path>",
-        help="write the run's metrics there, in Prometheus' text format, at the end of every run "
-        "(failed ones too): for node_exporter's textfile collector")
+        help="at the end of every run, failed ones too, write its metrics there (Prometheus)")
     add("--dry-run", action="store_true", help="print the plan and touch nothing")
     add("--json", action="store_true",
         help="print one JSON report on stdout (event lines go to stderr)")
