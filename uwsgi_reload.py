@@ -598,11 +598,11 @@ def _split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def encode_vars(pairs: Iterable[tuple[str, str]]) -> bytes:
+def encode_vars(pairs: Iterable[tuple[str, str | bytes]]) -> bytes:
     """uwsgi vars: repeated [u16 LE length][key][u16 LE length][value]."""
     out = bytearray()
     for key, value in pairs:
-        for part in (key.encode(), value.encode()):
+        for part in (key.encode(), value if isinstance(value, bytes) else value.encode()):
             if len(part) > 0xFFFF:
                 raise PacketError(f"a uwsgi var is longer than 65535 bytes: {part[:40]!r}...")
             out += _LENGTH.pack(len(part)) + part
@@ -637,8 +637,15 @@ class Subscription:
             ]
         return pairs
 
-    def packet(self) -> bytes:
-        return encode_packet(SUBSCRIPTION_MODIFIER1, self.command, encode_vars(self.vars()))
+    def packet(self, sign: Callable[[bytes], bytes] | None = None, now: float = 0.0) -> bytes:
+        """The packet; signed with ``sign`` (``--subscription-sign``) as a uWSGI master signs
+        its announces (core/subscription.c): a ``unix`` var (the time, plus 1 for an
+        unsubscribe), then a ``sign`` var, the signature of every var before it."""
+        body = encode_vars(self.vars())
+        if sign is not None:
+            body += encode_vars([("unix", str(int(now) + self.command))])
+            body += encode_vars([("sign", sign(body))])
+        return encode_packet(SUBSCRIPTION_MODIFIER1, self.command, body)
 
     def describe(self) -> str:
         return f"{self.command.name.lower()} {self.node.name} from {self.node.key}"
@@ -2528,6 +2535,22 @@ def port_free(port: int, host: str) -> bool:
     return True
 
 
+def openssl_sign(spec: str, data: bytes) -> bytes:
+    """The signature of ``data`` with the private key of ``spec`` (``SHA1:/path/key.pem``, as
+    uWSGI spells it), by the openssl command: the tool stays standard library only."""
+    algo, _, keyfile = spec.partition(":")
+    done = subprocess.run(
+        ["openssl", "dgst", f"-{algo.lower()}", "-sign", keyfile],
+        input=data,
+        capture_output=True,
+        timeout=10,
+    )
+    if done.returncode or not done.stdout:
+        said = done.stderr.decode(errors="replace").strip().splitlines()[:1]
+        raise OSError(errno.EINVAL, f"openssl cannot sign with {spec}: {' '.join(said)}")
+    return done.stdout
+
+
 def run_command(command: str, timeout: float) -> CommandResult:
     """Run a team's command with the shell, for at most ``timeout`` seconds; its exit code and
     the last lines of what it printed."""
@@ -2732,6 +2755,8 @@ class Options:
     warmup_requests: int = 10
     #: a Prometheus textfile written at the end of every run
     metrics_file: str | None = None
+    #: ``ALGO:private key``: sign the subscription packets (routers with sign-check)
+    subscription_sign: str | None = None
 
     @property
     def routers(self) -> tuple[str, ...]:
@@ -3058,6 +3083,8 @@ class Io:
     port_free: Callable[[int, str], bool] = port_free
     #: (a team's command, timeout) -> what it gave
     run_command: Callable[[str, float], CommandResult] = run_command
+    #: ("ALGO:private key file", data) -> its signature (``--subscription-sign``)
+    sign: Callable[[str, bytes], bytes] = openssl_sign
 
 
 def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
@@ -3073,6 +3100,14 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
             "--warmup needs --subscription-server: without drain a reloaded vassal takes user "
             "requests as soon as its master announces it, before any warm-up"
         )
+    if options.subscription_sign and not options.subscription_servers:
+        raise ReloadError("--subscription-sign needs --subscription-server: it signs its packets")
+    if options.subscription_sign:
+        try:
+            io.sign(options.subscription_sign, b"uwsgi-reload")
+        except (OSError, subprocess.SubprocessError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ReloadError(f"--subscription-sign: {reason}") from None
     if options.canary_check and not options.canary:
         raise ReloadError("--canary-check needs --canary: it judges the canaries after the soak")
     suffix = options.vassal_config_file_suffix
@@ -3222,6 +3257,9 @@ class Driver:
         self.interrupted, self.started = interrupted, started
         #: probes and commands out, with what they are about; answered in the order asked
         self.probes: dict[Future[Any], Instance] = {}
+        #: signs a subscription packet (``--subscription-sign``), or none
+        spec = options.subscription_sign
+        self._sign = None if spec is None else functools.partial(io.sign, spec)
         #: what the run's canary soak and revert did (for the report)
         self.soak: Soak | None = None
         self.revert: tuple[TeamCommand, Rollout | None] | None = None
@@ -3481,7 +3519,7 @@ class Driver:
         for server in self.options.subscription_servers:
             for packet in packets:
                 try:
-                    self.io.send(server, packet.packet())
+                    self.io.send(server, packet.packet(self._sign, self.io.wall_clock()))
                 except Exception as exc:  # a packet not sent must not keep the others from going
                     reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
                     problems.append(
@@ -3609,6 +3647,15 @@ def _subscription_server(text: str) -> str:
     return text
 
 
+def _sign_spec(text: str) -> str:
+    algo, colon, keyfile = text.partition(":")
+    if not colon or not algo.isalnum() or not keyfile:
+        raise argparse.ArgumentTypeError(f"{text!r} is not <algo>:<private key file>")
+    if not os.access(keyfile, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{keyfile} is not a readable file")
+    return text
+
+
 def _probe_path(text: str) -> str:
     if not text.startswith("/") or any(c.isspace() or not c.isprintable() for c in text):
         raise argparse.ArgumentTypeError(
@@ -3652,6 +3699,10 @@ def build_parser() -> argparse.ArgumentParser:
         "host:port UDP), once per router: drain each vassal before its reload (unsubscribe at "
         "every server, wait until no router has a request in flight to it) and subscribe it "
         "again as soon as it accepts (default: off)")
+    add("--subscription-sign", type=_sign_spec, default=unset, metavar="<algo:keyfile>",
+        help="sign the packets sent to the subscription server with this private key, as the "
+        "vassals sign their announces (e.g. SHA1:/etc/uwsgi/keys/domain.tld.pem), for routers "
+        "run with --subscriptions-sign-check; needs the openssl command")
     add("--drain-timeout", type=positive_float, default=5.0, metavar="<seconds>",
         help="with --subscription-server: reload a vassal anyway when requests are still in "
         "flight to it after this long")
