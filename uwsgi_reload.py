@@ -3700,12 +3700,11 @@ def build_parser() -> argparse.ArgumentParser:
         "every server, wait until no router has a request in flight to it) and subscribe it "
         "again as soon as it accepts (default: off)")
     add("--subscription-sign", type=_sign_spec, default=unset, metavar="<algo:keyfile>",
-        help="sign the packets sent to the subscription server with this private key, as the "
-        "vassals sign their announces (e.g. SHA1:/etc/uwsgi/keys/domain.tld.pem), for routers "
-        "run with --subscriptions-sign-check; needs the openssl command")
+        help="sign the packets to the subscription server with this key, as vassals sign their "
+        "announces (SHA1:/etc/uwsgi/keys/domain.tld.pem), by the openssl command (default: off)")
     add("--drain-timeout", type=positive_float, default=5.0, metavar="<seconds>",
         help="with --subscription-server: reload a vassal anyway when requests are still in "
-        "flight to it after this long")
+        "flight to it after this long (unless a router never acted on the unsubscribe)")
     add("--probe", type=_probe_path, default=unset, metavar="<path>",
         help="before counting a reloaded vassal back, GET this path straight from its socket "
         "(uwsgi protocol, Host: the fastrouter key); anything but 2xx/3xx stops the rollout "
