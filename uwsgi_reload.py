@@ -3694,6 +3694,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-parallel", type=positive_int, default=None, metavar="<int>",
         help="at most this many vassals reloading at once (default: as many as the minimum "
         "allows)")
+    add = parser.add_argument_group("rotation control: drain").add_argument
     add("--subscription-server", type=_subscription_server, action="append", default=unset,
         metavar="<socket>", help="the fastrouter's subscription server (unix datagram path or "
         "host:port UDP), once per router: drain each vassal before its reload (unsubscribe at "
@@ -3705,18 +3706,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("--drain-timeout", type=positive_float, default=5.0, metavar="<seconds>",
         help="with --subscription-server: reload a vassal anyway when requests are still in "
         "flight to it after this long (unless a router never acted on the unsubscribe)")
+    add = parser.add_argument_group("rotation control: probe and warm-up").add_argument
     add("--probe", type=_probe_path, default=unset, metavar="<path>",
         help="before counting a reloaded vassal back, GET this path straight from its socket "
         "(uwsgi protocol, Host: the fastrouter key); anything but 2xx/3xx stops the rollout "
         "(default: off)")
     add("--probe-timeout", type=positive_float, default=5.0, metavar="<seconds>",
         help="how long the probe waits for the status line")
+    add("--warmup", type=_probe_path, default=unset, metavar="<path>",
+        help="with --subscription-server: GET this path --warmup-requests times straight from "
+        "a reloaded vassal's socket while it is out of rotation, before it goes back")
+    add("--warmup-requests", type=positive_int, default=10, metavar="<int>",
+        help="how many warm-up requests")
+    add = parser.add_argument_group("surge").add_argument
     add("--max-surge", type=non_negative_int, default=0, metavar="<int>",
         help="with --subscription-server: before the first reload, add this many temporary "
         "twins per fastrouter key (new links to an original's config, named <name>.surge-<i>, "
         "or a free port for configs named after their port), wait until they are live, reload "
         "the originals counting them, then drain and remove them: the minimum may then be the "
         "number of vassals")
+    add = parser.add_argument_group("safe deploys").add_argument
     add("--canary", type=non_negative_int, default=0, metavar="<int>",
         help="reload this many vassals per fastrouter key first, then watch them serve for "
         "--soak seconds (their master, the routers' failcnt, the probe, --canary-check) before "
@@ -3730,11 +3739,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="when the new code fails (a canary, a timeout, a probe): run this shell command "
         "(the way back: flip the release link), then reload every vassal already reloaded; "
         "exit 4 once all are back on the previous code")
-    add("--warmup", type=_probe_path, default=unset, metavar="<path>",
-        help="with --subscription-server: GET this path --warmup-requests times straight from "
-        "a reloaded vassal's socket while it is out of rotation, before it goes back")
-    add("--warmup-requests", type=positive_int, default=10, metavar="<int>",
-        help="how many warm-up requests")
+    add = parser.add_argument_group("output").add_argument
     add("--metrics-file", default=unset, metavar="<path>",
         help="at the end of every run, failed ones too, write its metrics there (Prometheus)")
     add("--dry-run", action="store_true", help="print the plan and touch nothing")
