@@ -959,6 +959,7 @@ def pick_reloads(
     minimum: int,
     free_slots: int | None,
     others: Mapping[Place, int] | None = None,
+    budget: Mapping[Place, int] | None = None,
 ) -> list[str]:
     """Which of ``candidates`` (in order) may go out of rotation now: the one minimum check, for
     the vassals a rollout reloads, the twins a surge removes and the plan of ``--dry-run``.
@@ -968,22 +969,35 @@ def pick_reloads(
     a live one may go only if every place it is live in keeps at least ``minimum`` live nodes
     without it. Not-live vassals go first. ``free_slots`` caps the number started (``None``: no
     cap). ``others``: per place, the live nodes that are not candidates' (``Snapshot.others``).
+    ``budget``: per place, how many more live ones may go (``--max-unavailable``).
     """
     per_place: dict[Place, int] = dict(others or {})
     for places in live.values():
         for place in places:
             per_place[place] = per_place.get(place, 0) + 1
     ordered = [v for v in candidates if not live.get(v)] + [v for v in candidates if live.get(v)]
+    room = dict(budget or {})
     picked: list[str] = []
     for vassal in ordered:
         if free_slots is not None and len(picked) >= free_slots:
             break
         going: frozenset[Place] = live.get(vassal, frozenset())
-        if all(per_place[place] - 1 >= minimum for place in going):
+        if all(per_place[p] - 1 >= minimum and room.get(p, 1) > 0 for p in going):
             for place in going:
                 per_place[place] -= 1
+                if place in room:
+                    room[place] -= 1
             picked.append(vassal)
     return picked
+
+
+def unavailable_caps(spec: str, snapshot: Snapshot) -> dict[str, int]:
+    """Per key, the most of this run's vassals out of rotation at once (``--max-unavailable``:
+    a number, or a percentage of the key's live nodes, every host's, rounded down)."""
+    counts = per_key(snapshot.live_counts)
+    if spec.endswith("%"):
+        return {key: int(float(spec[:-1]) * count / 100) for key, count in counts.items()}
+    return dict.fromkeys(counts, int(spec))
 
 
 def rounds_needed(vassals: int, minimum: int) -> int:
@@ -1414,6 +1428,8 @@ class Rollout(Machine):
         self.held: set[str] = set()
         #: why the canaries failed (``canary_failed``)
         self.canary_failure: str | None = None
+        #: per key, the most of its vassals out of rotation at once (``unavailable_caps``)
+        self.caps: dict[str, int] | None = None
         #: the last snapshot stepped on: what a probe's answer is weighed against
         self._last: Snapshot | None = None
         #: per draining vassal, the routers seen without a live node of it since its unsubscribe
@@ -1501,7 +1517,8 @@ class Rollout(Machine):
         candidates = [
             v.id for v in self._pending() if v.id in snapshot.vassals and v.id not in waiting
         ]
-        for vassal_id in pick_reloads(candidates, live, self.rules.minimum, free, others):
+        budget = self._budget()
+        for vassal_id in pick_reloads(candidates, live, self.rules.minimum, free, others, budget):
             v = self.vassals[vassal_id]
             v.baseline = snapshot.vassals[vassal_id]
             drain = take_out(v, snapshot, now, self.rules) if v.baseline.accepting else None
@@ -1541,6 +1558,18 @@ class Rollout(Machine):
                 v.missing_since = now if v.missing_since is None else v.missing_since
                 waiting[v.id] = v.missing_since
         return waiting
+
+    def _budget(self) -> dict[tuple[str, str], int] | None:
+        """Per key, how many more may go out of rotation: the cap less the vassals this run has
+        out now (in flight, or failed and kept out)."""
+        if self.caps is None:
+            return None
+        out = collections.Counter(
+            key
+            for v in self.in_phase(*IN_FLIGHT, *CODE_FAILED, Phase.ABANDONED)
+            for key in {n.key for n in v.nodes}
+        )
+        return {(EVERY_ROUTER, key): cap - out[key] for key, cap in self.caps.items()}
 
     def _count_lowest(
         self, live: Mapping[str, frozenset[tuple[str, str]]], others: Mapping[tuple[str, str], int]
@@ -2757,6 +2786,8 @@ class Options:
     metrics_file: str | None = None
     #: ``ALGO:private key``: sign the subscription packets (routers with sign-check)
     subscription_sign: str | None = None
+    #: ``N`` or ``P%``: the most of this host's vassals out of rotation at once, per key
+    max_unavailable: str | None = None
 
     @property
     def routers(self) -> tuple[str, ...]:
@@ -3137,6 +3168,13 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
         raise StatsError("; ".join(first.unreadable.values()))
     fleet = locate(fleet, first, io.sockets, io.is_local)
     check_fleet(fleet, first, options.minimum_active_vassals, options.max_surge, leftovers)
+    caps = unavailable_caps(options.max_unavailable, first) if options.max_unavailable else None
+    for key, cap in (caps or {}).items():
+        if cap < 1:
+            raise ReloadError(
+                f"--max-unavailable {options.max_unavailable} of fastrouter key {key!r}'s "
+                f"{per_key(first.live_counts)[key]} live nodes is 0: nothing could be reloaded"
+            )
     twins = _plan_surge(fleet, first, options, io, leftovers)
     started_wall, started = io.wall_clock(), io.clock()
     if options.dry_run:
@@ -3154,6 +3192,7 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
     rollout = Rollout(fleet, options.rules)
     if options.canary:
         rollout.held = set(rollout.vassals) - set(pick_canaries(fleet, first, options.canary))
+    rollout.caps = caps
     surges = [Surge(leftovers, options.rules), Surge(twins, options.rules)]
     try:
         with emperor_lock(options.emperor_path), io.probe_pool() as pool:
@@ -3647,6 +3686,17 @@ def _subscription_server(text: str) -> str:
     return text
 
 
+def _share(text: str) -> str:
+    number = text[:-1] if text.endswith("%") else text
+    try:
+        ok = float(number) > 0 and (text.endswith("%") or number.isdigit())
+    except ValueError:
+        ok = False
+    if not ok or not math.isfinite(float(number)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or a percentage > 0")
+    return text
+
+
 def _sign_spec(text: str) -> str:
     algo, colon, keyfile = text.partition(":")
     if not colon or not algo.isalnum() or not keyfile:
@@ -3691,6 +3741,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for the reload of a vassal")
     add("--check-interval", type=positive_float, default=0.1, metavar="<float>",
         help="interval between vassal status checks (seconds)")
+    add("--max-unavailable", type=_share, default=unset, metavar="<int|percent>",
+        help="at most this many of this host's vassals out of rotation at once per fastrouter "
+        "key, on top of the minimum; N%% is N percent of the key's live nodes, every host's: "
+        "the share of one host among those a playbook rolls together (default: no cap)")
     add("--max-parallel", type=positive_int, default=None, metavar="<int>",
         help="at most this many vassals reloading at once (default: as many as the minimum "
         "allows)")

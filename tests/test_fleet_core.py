@@ -767,3 +767,34 @@ def test_the_minimum_holds_in_each_router_and_in_every_router(
     rollout = ur.Rollout(fleet, ur.Rules(minimum=1, timeout=10))
     (event,) = rollout.step(ur.Snapshot({"v.ini": vassal("v.ini")}, nodes, TWO), 0.0)
     assert event.touches is starts
+
+
+# ---------------------------------------------------------------------------------------------
+# --max-unavailable: a budget per host, so that hosts rolled together share the fleet's room
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("share", "most"), [("1", 1), ("2", 2), ("25%", 2), ("10%", 0)])
+def test_max_unavailable_caps_this_hosts_vassals_out_at_once(
+    tmp_path: Path, share: str, most: int
+) -> None:
+    """4 local vassals, 4 remote nodes: minimum 1 lets all 4 go at once; the budget caps them
+    (25% of the key's 8 live nodes: 2)."""
+    stack = FleetStack(local=4, remote=4, announce_delay=0.3)
+    if most == 0:  # 10% of 8 nodes is 0: refused before anything is touched
+        with pytest.raises(ur.ReloadError, match="is 0: nothing could be reloaded"):
+            run_fleet(stack, tmp_path, minimum=1, max_unavailable=share)
+        assert stack.touched == []
+        return
+    code, out, _ = run_fleet(stack, tmp_path, minimum=1, max_unavailable=share)
+    assert code == ur.EXIT_OK, out
+    assert 8 - stack.fewest_total == most, out
+
+
+def test_control_without_a_budget_the_host_takes_out_what_the_minimum_allows(
+    tmp_path: Path,
+) -> None:
+    stack = FleetStack(local=4, remote=4, announce_delay=0.3)
+    code, out, _ = run_fleet(stack, tmp_path, minimum=1)
+    assert code == ur.EXIT_OK, out
+    assert 8 - stack.fewest_total == 4, out
