@@ -47,6 +47,8 @@ FLASK_ARGS = [
     "--uwsgi-health-path=/health",
     "--uwsgi-vassals=3",
 ]
+#: The zero-downtime checks the package ships, run from the installed package.
+SHIPPED_CHECKS = "uwsgi_reload_loadtests.zero_downtime"
 ENV = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
@@ -155,15 +157,7 @@ def procedure_template(mode: str) -> str:
 
 
 def shipped_checks(python: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    args = [
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:randomly",
-        "--pyargs",
-        "uwsgi_reload_loadtests.zero_downtime",
-    ]
+    args = ["-m", "pytest", "-q", "-p", "no:randomly", "--pyargs", SHIPPED_CHECKS]
     return run([str(python), *args, *FLASK_ARGS, *extra], cwd)
 
 
