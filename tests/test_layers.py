@@ -28,6 +28,7 @@ LAYERS = {
     "uwsgi_reload_harness.stack": PROCESSES,
     "uwsgi_reload_harness.fleet": PROCESSES,
     "uwsgi_reload_harness.traps": PROCESSES,
+    "uwsgi_reload_harness.busy": PROCESSES,
     "uwsgi_reload_harness.examples.*": PROCESSES,  # the example app the stacks serve
     # fixtures: the pytest plugin
     "uwsgi_reload_harness.plugin": FIXTURES,
