@@ -180,16 +180,7 @@ def warm_up(tmp_path: Path) -> tuple[int, ReleaseSim, str]:
     answered only after the run polled 3 more times (``Deferred``)."""
     stack = ReleaseSim("good", announce=0.0)
     stack.warm = 3
-    pool = Deferred(polls=3)
-    snapshot = stack.snapshot
-
-    def polled(options: ur.Options) -> ur.Snapshot:
-        pool.poll()
-        return snapshot(options)
-
-    stack.pool = lambda: pool
-    io = stack.io
-    stack.io = lambda: dataclasses.replace(io(), snapshot=polled)  # type: ignore[method-assign]
+    Deferred.wired(stack, polls=3)
     code, out = deploy(stack, tmp_path, canary=0, probe=None, warmup="/warm", warmup_requests=3)
     return code, stack, out
 

@@ -540,6 +540,20 @@ class Deferred(Executor):
         self.out.append((self.seen, args[0].name, future, lambda: fn(*args, **kwargs)))
         return future
 
+    @classmethod
+    def wired(cls, stack: RouterSim, polls: int) -> Deferred:
+        """The stack's pool from now on, counting the polls of the stack's stats."""
+        pool = cls(polls)
+        snapshot, io = stack.snapshot, stack.io
+
+        def polled(options: ur.Options) -> ur.Snapshot:
+            pool.poll()
+            return snapshot(options)
+
+        stack.pool = lambda: pool
+        stack.io = lambda: dataclasses.replace(io(), snapshot=polled)  # type: ignore[method-assign]
+        return pool
+
     def poll(self) -> None:
         self.seen += 1
         for entry in [e for e in self.out if self.seen - e[0] >= self.polls]:
@@ -555,16 +569,7 @@ def test_a_vassal_and_a_twin_go_through_one_driver_whose_probes_never_hold_the_l
     """The twin's probe and the original's run in the same pool, and the one loop goes on
     polling while each is out (a twin's probe used to block it)."""
     stack = SurgeSim(["vassal_01.ini"], tmp_path)
-    pool = Deferred(polls=3)
-    snapshot = stack.snapshot
-
-    def polled(options: ur.Options) -> ur.Snapshot:
-        pool.poll()
-        return snapshot(options)
-
-    stack.pool = lambda: pool
-    io = stack.io
-    stack.io = lambda: dataclasses.replace(io(), snapshot=polled)  # type: ignore[method-assign]
+    pool = Deferred.wired(stack, polls=3)
     code, out = run_on(
         stack,
         tmp_path,
