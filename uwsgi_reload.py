@@ -2061,7 +2061,9 @@ class Soak(Machine):
             return []
         if self.started is None:
             self.started = now
-            self.seen = {v.id: snapshot.vassals[v.id] for v in self.canaries}
+            self.seen = {
+                v.id: snapshot.vassals[v.id] for v in self.canaries if v.id in snapshot.vassals
+            }
             self.failcnt = self._failcnt(snapshot)
         for v in self.canaries:
             why = self._unhealthy(v, snapshot)
