@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import heapq
 import io
 import ipaddress
 import json
@@ -49,23 +48,22 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import uwsgi_reload as ur
 
+from . import fleetsim
 from .cli import EXIT_OK, EXIT_SOME_RUN_FAILED, results_dir
+from .fleetsim import Broken, SimFleet
 from .tables import _cpu_model, _ram, command_line, environment_lines, markdown_table
 
-KEY = "www.example.com"
 #: the first host's address; host h is this plus h
 FIRST_HOST = ipaddress.IPv4Address("10.0.0.2")
 FIRST_PORT = 8001
 ROUTERS = ("fr-a", "fr-b")
-#: the wall clock the simulated emperor's mtimes start from
-WALL_START = 1_000_000.0
 #: a vassal not back after this many reload times is a failure (it never happens here)
 TIMEOUT = 10.0
 #: the tool's --check-interval, in reload times: a power of 2 keeps polls on whole reload times,
@@ -147,176 +145,49 @@ def parse_minimums(text: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The simulated fleet
+# The simulated fleet, and the tool's CPU around it
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class SimVassal:
-    id: str
-    address: str
-    pid: int
-    respawns: int = 0
-    last_mod: int = 1000
-    #: down (reloading) until then; None: live
-    back_at: float | None = None
-
-    def stats(self) -> dict[str, Any]:
-        """Its entry in the emperor's stats (the fields an emperor stats server writes)."""
-        up = int(self.back_at is None)
-        return {
-            "id": self.id,
-            "pid": self.pid,
-            "born": 999,
-            "last_mod": self.last_mod,
-            "last_heartbeat": 0,
-            "loyal": 999,
-            "ready": 1,
-            "accepting": up,
-            "last_loyal": 999,
-            "last_ready": 999,
-            "last_accepting": 999,
-            "first_run": 999,
-            "last_run": 999,
-            "cursed": 0,
-            "zerg": 0,
-            "on_demand": "",
-            "uid": 0,
-            "gid": 0,
-            "monitor": "",
-            "respawns": self.respawns,
-        }
+def fleet_of(scenario: Scenario) -> SimFleet:
+    """H hosts of N vassals; each touch takes its vassal out of every router for exactly one
+    reload time (the emperor acts on it at once, the master announces as it accepts)."""
+    n, in_last = scenario.vassals, scenario.hosts_in_last_router
+    in_last = scenario.hosts if in_last is None else in_last
+    hosts = []
+    for h in range(scenario.hosts):
+        deaf = set(scenario.router_names[-1:]) if h >= in_last else set()
+        hosts.append(fleetsim.host(n, FIRST_HOST + h, FIRST_PORT, 10_000 + h * n, unheard=deaf))
+    fleet = SimFleet(hosts, scenario.router_names, lag=0.0, announce_delay=0.0)
+    fleet.minimum = scenario.minimum
+    return fleet
 
 
-def node_stats(name: str) -> dict[str, Any]:
-    """A live node as a fastrouter stats server writes it (uWSGI 2.0.31, plugins/corerouter)."""
-    return {
-        "name": name,
-        "modifier1": 0,
-        "modifier2": 0,
-        "last_check": 1000,
-        "pid": 0,
-        "uid": 0,
-        "gid": 0,
-        "requests": 0,
-        "last_requests": 0,
-        "tx": 0,
-        "rx": 0,
-        "cores": 1,
-        "load": 0,
-        "weight": 1,
-        "wrr": 0,
-        "ref": 0,
-        "failcnt": 0,
-        "death_mark": 0,
-    }
+class Meter:
+    """The tool's CPU (``time.process_time``) around a simulated fleet's ``Io``, the simulator's
+    own work (its bookkeeping, the stats JSON it writes) left out. Per poll: *read*, decoding the
+    stats (and of it ``json.loads``); *decide*, from the end of its snapshot to the next snapshot
+    or sleep, less the time in ``touch`` (the last poll of a host run: to the end of the run, its
+    summary included). Per host run: *start*, its start-up checks, from its first snapshot to its
+    first reading of the wall clock (``run`` reads it once ``locate`` and ``check_fleet`` are
+    done)."""
 
-
-@dataclasses.dataclass
-class Broken:
-    """The minimum broken: where (a router, or ``every`` router), when, how many were live."""
-
-    at: float
-    place: str
-    live: int
-
-
-EVERY = "every router"
-
-
-class SimFleet:
-    """H emperors and the routers on one fake clock; ``io()`` is the ``uwsgi_reload.Io`` of the
-    host being rolled.
-
-    The simulator's own work (its bookkeeping, the stats JSON it writes) is kept out of the
-    measured CPU: ``snapshot`` measures the tool's decoding only, and the tool's time between
-    two polls is measured from the end of one ``snapshot`` to the next ``snapshot`` or ``sleep``,
-    less the time in ``touch``.
-    """
-
-    def __init__(self, scenario: Scenario) -> None:
-        self.scenario = scenario
-        self.t = 0.0
-        n = scenario.vassals
-        self.hosts: list[list[SimVassal]] = [
-            [
-                SimVassal(
-                    f"vassal_{i + 1:02d}.ini",
-                    f"{FIRST_HOST + h}:{FIRST_PORT + i}",
-                    pid=10_000 + h * n + i,
-                )
-                for i in range(n)
-            ]
-            for h in range(scenario.hosts)
-        ]
-        self.by_pid = {v.pid: v for host in self.hosts for v in host}
-        #: each node as a router's stats list it, written once
-        self._node_json = {
-            v.address: json.dumps(node_stats(v.address)) for host in self.hosts for v in host
-        }
-        in_last = scenario.hosts_in_last_router
-        in_last = scenario.hosts if in_last is None else in_last
-        last = scenario.router_names[-1]
-        #: router -> the hosts whose vassals announce to it
-        self.subscribed = {
-            r: range(in_last) if r == last else range(scenario.hosts) for r in scenario.router_names
-        }
-        self.places = (*scenario.router_names, EVERY)
-        self.every_router = range(min(len(hosts) for hosts in self.subscribed.values()))
-        self.live = {place: self._count(place) for place in self.places}
-        self.fewest = dict(self.live)
-        self.broken: list[Broken] = []
-        #: (back at, host, vassal index) of the vassals reloading
-        self.reloading: list[tuple[float, int, int]] = []
-        self.rolled = 0
-        self.touched: list[tuple[float, int, str]] = []
-        self._version = 0
-        self._stats: dict[tuple[int, int, str], str] = {}
-        # measurement: CPU seconds of the tool's own work
-        self.polls = 0
-        #: per poll: decoding the stats, and of it ``json.loads``
+    def __init__(self, fleet: SimFleet) -> None:
+        self.fleet = fleet
         self.read_cpu: list[float] = []
         self.json_cpu: list[float] = []
-        #: per poll: from the end of its snapshot to the next poll (the last one of a host's run:
-        #: to the end of the run, its summary included)
         self.decide_cpu: list[float] = []
-        #: per host run: its start-up checks, from its first snapshot to its first wall-clock
-        #: reading (``run`` reads the clock once ``locate`` and ``check_fleet`` are done)
         self.start_cpu: list[float] = []
+        #: when the tool last took over from the simulator (None: the simulator runs)
         self._since: float | None = None
+        #: the tool's CPU so far in the interval under way
         self._open = 0.0
-        self._starting = False
-        #: a poll's decision is under way: it ends at the next poll, sleep or end of the run
-        self._deciding = False
-
-    def _count(self, place: str) -> int:
-        hosts = self.every_router if place == EVERY else self.subscribed[place]
-        return sum(1 for h in hosts for v in self.hosts[h] if v.back_at is None)
-
-    def _places_of(self, host: int) -> list[str]:
-        places = [r for r, hosts in self.subscribed.items() if host in hosts]
-        return [*places, EVERY] if host in self.every_router else places
-
-    def _check(self) -> None:
-        for place, live in self.live.items():
-            self.fewest[place] = min(self.fewest[place], live)
-            if live < self.scenario.minimum:
-                self.broken.append(Broken(self.t, place, live))
-
-    def _advance(self) -> None:
-        while self.reloading and self.reloading[0][0] <= self.t:
-            _, h, i = heapq.heappop(self.reloading)
-            self.hosts[h][i].back_at = None
-            for place in self._places_of(h):
-                self.live[place] += 1
-            self._version += 1
-
-    # -- the tool's Io --------------------------------------------------------------------
+        self._starting = self._deciding = False
 
     def _pause(self) -> float:
-        """Stop the clock of the tool's own work; the CPU it used since it last ran."""
-        now = time.process_time()
-        spent, self._since = (0.0 if self._since is None else now - self._since), None
+        """The simulator takes over: the CPU the tool used since it last did."""
+        spent = 0.0 if self._since is None else time.process_time() - self._since
+        self._since = None
         return spent
 
     def _end_interval(self) -> None:
@@ -331,95 +202,44 @@ class SimFleet:
             self.start_cpu.append(self._open + self._pause())
             self._open, self._starting = 0.0, False
             self._since = time.process_time()
-        return WALL_START + self.t
+        return fleetsim.WALL_START + self.fleet.t
 
-    def _stats_json(self, what: str) -> str:
-        """The JSON a stats server would send; written again only when something changed."""
-        key = (self._version, self.rolled, what)
-        cached = self._stats.get(key)
-        if cached is not None:
-            return cached
-        if what == "emperor":
-            text = json.dumps({"vassals": [v.stats() for v in self.hosts[self.rolled]]})
-        else:
-            nodes = ", ".join(
-                self._node_json[v.address]
-                for h in self.subscribed[what]
-                for v in self.hosts[h]
-                if v.back_at is None
-            )
-            key_json = json.dumps(KEY)
-            text = f'{{"subscriptions": [{{"key": {key_json}, "nodes": [{nodes}]}}], "cheap": 0}}'
-        self._stats = {k: s for k, s in self._stats.items() if k[:2] == key[:2]}
-        self._stats[key] = text
-        return text
-
-    def snapshot(self, options: ur.Options) -> ur.Snapshot:
+    def _snapshot(self, options: ur.Options) -> ur.Snapshot:
         self._end_interval()
-        self._advance()
-        self._check()
-        raw = {what: self._stats_json(what) for what in ("emperor", *options.routers)}
+        raw = self.fleet.stats(options)
         started = time.process_time()
-        docs = {what: json.loads(text) for what, text in raw.items()}
+        docs = {what: None if text is None else json.loads(text) for what, text in raw.items()}
         decoded = time.process_time()
-        vassals = ur.parse_emperor_stats(docs["emperor"])
-        nodes: list[ur.Node] = []
-        for router in options.routers:
-            nodes += ur.parse_fastrouter_stats(docs[router], router)
-        snapshot = ur.Snapshot(vassals, nodes, options.routers)
+        snapshot = fleetsim.snapshot_of(docs, options)
         self._since = time.process_time()
         self.read_cpu.append(self._since - started)
         self.json_cpu.append(decoded - started)
-        self.polls += 1
         self._deciding = True
         return snapshot
 
-    def sleep(self, seconds: float) -> None:
+    def _sleep(self, seconds: float) -> None:
         self._end_interval()
-        self.t += seconds
+        self.fleet.sleep(seconds)
 
-    def touch(self, path: str, mtime: int) -> None:
+    def _touch(self, path: str, mtime: int) -> None:
         self._open += self._pause()
-        self._advance()
-        v = next(v for v in self.hosts[self.rolled] if v.id == Path(path).name)
-        if mtime <= v.last_mod or v.back_at is not None:
-            raise AssertionError(f"{v.id} touched with mtime {mtime} or twice")
-        # the emperor registers it at once (the tool's next poll reads its stats) and the
-        # node leaves every router until the new instance is up: one reload time
-        v.respawns, v.last_mod, v.back_at = v.respawns + 1, mtime, self.t + 1.0
-        heapq.heappush(self.reloading, (v.back_at, self.rolled, self.hosts[self.rolled].index(v)))
-        for place in self._places_of(self.rolled):
-            self.live[place] -= 1
-        self._version += 1
-        self.touched.append((self.t, self.rolled, v.id))
-        self._check()
+        self.fleet.touch(path, mtime)
         self._since = time.process_time()
 
-    def send(self, address: str, data: bytes) -> None:
-        raise AssertionError("no drain in this simulation")
-
-    def sockets(self, pids: Iterable[int]) -> dict[int, tuple[str, ...]]:
-        return {pid: (self.by_pid[pid].address,) for pid in pids}
-
-    def is_local(self, host: str) -> bool:
-        return host == str(FIRST_HOST + self.rolled)
-
     def io(self) -> ur.Io:
-        return ur.Io(
-            clock=lambda: self.t,
+        return dataclasses.replace(
+            self.fleet.io(),
             wall_clock=self._wall_clock,
-            sleep=self.sleep,
-            snapshot=self.snapshot,
-            touch=self.touch,
-            send=self.send,
-            sockets=self.sockets,
-            is_local=self.is_local,
+            snapshot=self._snapshot,
+            sleep=self._sleep,
+            touch=self._touch,
         )
 
     @contextmanager
     def host_run(self, host: int) -> Iterator[None]:
         """The tool runs on ``host``; its start-up checks are measured apart from its polls."""
-        self.rolled, self._open, self._starting = host, 0.0, True
+        self.fleet.roll(host)
+        self._open, self._starting = 0.0, True
         try:
             yield
         finally:
@@ -487,23 +307,24 @@ class Result:
             "start_ms_per_host_run": self.start_ms,
             "fewest_live": self.fewest,
             "minimum_held": self.minimum_held,
-            "broken": [dataclasses.asdict(b) for b in self.broken[:10]],
+            "broken": [b._asdict() for b in self.broken[:10]],
             "reloaded": self.reloaded,
             "reloaded_twice": self.reloaded_twice,
             "cpu_s": self.cpu_s,
         }
 
 
-def roll(scenario: Scenario, fleet: SimFleet | None = None) -> Result:
+def roll(scenario: Scenario, meter: Meter | None = None) -> Result:
     """Roll the whole fleet host by host with the tool; stop at the first host that fails."""
-    fleet = fleet or SimFleet(scenario)
+    meter = meter or Meter(fleet_of(scenario))
+    fleet = meter.fleet
     routers = scenario.router_names[: scenario.tool_routers]
     codes = []
     started = time.process_time()
     with tempfile.TemporaryDirectory(prefix="sim-fleet-") as emperor_dir:
         # every host's emperor watches configs of the same names; the tool only lists them
-        for v in fleet.hosts[0]:
-            (Path(emperor_dir) / v.id).write_text("[uwsgi]\n")
+        for vid in fleet.vassals:
+            (Path(emperor_dir) / vid).write_text("[uwsgi]\n")
         for host in range(scenario.hosts):
             options = ur.Options(
                 emperor_path=emperor_dir,
@@ -515,9 +336,9 @@ def roll(scenario: Scenario, fleet: SimFleet | None = None) -> Result:
                 quiet=True,
             )
             out = io.StringIO()
-            with fleet.host_run(host):
+            with meter.host_run(host):
                 try:
-                    code = ur.run(options, ur.Reporter(True, out, out), fleet.io())
+                    code = ur.run(options, ur.Reporter(True, out, out), meter.io())
                 except ur.ReloadError as exc:  # refused before anything was touched
                     code = exc.exit_code
             codes.append(code)
@@ -528,13 +349,13 @@ def roll(scenario: Scenario, fleet: SimFleet | None = None) -> Result:
         scenario=scenario,
         exit_codes=codes,
         makespan=fleet.t,
-        polls=fleet.polls,
-        read_us=_mean_us(fleet.read_cpu),
-        json_us=_mean_us(fleet.json_cpu),
-        decide_us=_mean_us(fleet.decide_cpu),
-        decide_max_us=max(fleet.decide_cpu, default=0.0) * 1e6,
-        start_ms=statistics.fmean(fleet.start_cpu) * 1e3 if fleet.start_cpu else 0.0,
-        fewest=dict(fleet.fewest),
+        polls=len(meter.read_cpu),
+        read_us=_mean_us(meter.read_cpu),
+        json_us=_mean_us(meter.json_cpu),
+        decide_us=_mean_us(meter.decide_cpu),
+        decide_max_us=max(meter.decide_cpu, default=0.0) * 1e6,
+        start_ms=statistics.fmean(meter.start_cpu) * 1e3 if meter.start_cpu else 0.0,
+        fewest={place: n for (place, _), n in fleet.fewest.items()},
         broken=fleet.broken,
         reloaded=sum(v.respawns == 1 for host in fleet.hosts for v in host),
         reloaded_twice=sum(v.respawns > 1 for host in fleet.hosts for v in host),

@@ -44,6 +44,7 @@ LAYERS = {
     "uwsgi_reload_loadtests.schedules": LOAD,
     "uwsgi_reload_loadtests.tables": LOAD,
     "uwsgi_reload_loadtests.picture": LOAD,
+    "uwsgi_reload_loadtests.fleetsim": LOAD,
     # the shipped zero-downtime checks, and the commands with what only they share
     "uwsgi_reload_loadtests.zero_downtime": CHECKS,
     "uwsgi_reload_loadtests.cli": CHECKS,

@@ -15,6 +15,7 @@ import pytest
 import uwsgi_reload as ur
 from uwsgi_reload_loadtests import simulate_fleet as sf
 from uwsgi_reload_loadtests.cli import EXIT_OK, EXIT_SOME_RUN_FAILED
+from uwsgi_reload_loadtests.fleetsim import EVERY
 
 
 @pytest.mark.parametrize(
@@ -57,11 +58,12 @@ def test_the_makespan_does_not_depend_on_the_poll_interval(interval: float) -> N
 
 
 def test_the_cpu_is_measured_per_poll() -> None:
-    fleet = sf.SimFleet(sf.Scenario(3, 4, 11))
-    result = sf.roll(fleet.scenario, fleet)
-    assert result.polls == len(fleet.read_cpu) == len(fleet.decide_cpu) > 0
-    assert len(fleet.start_cpu) == 3
-    assert result.polls == len(fleet.json_cpu)
+    scenario = sf.Scenario(3, 4, 11)
+    meter = sf.Meter(sf.fleet_of(scenario))
+    result = sf.roll(scenario, meter)
+    assert result.polls == len(meter.read_cpu) == len(meter.decide_cpu) > 0
+    assert len(meter.start_cpu) == 3
+    assert result.polls == len(meter.json_cpu)
     assert result.read_us >= result.json_us > 0 and result.decide_us > 0
     assert result.decide_max_us >= result.decide_us
     assert result.start_ms > 0
@@ -71,7 +73,7 @@ def test_two_routers_each_keep_the_minimum() -> None:
     result = sf.roll(sf.Scenario(3, 4, 8, routers=2))
     assert result.ok and result.makespan == 3
     assert result.minimum_held
-    assert result.fewest == {"fr-a": 8, "fr-b": 8, sf.EVERY: 8}
+    assert result.fewest == {"fr-a": 8, "fr-b": 8, EVERY: 8}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,8 +92,8 @@ def test_control_a_router_the_tool_does_not_read_goes_below_the_minimum() -> Non
     assert result.fewest["fr-a"] == 8
     # router B had host 1's 4 nodes only, and all 4 went at once
     assert not result.minimum_held
-    assert result.fewest["fr-b"] == 0 and result.fewest[sf.EVERY] == 0
-    assert {b.place for b in result.broken} == {"fr-b", sf.EVERY}
+    assert result.fewest["fr-b"] == 0 and result.fewest[EVERY] == 0
+    assert {b.place for b in result.broken} == {"fr-b", EVERY}
     assert min(b.at for b in result.broken) == 0.0
 
 
@@ -106,11 +108,10 @@ def test_given_both_routers_the_tool_refuses_the_miswired_fleet() -> None:
 def test_the_check_sees_every_touch() -> None:
     """The check runs after each touch, not only at polls: a fleet taken below the minimum and
     back before the next poll is still caught."""
-    fleet = sf.SimFleet(sf.Scenario(1, 2, 2))
-    options = ur.Options("e", "fr-a", "es")
-    fleet.snapshot(options)
+    fleet = sf.fleet_of(sf.Scenario(1, 2, 2))
+    fleet.snapshot(ur.Options("e", "fr-a", "es"))
     fleet.touch("e/vassal_01.ini", 2_000_000)
-    assert [(b.place, b.live) for b in fleet.broken] == [("fr-a", 1), (sf.EVERY, 1)]
+    assert [(b.place, b.live) for b in fleet.broken] == [("fr-a", 1), (EVERY, 1)]
 
 
 # ---------------------------------------------------------------------------------------------
