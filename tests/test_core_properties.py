@@ -9,9 +9,9 @@ SIGINT and an unexpected error, all drawn by hypothesis. Whatever happens:
   minimum: the other vassals live for the key, not being reloaded, and other hosts' live nodes
   of the key are at least m;
 - no other host's node is ever sent a packet;
-- no vassal is touched while a second router that never acted on its unsubscribe (its
-  subscription server bound elsewhere) still routes to it;
-- exit 0 only if every vassal runs a new instance and is live in the router;
+- no vassal the tool unsubscribed is touched while a router still routes to it (the second
+  router, its subscription server bound elsewhere, may never act on the unsubscribe);
+- exit 0 only if every vassal runs a new instance and is live in the first router;
 - no vassal the tool unsubscribed is left out of rotation when the tool exits, unless its probe
   failed and the report says so, or it is being reloaded (its new instance announces itself).
 """
@@ -19,149 +19,19 @@ SIGINT and an unexpected error, all drawn by hypothesis. Whatever happens:
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
+import functools
 import math
 import os
 import signal
 import tempfile
-from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import uwsgi_reload as ur
-from tests.test_drain_logic import RouterSim
-from tests.test_reload_logic import run_on
-from tests.uwsgi_packets import decode_packet
-
-
-class FleetSim(RouterSim):
-    """RouterSim with each vassal under its own set of keys, recording every start."""
-
-    def __init__(self, keys: dict[str, tuple[str, ...]], **kwargs: float) -> None:
-        super().__init__(list(keys), **kwargs)
-        self.keys = keys
-        self.minimum = 0
-        #: vassal -> the fewest others live per key when the tool started it (drain or touch)
-        self.started: dict[str, int] = {}
-        self.touch_refused: set[str] = set()
-        self.unreadable: tuple[float, float] | None = None
-        self.crash_at: float | None = None
-        self.last_packet: dict[str, int] = {}
-        #: per key, other hosts' nodes: live all along, never the tool's to touch
-        self.remote: dict[str, int] = {}
-        #: a second router (its subscription server ``ss-b.sock``): it has what the first has,
-        #: but drops the nodes of ``b_drops`` from ``b_drops_from`` on (say, it was restarted)
-        self.two_routers = False
-        self.b_drops: set[str] = set()
-        self.b_drops_from = math.inf
-        self.b_packets: list[tuple[float, int, str]] = []
-        #: the second router's subscription server is bound elsewhere: it never acts on a packet
-        #: of the tool, and keeps routing to a vassal the tool unsubscribed (``b_held``) until
-        #: its master unsubscribes it (its reload) or dies
-        self.b_ignores = False
-        self.b_held: set[str] = set()
-        #: vassals touched while the second router still routed to them: never as "drained"
-        self.touched_while_held: list[str] = []
-
-    def up(self, vid: str) -> bool:
-        return self.live(self.vassals[vid]) and self.in_router[vid]
-
-    def _start(self, vid: str) -> None:
-        if vid in self.started or not self.up(vid):
-            return  # started before, or not live: it costs nothing
-        others = [
-            w
-            for w in self.vassals
-            if w != vid and self.up(w) and self.vassals[w].registers_at is None
-        ]
-        self.started[vid] = min(
-            sum(1 for w in others if k in self.keys[w]) + self.remote.get(k, 0)
-            for k in self.keys[vid]
-        )
-
-    def touch(self, path: str, mtime: int) -> None:
-        vid = os.path.basename(path)
-        if vid in self.touch_refused:
-            raise PermissionError(1, "Operation not permitted", path)
-        self._start(vid)
-        if vid in self.b_held and not (self.t >= self.b_drops_from and vid in self.b_drops):
-            self.touched_while_held.append(vid)
-        super().touch(path, mtime)
-
-    def kill(self, vid: str, down_for: float) -> None:
-        """Dead, it is re-added from its config as it is now (core/emperor.c): a touch the
-        emperor had not acted on yet is part of the new entry, not a reload to come."""
-        v = self.vassals[vid]
-        if v.registers_at is not None:
-            v.registers_at, v.last_mod = None, v.pending_mtime
-        super().kill(vid, down_for)
-        # its new master announces itself once up, whoever unsubscribed the old one
-        self.next_announce[vid] = self.t + down_for + self.announce_delay
-
-    def snapshot(self, options: ur.Options) -> ur.Snapshot:
-        if self.unreadable and self.unreadable[0] <= self.t < self.unreadable[1]:
-            raise ur.StatsError("stats socket es.sock did not answer with JSON")
-        if self.crash_at is not None and self.t >= self.crash_at:
-            self.crash_at = None
-            raise RuntimeError("simulated bug")
-        assert self.t < 1000, "the run does not end"
-        plain = super().snapshot(options)
-        nodes = [n._replace(key=key) for n in plain.nodes for key in self.keys[self._vid(n.name)]]
-        nodes += [
-            ur.Node(key=key, name=remote_name(key, i), death_mark=False, ref=0, cores=1, weight=1)
-            for key, count in sorted(self.remote.items())
-            for i in range(count)
-        ]
-        if not self.two_routers:
-            return ur.Snapshot(plain.vassals, nodes)
-        dropped = self.b_drops if self.t >= self.b_drops_from else set()
-        self.b_held = {vid for vid in self.b_held if self.live(self.vassals[vid])}
-        held = self.b_held - dropped
-        in_b = [
-            n._replace(
-                router="fr-b",
-                death_mark=(n.death_mark or self._vid(n.name) in dropped)
-                and self._vid(n.name) not in held,
-            )
-            for n in nodes
-        ]
-        shown = {self._vid(n.name) for n in in_b if not n.name.startswith("127.0.0.9:")}
-        in_b += [
-            ur.Node(
-                key, self.address(self.vassals[vid]), False, 0, cores=1, weight=1, router="fr-b"
-            )
-            for vid in sorted(held - shown)
-            for key in self.keys[vid]
-        ]
-        in_a = [n._replace(router="fr-a") for n in nodes]
-        return ur.Snapshot(plain.vassals, in_a + in_b, ("fr-a", "fr-b"))
-
-    def send(self, address: str, data: bytes) -> None:
-        _, command, pairs = decode_packet(data)
-        fields = dict(pairs)
-        assert not fields["address"].startswith("127.0.0.9:"), f"another host's node: {fields}"
-        vid = self._vid(fields["address"])
-        if address == "ss-b.sock":
-            self.b_packets.append((self.t, command, vid))
-            if command == ur.Command.SUBSCRIBE and not self.b_ignores:
-                self.b_drops.discard(vid)
-            return
-        if self.b_ignores and self.two_routers:
-            if command == ur.Command.UNSUBSCRIBE and self.in_router[vid]:
-                self.b_held.add(vid)
-            elif command == ur.Command.SUBSCRIBE:
-                self.b_held.discard(vid)
-        assert fields["key"] in self.keys[vid]
-        if command == ur.Command.UNSUBSCRIBE:
-            self._start(vid)
-        self.last_packet[vid] = command
-        self.packets.append((self.t, command, fields))
-        self.in_router[vid] = command == ur.Command.SUBSCRIBE
-        if command == ur.Command.UNSUBSCRIBE:
-            self._close_exposure(vid)
+from uwsgi_reload_loadtests.fleetsim import EMPEROR, SimFleet, SimVassal
 
 
 def remote_name(key: str, i: int) -> str:
@@ -253,73 +123,84 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     )
 
 
-def build(s: Scenario) -> FleetSim:
-    stack = FleetSim(s.keys, **s.stack)
-    stack.minimum = s.minimum
-    stack.remote = dict(s.remote)
-    stack.two_routers = s.two_routers
-    stack.b_ignores = s.b_ignores
-    stack.b_drops, stack.b_drops_from = set(s.b_drops), s.b_drops_from
-    stack.reload_times = dict(s.reload_times)
-    stack.never_back = set(s.never_back)
-    stack.probe_status = dict.fromkeys(s.probe_fails, 500)
-    stack.requests = {vid: [s.requests[vid]] if vid in s.requests else [] for vid in s.keys}
-    stack.touch_refused = set(s.touch_refused)
-    stack.unreadable = s.unreadable
-    stack.crash_at = s.crash_at
+def build(s: Scenario) -> SimFleet:
+    """This host's vassals found by name (no /proc), each under its keys; the other hosts' nodes;
+    one router, or two: the second loses ``b_drops`` at ``b_drops_from`` (say, it restarted),
+    and its subscription server ``ss-b.sock`` may be bound elsewhere (it never acts on a packet
+    of the tool, and keeps routing to a vassal the tool unsubscribed)."""
+    here = [
+        SimVassal(vid, f"/run/{vid[:-4]}.sock", 100 + i, keys)
+        for i, (vid, keys) in enumerate(s.keys.items())
+    ]
+    there = [
+        SimVassal(f"r{key}_{i}.ini", remote_name(key, i), 900 + i, (key,))
+        for key, count in sorted(s.remote.items())
+        for i in range(count)
+    ]
+    routers: tuple[str, ...] = ("fr.sock",)
+    servers: dict[str, str | None] = {"ss.sock": "fr.sock"}
+    if s.two_routers:
+        routers = ("fr-a", "fr-b")
+        servers = {"ss.sock": "fr-a", "ss-b.sock": None if s.b_ignores else "fr-b"}
+    fleet = SimFleet([here, there], routers, servers, **s.stack)
+    fleet.proc_readable = False
+    for vid, v in fleet.vassals.items():
+        v.reload = math.inf if vid in s.never_back else s.reload_times.get(vid)
+        v.probe_status = 500 if vid in s.probe_fails else 200
+        v.requests = [s.requests[vid]] if vid in s.requests else []
+    fleet.refuse_touch = set(s.touch_refused)
+    if s.unreadable:
+        fleet.down[EMPEROR] = s.unreadable
+    fleet.crash_at = math.inf if s.crash_at is None else s.crash_at
+    if s.two_routers and s.b_drops_from == 0:
+        fleet.lose("fr-b", s.b_drops)
+    elif s.two_routers:
+        fleet.on_sleep.append((s.b_drops_from, lambda: fleet.lose("fr-b", s.b_drops)))
     for at, vid, down_for in s.kills:
-        stack.on_sleep.append((at, lambda v=vid, d=down_for: stack.kill(v, d)))
+        fleet.on_sleep.append((at, functools.partial(fleet.kill, vid, down_for)))
     if s.interrupt_at is not None:
-        stack.on_sleep.append((s.interrupt_at, lambda: os.kill(os.getpid(), signal.SIGINT)))
-    return stack
+        fleet.on_sleep.append((s.interrupt_at, lambda: os.kill(os.getpid(), signal.SIGINT)))
+    return fleet
 
 
-def run(s: Scenario, stack: FleetSim) -> tuple[int | None, str, dict[str, dict[str, object]]]:
+def run(s: Scenario, fleet: SimFleet) -> tuple[int | None, str, dict[str, Any]]:
     """(exit code, or None if the run ended before its start (main() says so in one line, exit
     2); output; the report's vassals)."""
-    report = io.StringIO()
-    servers = ["ss.sock", "ss-b.sock"] if s.two_routers else ["ss.sock"]
     with tempfile.TemporaryDirectory(prefix="ur-prop-", dir="/tmp") as emperor_dir:
         try:
-            with redirect_stdout(report):
-                code, out = run_on(
-                    stack,
-                    Path(emperor_dir),
-                    None,
-                    minimum_active_vassals=s.minimum,
-                    timeout=s.timeout,
-                    max_parallel=s.max_parallel,
-                    fastrouter_stats_socket=["fr-a", "fr-b"] if s.two_routers else "fr.sock",
-                    subscription_server=servers if s.drain else None,
-                    drain_timeout=s.drain_timeout,
-                    probe="/" if s.probe else None,
-                    json=True,
-                )
+            return fleet.run(
+                Path(emperor_dir),
+                minimum_active_vassals=s.minimum,
+                timeout=s.timeout,
+                max_parallel=s.max_parallel,
+                subscription_server=list(fleet.servers) if s.drain else None,
+                drain_timeout=s.drain_timeout,
+                probe="/" if s.probe else None,
+            )
         except (ur.ReloadError, RuntimeError) as exc:  # refused, or the error came first
             return None, str(exc), {}
-    vassals = json.loads(report.getvalue())["vassals"]
-    return code, out, {f"{v['name']}.ini": v for v in vassals}
 
 
-def check(
-    s: Scenario, stack: FleetSim, code: int | None, out: str, report: dict[str, dict[str, object]]
-) -> None:
+def check(s: Scenario, fleet: SimFleet, code: int | None, out: str, report: dict[str, Any]) -> None:
+    assert fleet.remote_packets == [], f"another host's node was sent a packet\n{out}"
     if code is None:  # refused before anything started
-        assert stack.touched == [] and stack.packets == [], out
+        assert fleet.touched == [] and fleet.packets == [], out
         return
     assert code in (ur.EXIT_OK, ur.EXIT_NOT_ALL_RELOADED, ur.EXIT_INTERRUPTED), out
-    assert not stack.touched_while_held, f"touched while a router routed to it\n{out}"
-    for vid, fewest in stack.started.items():
+    assert not fleet.touched_while_routed, f"touched while a router routed to it\n{out}"
+    for vid, fewest in fleet.started.items():
         assert fewest >= s.minimum, f"{vid} started with {fewest} others live\n{out}"
+    first = fleet.routers[0]
     if code == ur.EXIT_OK:
-        for vid, v in stack.vassals.items():
+        for vid, v in fleet.vassals.items():
             renewed = v.respawns > 0 or v.pid >= 1000
-            assert renewed and stack.up(vid), f"{vid} not back, yet exit 0\n{out}"
-    touched = {vid for _, vid in stack.touched}
-    for vid, command in stack.last_packet.items():
-        if command != ur.Command.UNSUBSCRIBE:
+            back = fleet.live(v) and v.routed[first]
+            assert renewed and back, f"{vid} not back, yet exit 0\n{out}"
+    touched = {vid for _, vid in fleet.touched}
+    last = {p.address: p.command for p in fleet.packets if p.server == "ss.sock"}
+    for vid, v in fleet.vassals.items():
+        if last.get(v.address) != ur.Command.UNSUBSCRIBE:
             continue
-        v = stack.vassals[vid]
         kept_out = report[vid]["outcome"] == "failed" and "left unsubscribed" in str(
             report[vid]["detail"]
         )
@@ -363,6 +244,6 @@ def test_pick_reloads_keeps_every_key_at_its_minimum(
 )
 @given(scenarios())
 def test_any_run_keeps_its_promises(s: Scenario) -> None:
-    stack = build(s)
-    code, out, report = run(s, stack)
-    check(s, stack, code, out, report)
+    fleet = build(s)
+    code, out, report = run(s, fleet)
+    check(s, fleet, code, out, report)
