@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import tempfile
@@ -690,3 +691,23 @@ def test_control_without_a_budget_the_host_takes_out_what_the_minimum_allows(
     code, out, _ = run_fleet(stack, tmp_path, minimum=1)
     assert code == ur.EXIT_OK, out
     assert 8 - fewest_total(stack) == 4, out
+
+
+@pytest.mark.xfail(
+    reason="on a drain timeout the tool touches a vassal that a router which never acts on its "
+    "unsubscribe routes to again after its master's re-announce",
+    strict=True,
+)
+def test_a_drain_timeout_touches_no_vassal_a_router_that_ignores_the_drain_routes_to(
+    tmp_path: Path,
+) -> None:
+    """B's subscription server is not the one given; B lacks vassal_01 at the start, and its
+    master re-announces at 0.5 s to both routers; requests in flight never end in A."""
+    servers = {"ss-fr-a": "fr-a", "ss-wrong": None}
+    timing = {"reload": 0.2, "lag": 0.0, "announce_delay": 0.0, "reannounce": 0.5}
+    stack = fleet_stack(local=2, remote=0, routers=TWO, servers=servers, **timing)
+    first = stack.vassals["vassal_01.ini"]
+    first.routed["fr-b"], first.requests = False, [math.inf]
+    code, out, _ = run_fleet(stack, tmp_path, minimum=0, drain_timeout=0.5, timeout=1.0)
+    assert code == ur.EXIT_NOT_ALL_RELOADED, out
+    assert stack.touched_while_routed == [], out
