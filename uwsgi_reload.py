@@ -1432,7 +1432,9 @@ class Rollout(Machine):
         self.caps: dict[str, int] | None = None
         #: the last snapshot stepped on: what a probe's answer is weighed against
         self._last: Snapshot | None = None
-        #: per draining vassal, the routers seen without a live node of it since its unsubscribe
+        #: per draining vassal, the routers that had its node live since its unsubscribe, and
+        #: those of them that then had it no longer (they act on the tool's packets)
+        self._routed: dict[str, set[str]] = {}
         self._acted: dict[str, set[str]] = {}
 
     def in_phase(self, *phases: Phase) -> list[VassalReload]:
@@ -1524,6 +1526,7 @@ class Rollout(Machine):
             drain = take_out(v, snapshot, now, self.rules) if v.baseline.accepting else None
             if drain is not None:
                 self._acted[v.id] = set()
+                self._routed[v.id] = {n.router for n in v.nodes if n.live}
                 events.append(drain)
                 continue
             v.triggered = now
@@ -1701,18 +1704,23 @@ class Rollout(Machine):
             v.drained, v.triggered = now - v.drain_started, now
             v.move(Phase.STARTING)
             return [_event(v, EventKind.RESTARTED, now, pids=(v.baseline.pid, current.pid))]
-        acted = self._acted.setdefault(v.id, set())
+        # A router acted on the unsubscribe when it had the node live since the drain began
+        # and then did not; one that never had it live has shown nothing yet.
+        seen, acted = self._routed.setdefault(v.id, set()), self._acted.setdefault(v.id, set())
         live_in = {n.router for n in snapshot.nodes_of(v.name, v.addresses) if n.live}
-        acted.update(r for r in snapshot.routers if r not in live_in)
+        acted.update(seen - live_in)
+        seen |= live_in
         drained, in_flight = drain_done(snapshot, v)
         took = now - v.drain_started
+        # again only where it was out and came back (its master's announce): a router that
+        # has not acted yet is not sent the same packet at every poll
+        events = [] if drained else unsubscribe_again(v, snapshot, now, acted)
         if not drained and took >= self.rules.drain_timeout:
             ignored = tuple(r for r in snapshot.routers if r in live_in and r not in acted)
             if ignored:
                 return self._drain_ignored(v, ignored, now)
-        # again only where it was out and came back (its master's announce): a router that
-        # has not acted yet is not sent the same packet at every poll
-        events = [] if drained else unsubscribe_again(v, snapshot, now, acted)
+            if live_in:
+                return events  # re-announced where the drain worked: out again, then touched
         if drained:
             kind = EventKind.TRIGGERED_DRAINED
         elif took >= self.rules.drain_timeout:

@@ -693,11 +693,6 @@ def test_control_without_a_budget_the_host_takes_out_what_the_minimum_allows(
     assert 8 - fewest_total(stack) == 4, out
 
 
-@pytest.mark.xfail(
-    reason="on a drain timeout the tool touches a vassal that a router which never acts on its "
-    "unsubscribe routes to again after its master's re-announce",
-    strict=True,
-)
 def test_a_drain_timeout_touches_no_vassal_a_router_that_ignores_the_drain_routes_to(
     tmp_path: Path,
 ) -> None:
