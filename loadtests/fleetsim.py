@@ -1,26 +1,25 @@
 """A fleet of uWSGI emperors and fastrouters simulated on a fake clock behind ``uwsgi_reload.Io``:
 the one simulator of the tool's fleet tests and of the ``simulate_fleet`` benchmark.
 
-Hosts of vassals, each a node (its address) under one or more keys. The tool runs on one host at
-a time (``roll``): it reads and touches that host's emperor, whose vassals move; the others'
-vassals stand still, their nodes written into the routers' stats once per ``roll``, so that a
-thousand remote nodes cost the simulation nothing per poll.
+Hosts of vassals, each a node (its address) under its keys. The tool runs on one host at a time
+(``roll``): it reads and touches that host's emperor, whose vassals move; the others' vassals
+stand still, their nodes written into the routers' stats once per ``roll``, so that a thousand
+remote nodes cost the simulation nothing per poll.
 
 - The emperor acts on a touch ``lag`` seconds later (at the next poll, sleep or touch), and the
-  vassal accepts again ``reload`` seconds after that (``SimVassal.reload``; ``math.inf``: never).
-  A killed vassal comes back as a new entry: new pid, respawns 0 (core/emperor.c).
+  vassal accepts again ``reload`` seconds after that (``math.inf``: never). A killed vassal
+  comes back as a new entry: new pid, respawns 0 (core/emperor.c).
 - Each router has its own view of each node (``SimVassal.routed``). A master unsubscribes its
-  node as it reloads, announces it ``announce_delay`` after it accepts again and then every
-  ``reannounce`` seconds, to every router but those that do not hear it (``unheard``); its packets
-  reach router R ``announce_lag[R]`` later. The tool's packets reach the router of the
-  subscription server they are sent to (``servers``; ``None``: no router listens there, and UDP
-  tells the sender nothing). Requests in flight (``SimVassal.requests``) keep a death-marked node
-  in the first router (``ref``).
+  node as it reloads, announces it ``announce_delay`` after it accepts again and every
+  ``reannounce`` seconds, to every router that hears it; R hears it ``announce_lag[R]`` later.
+  The tool's packets reach the router of the subscription server they are sent to (``servers``;
+  ``None``: nobody listens there, and UDP tells the sender nothing). Requests in flight keep a
+  death-marked node in the first router (``ref``).
 - The stats are JSON as the stats servers write it, decoded as ``take_snapshot`` does;
   ``down[name]`` refuses a stats socket's connections for a while (``EMPEROR``: the emperor's).
 - Counted at every poll, touch and packet: the fewest nodes live per key in each router and in
   every router (``fewest``), each count below ``minimum`` (``broken``); at a vassal's start (its
-  unsubscribe or touch), the fewest other nodes live per key (``started``).
+  unsubscribe or touch), the other nodes live per key (``started``).
 """
 
 from __future__ import annotations
@@ -211,9 +210,15 @@ class SimFleet:
             self._arriving.remove(arrival)
             arrival[2].routed[arrival[1]] = arrival[3]
 
-    def _count(self) -> None:
+    def _live(self, leaving_out: Sequence[SimVassal] = ()) -> collections.Counter[tuple[str, str]]:
+        """(place, key) -> the nodes live there, but ``leaving_out``'s."""
         live = self._still_live.copy()
-        live.update((p, k) for v in self.vassals.values() for p in self.places(v) for k in v.keys)
+        rolled = (v for v in self.vassals.values() if v not in leaving_out)
+        live.update((p, k) for v in rolled for p in self.places(v) for k in v.keys)
+        return live
+
+    def _count(self) -> None:
+        live = self._live()
         for place in (*self.routers, EVERY):
             for key in self.keys:
                 n = live[place, key]
@@ -224,14 +229,8 @@ class SimFleet:
     def _start(self, v: SimVassal) -> None:
         if v.id in self.started or EVERY not in self.places(v):
             return  # started before, or not live: it costs nothing
-        others = [
-            w
-            for w in self.vassals.values()
-            if w is not v and w.registers_at is None and EVERY in self.places(w)
-        ]
-        self.started[v.id] = min(
-            self._still_live[EVERY, key] + sum(1 for w in others if key in w.keys) for key in v.keys
-        )
+        going = [w for w in self.vassals.values() if w is v or w.registers_at is not None]
+        self.started[v.id] = min(self._live(going)[EVERY, key] for key in v.keys)
 
     def stats(self, options: ur.Options) -> dict[str, str | None]:
         """What the emperor's (``EMPEROR``) and each router's stats socket send now (None: the
