@@ -53,8 +53,8 @@ class SimVassal:
     address: str
     pid: int
     keys: tuple[str, ...] = (KEY,)
-    #: routers that never hear its master (miswired, or they lost it: ``SimFleet.lose``)
-    unheard: set[str] = dataclasses.field(default_factory=set)
+    #: routers that never hear its master (miswired)
+    unheard: frozenset[str] = frozenset()
     #: seconds from the emperor acting on a touch to accepting (None: the fleet's; inf: never)
     reload: float | None = None
     probe_status: int | None = 200
@@ -129,7 +129,6 @@ class SimFleet:
         #: (at, action): run at the first sleep from ``at`` on
         self.on_sleep: list[tuple[float, Callable[[], object]]] = []
         for v in (v for vassals in self.hosts for v in vassals):
-            v.unheard = set(v.unheard)
             v.routed = {r: r not in v.unheard for r in self.routers}
             v.next_announce = reannounce
         self.keys = sorted({k for vassals in self.hosts for v in vassals for k in v.keys})
@@ -184,11 +183,9 @@ class SimFleet:
         v.next_announce = v.down_until + self.announce_delay
 
     def lose(self, router: str, vids: Iterable[str]) -> None:
-        """``router`` forgets these nodes and no longer hears their masters (say, it restarted
-        with its subscription server elsewhere): only the tool's subscribe brings them back."""
+        """``router`` forgets these nodes (say, it restarted) until they are announced again."""
         for vid in vids:
             self.vassals[vid].routed[router] = False
-            self.vassals[vid].unheard.add(router)
 
     def _master_sends(self, v: SimVassal, routed: bool) -> None:
         for r in self.routers:
@@ -308,8 +305,6 @@ class SimFleet:
         router = self.servers[server]
         if router is not None:
             v.routed[router] = command == ur.Command.SUBSCRIBE
-            if command == ur.Command.SUBSCRIBE:
-                v.unheard.discard(router)
         self._count()
 
     def probe(self, name: str, key: str, path: str, timeout: float) -> ur.ProbeResult:

@@ -156,7 +156,7 @@ def fleet_of(scenario: Scenario) -> SimFleet:
     in_last = scenario.hosts if in_last is None else in_last
     hosts = []
     for h in range(scenario.hosts):
-        deaf = set(scenario.router_names[-1:]) if h >= in_last else set()
+        deaf = frozenset(scenario.router_names[-1:] if h >= in_last else ())
         hosts.append(fleetsim.host(n, FIRST_HOST + h, FIRST_PORT, 10_000 + h * n, unheard=deaf))
     fleet = SimFleet(hosts, scenario.router_names, lag=0.0, announce_delay=0.0)
     fleet.minimum = scenario.minimum

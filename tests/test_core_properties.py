@@ -125,9 +125,10 @@ def scenarios(draw: st.DrawFn) -> Scenario:
 
 def build(s: Scenario) -> SimFleet:
     """This host's vassals found by name (no /proc), each under its keys; the other hosts' nodes;
-    one router, or two: the second loses ``b_drops`` at ``b_drops_from`` (say, it restarted),
-    and its subscription server ``ss-b.sock`` may be bound elsewhere (it never acts on a packet
-    of the tool, and keeps routing to a vassal the tool unsubscribed)."""
+    one router, or two: the second loses ``b_drops`` at ``b_drops_from`` (say, it restarted)
+    until their masters announce them again, and its subscription server ``ss-b.sock`` may be
+    bound elsewhere (it never acts on a packet of the tool, and keeps routing to a vassal the
+    tool unsubscribed)."""
     here = [
         SimVassal(vid, f"/run/{vid[:-4]}.sock", 100 + i, keys)
         for i, (vid, keys) in enumerate(s.keys.items())
