@@ -2831,18 +2831,21 @@ def _several(value: str | Sequence[str] | None) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(dict.fromkeys(value))
 
 
-def take_snapshot(options: Options) -> Snapshot:
-    """The emperor's vassals and every router's nodes. A router that cannot be read is left out
-    (``Snapshot.unreadable``); a ``StatsError`` when the emperor or every router cannot be."""
+def take_snapshot(
+    options: Options, read: Callable[[str], Mapping[str, Any]] = read_stats
+) -> Snapshot:
+    """The emperor's vassals and every router's nodes (``read``: a stats socket's document). A
+    router that cannot be read is left out (``Snapshot.unreadable``); a ``StatsError`` when the
+    emperor or every router cannot be."""
     # The emperor rescans its directory after every event it handles, a stats connection
     # included (core/emperor.c), so polling it also makes it notice a touch at once.
-    vassals = parse_emperor_stats(read_stats(options.emperor_stats_socket))
+    vassals = parse_emperor_stats(read(options.emperor_stats_socket))
     routers = options.routers
     nodes: list[Node] = []
     unreadable: dict[str, str] = {}
     for router in routers:
         try:
-            nodes += parse_fastrouter_stats(read_stats(router), router)
+            nodes += parse_fastrouter_stats(read(router), router)
         except StatsError as exc:
             if len(routers) == 1:
                 raise

@@ -361,19 +361,15 @@ class SimFleet:
 
 
 def snapshot_of(docs: Mapping[str, Any], options: ur.Options) -> ur.Snapshot:
-    """A snapshot of the decoded stats (None: the socket refused), as ``take_snapshot`` makes."""
-    refused = "cannot read stats socket {}: Connection refused".format
-    if docs[EMPEROR] is None:
-        raise ur.StatsError(refused(options.emperor_stats_socket))
-    vassals = ur.parse_emperor_stats(docs[EMPEROR])
-    nodes: list[ur.Node] = []
-    unreadable = {r: refused(r) for r in options.routers if docs[r] is None}
-    for router in options.routers:
-        if router not in unreadable:
-            nodes += ur.parse_fastrouter_stats(docs[router], router)
-    if len(unreadable) == len(options.routers):
-        raise ur.StatsError("; ".join(unreadable.values()))
-    return ur.Snapshot(vassals, nodes, options.routers, unreadable)
+    """A snapshot of the decoded stats (None: the socket refused), made by ``take_snapshot``."""
+
+    def read(address: str) -> Mapping[str, Any]:
+        doc = docs[EMPEROR if address == options.emperor_stats_socket else address]
+        if doc is None:
+            raise ur.StatsError(f"cannot read stats socket {address}: Connection refused")
+        return doc  # type: ignore[no-any-return]
+
+    return ur.take_snapshot(options, read)
 
 
 @functools.lru_cache(maxsize=65536)
