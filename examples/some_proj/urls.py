@@ -1,5 +1,5 @@
 from django.urls import path
 
-from some_proj.views import index
+from some_proj.views import health, index
 
-urlpatterns = [path("", index)]
+urlpatterns = [path("", index), path("health", health)]
