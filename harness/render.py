@@ -100,6 +100,16 @@ class Layout:
         return self.base / "control.json"
 
     @property
+    def releases_dir(self) -> Path:
+        """Where a stack with releases keeps them, one directory each."""
+        return self.base / "releases"
+
+    @property
+    def current(self) -> Path:
+        """The link to the release the vassals run (their ``chdir``), when there are releases."""
+        return self.base / "current"
+
+    @property
     def nginx_conf(self) -> Path:
         return self.nginx_dir / "nginx.conf"
 

@@ -10,6 +10,11 @@ A stack is a fleet of one host and one router: a :class:`Stack` is its own only 
 and has one :class:`Router`, and answers what a :class:`.fleet.Fleet` answers, with the same
 meaning (:class:`ProcessGroup`).
 
+A stack made with releases (:class:`Release`) runs the one its ``current`` link points to, as a
+deploy with a release directory per version does: ``deploy(release=NAME)`` points the link
+elsewhere, ``release_command(NAME)`` is the same as a shell command (a team's way back), and
+``answers(path)`` asks every vassal straight on its socket which release its worker runs.
+
 Each process runs under a mirakuru executor (:class:`Process`), which polls its readiness probe
 and fails at once if it exits while starting. It is stopped with SIGINT, uWSGI's shutdown: the
 emperor stops every vassal ("RAGNAROK") and exits. SIGTERM (what xprocess sends) means *reload*
@@ -27,6 +32,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,10 +49,14 @@ from mirakuru.exceptions import ProcessFinishedWithError
 
 from uwsgi_reload import (
     EmperorVassal,
+    PacketError,
     StatsError,
+    listening_sockets,
     node_vassal_name,
     parse_emperor_stats,
     parse_fastrouter_stats,
+    parse_status_line,
+    probe_request,
     read_stats,
     touch,
     touch_mtime,
@@ -60,6 +70,10 @@ POLL_INTERVAL = 0.1
 STOP_TIMEOUT = 30.0
 
 
+#: The demo app's control file in a release's directory (``some_proj/deploy.py`` reads it).
+CONTROL_NAME = "control.json"
+
+
 class StackError(RuntimeError):
     """The stack could not do what a test asked; the message carries the relevant log tails."""
 
@@ -70,6 +84,54 @@ class ProcessExitedWithError(StackError):
 
 class StackTimeout(StackError):
     """A probe did not succeed before its deadline."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """One version of the app a stack can run: a directory of its own, ``<base>/releases/<name>``,
+    holding a link to each entry of ``app_dir`` (default: the stack's app dir). The vassals'
+    ``chdir`` is the link ``<base>/current``: ``deploy(release=NAME)`` points it to another
+    release, and each vassal runs that one from its next load (a reload, or the Emperor
+    starting it again).
+
+    A release of the demo app also holds its own control file (``some_proj/deploy.py``): its
+    version is the release's name, and the fields below say how it behaves (``None``: the stack's
+    value). Any other app gets the links only."""
+
+    name: str
+    app_dir: Path | None = None
+    start_delay: float | None = None
+    request_delay: float | None = None
+    #: it cannot start: the app raises at import (with ``need-app`` the vassal exits)
+    broken: bool = False
+    #: ``/health`` answers 500 from this many seconds after the app loaded (0: never)
+    sick_after: float = 0.0
+    #: the first request this many seconds after the app loaded kills the vassal's master and
+    #: workers mid-request (0: never); the Emperor starts the vassal again
+    crash_after: float = 0.0
+    #: each worker's first ``cold_requests`` requests to ``/`` take ``cold_delay`` s longer (a
+    #: cache filled lazily, per process)
+    cold_requests: int = 0
+    cold_delay: float = 0.0
+
+    def demo_control(self, config: StackConfig) -> dict[str, object]:
+        """The control file of this release of the demo app."""
+        return {
+            "version": self.name,
+            "start_delay": config.start_delay if self.start_delay is None else self.start_delay,
+            "request_delay": (
+                config.request_delay if self.request_delay is None else self.request_delay
+            ),
+            "broken": self.broken,
+            "sick_after": self.sick_after,
+            "crash_after": self.crash_after,
+            "cold_requests": self.cold_requests,
+            "cold_delay": self.cold_delay,
+        }
+
+    def drives_the_demo(self) -> bool:
+        """Any field but the name and the app dir is set: only the demo app reads them."""
+        return self != Release(self.name, self.app_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +155,9 @@ class StackConfig:
     #: gives configs "from the future" (copied with preserved timestamps, a skewed clock), so the
     #: emperor's ``last_mod`` is ahead of the clock and a plain ``touch`` is ignored.
     link_mtime_offset: float = 0.0
+    #: Versions of the app, the first one running at start: the vassals' ``chdir`` is the link
+    #: ``<base>/current`` to one of them (:class:`Release`).
+    releases: tuple[Release, ...] = ()
     #: Left running after the test (and after this Python process), for a look at it.
     keep: bool = False
     start_timeout: float = 60.0
@@ -100,6 +165,10 @@ class StackConfig:
     @property
     def demo_app(self) -> bool:
         return self.app_dir.resolve() == render.EXAMPLES_DIR.resolve()
+
+    def release_dir(self, release: Release) -> Path:
+        """The app dir a release links to."""
+        return self.app_dir if release.app_dir is None else release.app_dir
 
     def check(self) -> None:
         """Raise ValueError on a combination the harness cannot honour."""
@@ -126,6 +195,24 @@ class StackConfig:
                 "start delay and request delay drive the demo app in examples/: "
                 f"{self.app_dir} does not read {CONTROL_ENV}"
             )
+        self._check_releases()
+
+    def _check_releases(self) -> None:
+        names = [r.name for r in self.releases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"release names must differ: {names}")
+        for release in self.releases:
+            if not release.name or release.name in (".", "..") or "/" in release.name:
+                raise ValueError(f"a release name is one path component, not {release.name!r}")
+            app_dir = self.release_dir(release)
+            if not (app_dir / self.wsgi_file).is_file():
+                raise ValueError(f"release {release.name}: no {self.wsgi_file} in {app_dir}")
+            demo = app_dir.resolve() == render.EXAMPLES_DIR.resolve()
+            if not demo and release.drives_the_demo():
+                raise ValueError(
+                    f"release {release.name}: its behaviour drives the demo app in examples/; "
+                    f"{app_dir} does not read {CONTROL_ENV}"
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +308,46 @@ def write_control(path: Path, **changes: object) -> None:
     os.replace(tmp, path)
 
 
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """A vassal's answer to one GET sent straight to its socket: the status (``None``: no answer,
+    ``detail`` says why) and the body."""
+
+    status: int | None
+    body: bytes = b""
+    detail: str = ""
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def ask(address: str, key: str, path: str, timeout: float = 5.0) -> Answer:
+    """GET ``path`` with ``key`` as Host straight to a vassal's socket (a unix path or
+    ``host:port``) over the uwsgi protocol, as the tool's probe does; read the whole answer."""
+    host, sep, port = address.rpartition(":")
+    inet = "/" not in address and sep and port.isdigit()
+    data, deadline = b"", time.monotonic() + timeout
+    try:
+        if inet:
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(address)
+        with sock:
+            sock.sendall(probe_request(path, key, address))
+            while chunk := sock.recv(65536):
+                data += chunk
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+    except OSError as exc:
+        return Answer(None, data, f"GET {path} to {address}: {exc.strerror or exc!r}")
+    head, _, body = data.partition(b"\r\n\r\n")
+    try:
+        return Answer(parse_status_line(head), body)
+    except PacketError as exc:
+        return Answer(None, data, f"GET {path} to {address}: {exc}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Routers and hosts
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +392,48 @@ class Host:
     @property
     def control_file(self) -> Path:
         """The demo app's control file of this host's vassals (each host of a fleet has its
-        own, so a deploy can go wrong on one host only)."""
+        own, so a deploy can go wrong on one host only); with releases, the current release's,
+        through the ``current`` link."""
+        if self.releases:
+            return self.layout.current / CONTROL_NAME
         return self.layout.control_file
+
+    # --- releases -----------------------------------------------------------------------------
+
+    @property
+    def releases(self) -> list[str]:
+        """The names of this host's releases; none when its vassals run the app dir itself."""
+        found = self.layout.releases_dir
+        return sorted(p.name for p in found.iterdir()) if found.is_dir() else []
+
+    @property
+    def current_release(self) -> str | None:
+        """The release ``current`` points to (``None`` without releases)."""
+        link = self.layout.current
+        return Path(os.readlink(link)).name if link.is_symlink() else None
+
+    def _release_target(self, name: str) -> str:
+        if name not in self.releases:
+            shown = ", ".join(self.releases) or "none"
+            raise ValueError(f"{self.layout.base} has no release {name!r} (releases: {shown})")
+        return f"releases/{name}"
+
+    def use_release(self, name: str) -> None:
+        """Point ``current`` to release ``name``: a new link renamed over the old one, so a
+        vassal that loads at that moment finds one release or the other, never none."""
+        new = self.layout.base / ".current.new"
+        with contextlib.suppress(FileNotFoundError):
+            new.unlink()
+        new.symlink_to(self._release_target(name))
+        os.replace(new, self.layout.current)
+
+    def release_command(self, name: str) -> str:
+        """The shell command doing what ``use_release(name)`` does (the team's way back, for
+        ``--revert-command``): ``ln -sfn`` a new link, ``mv -T`` it over ``current``."""
+        new, current = self.layout.base / ".current.new", self.layout.current
+        return shlex.join(["ln", "-sfn", self._release_target(name), str(new)]) + (
+            " && " + shlex.join(["mv", "-Tf", str(new), str(current)])
+        )
 
     def emperor_vassals(self) -> dict[str, EmperorVassal]:
         return parse_emperor_stats(read_stats(self.emperor_stats))
@@ -278,6 +445,16 @@ class Host:
     def worker_pids(self) -> dict[str, list[int]]:
         """Worker pids by vassal id: the live children of each vassal master."""
         return {vid: children(pid) for vid, pid in self.vassal_pids().items()}
+
+    def nodes(self) -> dict[str, str]:
+        """The address each vassal's master listens on (the tool's way of finding a vassal's
+        node, read from the kernel), by vassal id; a vassal down or listening nowhere: none."""
+        masters = {vid: pid for vid, pid in self.vassal_pids().items() if pid > 0}
+        try:
+            listening = listening_sockets(masters.values())
+        except OSError:
+            return {}
+        return {vid: listening[pid][0] for vid, pid in masters.items() if listening.get(pid)}
 
     def touch(self, vassal_id: str) -> int:
         """Make the emperor reload one vassal: move its link's own mtime past ``last_mod``.
@@ -385,6 +562,24 @@ class ProcessGroup:
         """Worker pids by vassal id, of every host (a fleet's ids are unique: named by port)."""
         return {vid: pids for h in self.hosts for vid, pids in h.worker_pids().items()}
 
+    def answers(self, path: str | None = None, timeout: float = 5.0) -> dict[str, Answer]:
+        """Every vassal's answer to GET ``path`` (default: the health path), sent straight to
+        the socket its master listens on (:func:`ask`): which worker answers, on which release,
+        whether the routers send it traffic or not. A vassal with no socket: status ``None``."""
+        path = self.config.health_path if path is None else path
+        key_of = {vid: key for key, ids in self.keys.items() for vid in ids}
+        found: dict[str, Answer] = {}
+        for h in self.hosts:
+            nodes = h.nodes()
+            for vid in h.vassal_ids:
+                node = nodes.get(vid)
+                found[vid] = (
+                    Answer(None, detail=f"{vid}: no master listening")
+                    if node is None
+                    else ask(node, key_of.get(vid, self.host), path, timeout)
+                )
+        return found
+
     def get(
         self, path: str | None = None, timeout: float = 10.0, host: str | None = None
     ) -> requests.Response:
@@ -463,21 +658,26 @@ class ProcessGroup:
         self,
         hosts: Sequence[Host] | None = None,
         *,
+        release: str | None = None,
         version: str | None = None,
         start_delay: float | None = None,
         broken: bool | None = None,
         request_delay: float | None = None,
     ) -> None:
-        """Rewrite the demo app's control file of every host, or of ``hosts`` only: what their
-        vassals load at their next start."""
+        """Change what the vassals of every host, or of ``hosts`` only, load at their next
+        start: point ``current`` to ``release`` (a stack made with releases), then rewrite the
+        demo app's control file (with releases, the current release's) with the values given."""
+        changes = {
+            "version": version,
+            "start_delay": start_delay,
+            "broken": broken,
+            "request_delay": request_delay,
+        }
         for h in self.hosts if hosts is None else hosts:
-            write_control(
-                h.control_file,
-                version=version,
-                start_delay=start_delay,
-                broken=broken,
-                request_delay=request_delay,
-            )
+            if release is not None:
+                h.use_release(release)
+            if release is None or any(v is not None for v in changes.values()):
+                write_control(h.control_file, **changes)
 
     # --- starting and stopping ----------------------------------------------------------------
 
@@ -609,6 +809,22 @@ def vassal_ids(n: int) -> list[str]:
     return [f"uwsgi_vassal_{i:02d}.ini" for i in range(1, n + 1)]
 
 
+def make_releases(layout: Layout, config: StackConfig) -> None:
+    """Each release's dir (links to its app dir's entries; the demo app's control file), and
+    ``current`` pointing to the first."""
+    layout.releases_dir.mkdir()
+    for release in config.releases:
+        directory = layout.releases_dir / release.name
+        directory.mkdir()
+        app_dir = config.release_dir(release).resolve()
+        for entry in app_dir.iterdir():
+            if entry.name != CONTROL_NAME:
+                (directory / entry.name).symlink_to(entry)
+        if app_dir == render.EXAMPLES_DIR.resolve():
+            write_control(directory / CONTROL_NAME, **release.demo_control(config))
+    layout.current.symlink_to(f"releases/{config.releases[0].name}")
+
+
 def prepare(config: StackConfig, uwsgi: str) -> Stack:
     """Render the examples into a new base dir: every file of the stack, no process yet."""
     config.check()
@@ -616,10 +832,14 @@ def prepare(config: StackConfig, uwsgi: str) -> Stack:
     for directory in (layout.run_dir, layout.vassals_dir, layout.nginx_dir):
         directory.mkdir()
     port = render.free_port()
+    app_dir = config.app_dir.resolve()
+    if config.releases:
+        make_releases(layout, config)
+        app_dir = layout.current
     subs = render.substitutions(
         layout,
         http_port=port,
-        app_dir=config.app_dir.resolve(),
+        app_dir=app_dir,
         wsgi_file=config.wsgi_file,
         python_built_in=render.python_built_in(uwsgi),
     )
@@ -649,13 +869,14 @@ def prepare(config: StackConfig, uwsgi: str) -> Stack:
             files[render.NGINX_FRAGMENT].read_text(), layout, run_as_root=os.geteuid() == 0
         )
     )
-    write_control(
-        layout.control_file,
-        version="v1",
-        start_delay=config.start_delay,
-        broken=False,
-        request_delay=config.request_delay,
-    )
+    if not config.releases:
+        write_control(
+            layout.control_file,
+            version="v1",
+            start_delay=config.start_delay,
+            broken=False,
+            request_delay=config.request_delay,
+        )
     conf_d = files[render.CONF_D].read_text()
     options = render.conf_d_options(conf_d)
     logs = {

@@ -23,7 +23,7 @@ import requests
 
 from uwsgi_reload_harness import render
 from uwsgi_reload_harness.render import Layout, Substitution
-from uwsgi_reload_harness.stack import Proc, ProcessExitedWithError, Stack, StackConfig
+from uwsgi_reload_harness.stack import Proc, ProcessExitedWithError, Release, Stack, StackConfig
 
 MakeStack = Callable[..., Stack]
 
@@ -218,6 +218,17 @@ def test_nginx_config_wraps_the_fragment() -> None:
         ({"app_dir": Path("/nonexistent")}, "is not a directory"),
         ({"wsgi_file": "nope.py"}, "does not exist"),
         ({"app_dir": REPO_DIR, "wsgi_file": "conftest.py", "start_delay": 1.0}, "demo"),
+        ({"releases": (Release("v1"), Release("v1"))}, "must differ"),
+        ({"releases": (Release("v1/x"),)}, "one path component"),
+        ({"releases": (Release("v1", app_dir=REPO_DIR),)}, "no ./wsgi.py"),
+        (
+            {
+                "app_dir": REPO_DIR,
+                "wsgi_file": "conftest.py",
+                "releases": (Release("v1"), Release("v2", sick_after=3.0)),
+            },
+            "release v2: its behaviour drives the demo app",
+        ),
     ],
 )
 def test_stack_config_rejects_bad_combinations(overrides: dict[str, object], message: str) -> None:
@@ -300,6 +311,58 @@ def test_touch_reloads_only_that_vassal_with_the_new_deploy(make_uwsgi_stack: Ma
             break
     expected = {pid: "v2" if vid == target else "v1" for vid, pids in after.items() for pid in pids}
     assert versions == expected
+
+
+@pytest.mark.e2e
+def test_releases_switch_with_the_current_link(make_uwsgi_stack: MakeStack) -> None:
+    """A stack with releases: the vassals run the one ``current`` points to; a deploy points it
+    to another, and a vassal runs that from its next load; the revert command points it back.
+    The demo app's releases misbehave as asked: sick, crashing, cold."""
+    releases = (
+        Release("v1"),
+        Release("v2", sick_after=0.5, cold_requests=2),
+        Release("v3", crash_after=0.5),
+    )
+    stack = make_uwsgi_stack(vassals=2, health_path="/health", releases=releases)
+    first, second = stack.vassal_ids
+    assert stack.releases == ["v1", "v2", "v3"] and stack.current_release == "v1"
+    assert stack.control_file.parent.resolve() == stack.layout.releases_dir.resolve() / "v1"
+    assert {a.json()["version"] for a in stack.answers("/").values()} == {"v1"}
+
+    stack.deploy(release="v2")
+    assert stack.current_release == "v2"
+    workers = stack.worker_pids()
+    stack.touch(first)
+    stack.wait_for(
+        lambda: stack.worker_pids()[first] not in ([], workers[first]) and stack.all_live(),
+        f"{first} reloaded",
+        timeout=30,
+    )
+    answers = [stack.answers("/")[first].json() for _ in range(3)]
+    assert [a["version"] for a in answers] == ["v2"] * 3
+    assert [a["cold"] for a in answers] == [True, True, False]  # its worker filled its cache
+    assert stack.answers("/")[second].json()["version"] == "v1"
+    # sick: /health answers 500 from 0.5 s after v2 loaded; / still answers 200
+    stack.wait_for(lambda: stack.answers()[first].status == 500, "v2 sick", timeout=10)
+    assert stack.answers("/")[first].status == 200
+
+    subprocess.run(stack.release_command("v1"), shell=True, check=True)
+    assert stack.current_release == "v1"
+    with pytest.raises(ValueError, match="no release 'v9'"):
+        stack.deploy(release="v9")
+
+    # crash: the first request 0.5 s after v3 loaded kills the vassal; the Emperor restarts it
+    stack.deploy(release="v3")
+    masters = stack.vassal_pids()
+    stack.touch(second)
+    stack.wait_for(
+        lambda: (
+            stack.answers("/")[second].status is None
+            and stack.vassal_pids().get(second, masters[second]) != masters[second]
+        ),
+        f"{second} on v3 crashed and restarted by the Emperor",
+        timeout=30,
+    )
 
 
 @pytest.mark.e2e
