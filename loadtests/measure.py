@@ -500,6 +500,7 @@ def reload_under_load(
     show_progress: bool = False,
     max_run_time: float | None = None,
     hosts: Sequence[Host] | None = None,
+    path: str | None = None,
 ) -> ReloadRun:
     """Load through nginx on the stack's (or fleet's) health path, ``command`` ``reload_at`` s
     in, the router (every router) watched the whole time.
@@ -510,6 +511,8 @@ def reload_under_load(
     bounds the load (default ``reload_at + after_reload + COMMAND_GRACE_S``): a command still
     running then is killed. ``hosts``: of a fleet, the hosts ``command`` reloads (default: every
     host); the workers and the end state are theirs, the routers count every host's nodes.
+    ``path``: what the load GETs (default: the health path), for an app whose health path is
+    not its users' (the safe-deploy tests probe ``/health`` while the users GET ``/``).
     """
     hosts = target.hosts if hosts is None else hosts
 
@@ -533,7 +536,7 @@ def reload_under_load(
                     target.url,
                     # users take the keys in turn: every key is under load
                     host_header=",".join(target.keys),
-                    url_path=target.config.health_path,
+                    url_path=target.config.health_path if path is None else path,
                     users=users,
                     rate=rate,
                     reload_command=shlex.join(run_command),
