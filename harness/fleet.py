@@ -18,6 +18,12 @@ dir and log, ``plugin = python3``, ``listen 80;``, ``uwsgi_params``)
 ``10.0.1.1:1717`` (router stats)       ``127.0.0.1:<free port>`` (router R renders the router
                                        config with its own ports: the example is router 1's)
 ``/var/log/uwsgi-fastrouter``          ``<fleet dir>/fastrouter-R.log``
+``/etc/uwsgi/keys``                    signed (``FleetConfig.signed``): ``<fleet dir>/keys``,
+                                       the private key made for this fleet
+``/etc/uwsgi/subscription-keys``       signed: ``<fleet dir>/subscription-keys``, its public
+                                       half (``domain.tld.pem``) for the routers' check
+``,sign=SHA1:<private key>``           unsigned: removed (the announces go out unsigned)
+``subscriptions-sign-check``           unsigned: the routers' lines dropped (no check)
 =====================================  ========================================================
 
 Each vassal is a link named after its port (``38121.ini`` -> ``socket = 127.0.0.2:38121``); the
@@ -26,6 +32,11 @@ accepting, every router has every node live, nginx answers 200. Stopping: nginx 
 emperors and routers by SIGINT (a uWSGI master's shutdown; SIGTERM would be a reload, see
 :mod:`.stack`), each as a process tree. A :class:`Fleet` answers what a :class:`.stack.Stack`
 answers, with the same meaning (:class:`.stack.ProcessGroup`).
+
+A signed fleet (``signed=True``) is secured as ``examples/fleet`` is: a key pair made for it
+(``openssl genrsa``), the routers accept only packets the public key verifies, every vassal
+signs its announces, and the tool is given the private key (``--subscription-sign``). It needs
+a uWSGI built with OpenSSL's headers: :func:`sign_check_built_in` asks its ``--help``.
 
 Use :func:`running_fleet` outside pytest, the ``make_uwsgi_fleet`` fixture inside.
 """
@@ -40,8 +51,10 @@ import os
 import shlex
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Callable
@@ -50,6 +63,7 @@ from uwsgi_reload import (
     Command,
     Node,
     StatsError,
+    openssl_sign,
     read_stats,
     send_datagram,
     subscriptions,
@@ -64,8 +78,10 @@ FLEET_VASSAL_INI = "fleet_vassal.ini"
 FLEET_CONF_D = "uwsgi.conf.d.fragment"
 ROUTER_INI = "fastrouter.ini"
 FLEET_NGINX_FRAGMENT = "nginx.conf.fragment"
-#: The playbook that rolls a fleet host by host (examples/ansible/reload.yml).
+#: The playbook that rolls a fleet host by host or in batches (examples/ansible/reload.yml),
+#: and its serial line (``-e batch=B``; a copy changes it to measure all hosts at once).
 PLAYBOOK = render.EXAMPLES_DIR / "ansible" / "reload.yml"
+SERIAL_LINE = '\n  serial: "{{ batch | default(1) }}"\n'
 
 #: Placeholders of examples/fleet: an app host's private address, its emperor's stats server,
 #: the router hosts' private addresses and the ports of a router (socket, subscriptions, stats).
@@ -75,6 +91,14 @@ ROUTER_ADDRESSES = ("10.0.1.1", "10.0.1.2")
 ROUTER_PORT, SUBSCRIPTION_PORT, ROUTER_STATS_PORT = 3031, 2626, 1717
 #: Where the routers of the harness listen (the fleet's "private network").
 ROUTER_HOST = "127.0.0.1"
+#: Secured subscriptions in examples/fleet: the digest, the app hosts' private key, the routers'
+#: dir of public keys (one per subscription key, named after it: core/ssl.c,
+#: uwsgi_sanitize_cert_filename).
+SIGN_DIGEST = "SHA1"
+PRIVATE_KEYS_DIR = "/etc/uwsgi/keys"
+PRIVATE_KEY = f"{PRIVATE_KEYS_DIR}/{KEY}.key.pem"
+PUBLIC_KEYS_DIR = "/etc/uwsgi/subscription-keys"
+SIGN_CHECK = "subscriptions-sign-check"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +117,9 @@ class FleetConfig:
     #: Left running after the test (and after this Python process), for a look at it.
     keep: bool = False
     start_timeout: float = 60.0
+    #: Secured subscriptions: a key pair made for this fleet, routers that check signatures,
+    #: vassals and the tool that sign (module docstring).
+    signed: bool = False
 
     @property
     def demo_app(self) -> bool:
@@ -140,10 +167,20 @@ class FleetHost(Host):
     index: int  # 1-based; its address is 127.0.0.(index + 1)
     address: str
     substitutions: list[Substitution]
+    #: ``DIGEST:private key`` on a signed fleet: the tool signs its drain with it
+    subscription_sign: str | None = None
 
     @property
     def name(self) -> str:
         return f"emperor-{self.index}"
+
+    def reload_command(self, *flags: str, drain: bool = True) -> list[str]:
+        """The host's tool command (:meth:`.stack.Host.reload_command`); on a signed fleet,
+        drain signs its packets with the fleet's key (``flags`` given after it win: a test may
+        pass another key)."""
+        spec = self.subscription_sign
+        signing = ["--subscription-sign", spec] if drain and spec is not None else []
+        return super().reload_command(*signing, *flags, drain=drain)
 
     def node_name(self, vassal_id: str) -> str:
         """How the routers list this vassal: its socket's address."""
@@ -186,53 +223,90 @@ class Fleet(ProcessGroup):
         except KeyError:
             return node
 
-    def ansible_inventory(self, tool_dir: Path, minimum: int, timeout: float = 30) -> str:
+    @property
+    def subscription_sign(self) -> str | None:
+        """``DIGEST:private key`` of a signed fleet (``--subscription-sign``), else None."""
+        return self.hosts[0].subscription_sign if self.hosts else None
+
+    def metrics_file(self, tool_dir: Path, host: FleetHost) -> Path:
+        """Where a playbook run with :meth:`ansible_inventory`'s ``tool_dir`` has ``host``'s
+        tool write its metrics (``--metrics-file``)."""
+        return tool_dir / host.address / "uwsgi_reload.prom"
+
+    def ansible_inventory(
+        self,
+        tool_dir: Path,
+        minimum: int,
+        timeout: float = 30,
+        *,
+        fleet_nodes: int | None = None,
+    ) -> str:
         """An inventory for ``examples/ansible/reload.yml``: the variables of
         ``examples/ansible/inventory.sample.ini``, for this fleet's hosts, reached by a local
         connection (they all are this machine). Each host gets its own copy of the tool under
-        ``tool_dir``."""
+        ``tool_dir``, and writes its metrics there (:meth:`metrics_file`). ``fleet_nodes``
+        (what batches divide into shares): default, this fleet's nodes per key; on a signed
+        fleet, ``subscription_sign`` names its key."""
         hosts = [
             f"{h.address} ansible_connection=local ansible_python_interpreter={sys.executable} "
             f"emperor_path={h.emperor_path} emperor_stats={h.emperor_stats} "
-            f"tool_path={tool_dir / h.address / 'uwsgi_reload.py'}"
+            f"tool_path={tool_dir / h.address / 'uwsgi_reload.py'} "
+            f"metrics_file={self.metrics_file(tool_dir, h)}"
             for h in self.hosts
         ]
+        nodes = len(self.expected_nodes()) if fleet_nodes is None else fleet_nodes
         group_vars = [
             f"python={sys.executable}",
             f"probe_path={self.config.health_path}",
             f"fleet_minimum={minimum}",
+            f"fleet_nodes={nodes}",
             f"fastrouter_stats={json.dumps([r.stats for r in self.routers])}",
             f"subscription_servers={json.dumps([r.subscription_server for r in self.routers])}",
             f"reload_timeout={timeout:g}",
         ]
+        if self.subscription_sign:
+            group_vars.append(f"subscription_sign={self.subscription_sign}")
         return "\n".join(["[app]", *hosts, "", "[app:vars]", *group_vars]) + "\n"
 
     def playbook_command(
-        self, work_dir: Path, minimum: int, *, timeout: float = 30, serial: str | None = None
+        self,
+        work_dir: Path,
+        minimum: int,
+        *,
+        timeout: float = 30,
+        batch: int | None = None,
+        serial: str | None = None,
+        fleet_nodes: int | None = None,
     ) -> list[str]:
         """``ansible-playbook`` running ``examples/ansible/reload.yml`` against this fleet, as
         one command (for a load run to start). Writes the inventory (:meth:`ansible_inventory`)
-        into ``work_dir``, where each host gets its copy of the tool. ``serial``: a copy of the
-        playbook with its ``serial: 1`` changed (``"100%"``: every host at once), to measure what
-        the playbook avoids."""
+        into ``work_dir``, where each host gets its copy of the tool. ``batch``: hosts rolled
+        together, each with its share (``-e batch=B``, as many forks). ``serial``: a copy of the
+        playbook with its ``serial`` changed (``"100%"``: every host at once, no share), to
+        measure what the shares prevent."""
         ansible_playbook = Path(sys.executable).with_name("ansible-playbook")
         if not ansible_playbook.exists():
             raise render.MissingTool(
                 f"{ansible_playbook} is missing: install the fleet extra (ansible-core)"
             )
         inventory = work_dir / "inventory.ini"
-        inventory.write_text(self.ansible_inventory(work_dir, minimum, timeout))
+        inventory.write_text(
+            self.ansible_inventory(work_dir, minimum, timeout, fleet_nodes=fleet_nodes)
+        )
         playbook = PLAYBOOK
         if serial is not None:
             text = PLAYBOOK.read_text()
-            if text.count("\n  serial: 1\n") != 1:
-                raise ValueError(f"{PLAYBOOK} has no single 'serial: 1' to change")
+            if text.count(SERIAL_LINE) != 1:
+                raise ValueError(f"{PLAYBOOK} has no single {SERIAL_LINE.strip()!r} to change")
             playbook = work_dir / PLAYBOOK.name
-            playbook.write_text(text.replace("\n  serial: 1\n", f"\n  serial: {serial!r}\n"))
+            playbook.write_text(text.replace(SERIAL_LINE, f"\n  serial: {serial!r}\n"))
+        batches = [] if batch is None else ["-e", f"batch={batch}"]
         return [
             "env",
             "ANSIBLE_LOCALHOST_WARNING=0",
             "ANSIBLE_NOCOLOR=1",
+            # every host of a batch (or of the fleet, serial 100%) at once, not 5 at a time
+            f"ANSIBLE_FORKS={max(5, len(self.hosts))}",
             f"ANSIBLE_LOCAL_TEMP={work_dir / 'ansible-local'}",
             f"ANSIBLE_REMOTE_TEMP={work_dir / 'ansible-remote'}",
             str(ansible_playbook),
@@ -242,6 +316,7 @@ class Fleet(ProcessGroup):
             # tool beside examples/ in a checkout)
             "-e",
             f"tool_source={render.RELOAD_TOOL}",
+            *batches,
             str(playbook),
         ]
 
@@ -255,6 +330,29 @@ class Fleet(ProcessGroup):
         commands = (shlex.join(h.reload_command(*flags, drain=drain)) for h in chosen)
         return ["sh", "-c", " && ".join(commands)]
 
+    def together_command(
+        self,
+        *flags: str,
+        drain: bool = True,
+        hosts: Sequence[FleetHost] | None = None,
+        out_dir: Path | None = None,
+    ) -> list[str]:
+        """Every host's (or ``hosts``') :meth:`FleetHost.reload_command` started at the same
+        moment (:func:`together`): hosts rolled together as a batch of the playbook rolls them,
+        without Ansible's start-up between one host and the next, the closest race. ``out_dir``:
+        each host's tool writes its metrics to ``out_dir/<address>.prom`` and its output to
+        ``out_dir/<address>.out`` (their ``--json`` reports would interleave on one pipe)."""
+        chosen = self.hosts if hosts is None else hosts
+        commands = []
+        for h in chosen:
+            if out_dir is None:
+                commands.append(h.reload_command(*flags, drain=drain))
+                continue
+            metrics = ["--metrics-file", str(out_dir / f"{h.address}.prom")]
+            command = shlex.join(h.reload_command(*flags, *metrics, drain=drain))
+            commands.append(["sh", "-c", f"exec {command} > {out_dir / h.address}.out"])
+        return together(commands)
+
     def take_out(self, name: str, timeout: float = 10.0) -> None:
         """Take one node out of rotation and keep it out, as for maintenance: its vassal stops
         announcing itself (``S`` on its master FIFO blocks its subscription packets) and every
@@ -265,14 +363,24 @@ class Fleet(ProcessGroup):
         with open(fifo, "w") as pipe:
             pipe.write("S")
         node = Node(key=self.host, name=name, death_mark=False, ref=0)
+        spec = self.subscription_sign
+        sign = None if spec is None else functools.partial(openssl_sign, spec)
         for packet in subscriptions(Command.UNSUBSCRIBE, [node]):
             for router in self.routers:
-                send_datagram(router.subscription_server, packet.packet())
+                send_datagram(router.subscription_server, packet.packet(sign, time.time()))
 
         def gone() -> bool:
             return all(name not in r.live_by_key().get(self.host, []) for r in self.routers)
 
         self.wait_for(gone, f"{name} out of every router", timeout)
+
+
+def together(commands: Sequence[Sequence[str]]) -> list[str]:
+    """``commands`` started at the same moment, as one command (``sh``: each in the
+    background, then a wait for every one); it exits with a failing one's exit code, else 0."""
+    starts = [f'{shlex.join(c)} & p="$p $!"' for c in commands]
+    wait = 'rc=0; for pid in $p; do wait "$pid" || rc=$?; done; exit $rc'
+    return ["sh", "-c", "; ".join([*starts, wait])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +428,62 @@ def own_router_substitutions(router: FleetRouter, log: Path) -> list[Substitutio
     ]
 
 
+def sign_check_built_in(uwsgi: str) -> bool:
+    """True when ``uwsgi`` has secured subscriptions: its ``--help`` lists
+    ``--subscriptions-sign-check``, an option compiled only with OpenSSL's headers present
+    (core/uwsgi.c, under ``#ifdef UWSGI_SSL``)."""
+    out = subprocess.run(
+        [uwsgi, "--help"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout
+    return f"--{SIGN_CHECK}" in out
+
+
+def check_signing(uwsgi: str) -> None:
+    """Raise MissingTool, saying how to get it, when a signed fleet cannot run here."""
+    if not sign_check_built_in(uwsgi):
+        raise render.MissingTool(
+            f"{uwsgi} was built without OpenSSL's headers: it has no --{SIGN_CHECK}, which a "
+            "signed fleet's routers need. Install them and build uWSGI again: apt-get install "
+            "-y libssl-dev && pip install --no-cache-dir --force-reinstall --no-binary uwsgi "
+            "uWSGI (bash .ci/setup installs them before tox builds it)"
+        )
+    if shutil.which("openssl") is None:
+        raise render.MissingTool(
+            "openssl not found on PATH: a signed fleet makes its keys with it, and the tool "
+            "signs with it (apt-get install -y openssl)"
+        )
+
+
+def make_keys(base: Path) -> tuple[Path, Path]:
+    """A key pair for a signed fleet, made now: (private key file, dir of public keys), the
+    public key named after the subscription key as the routers look it up."""
+    private_dir, public_dir = base / "keys", base / "subscription-keys"
+    private_dir.mkdir(mode=0o700)
+    public_dir.mkdir()
+    private = private_dir / Path(PRIVATE_KEY).name
+    for command in (
+        ["openssl", "genrsa", "-out", str(private), "2048"],
+        ["openssl", "rsa", "-in", str(private), "-pubout", "-out", str(public_dir / f"{KEY}.pem")],
+    ):
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+    return private, public_dir
+
+
+def signing_substitutions(keys: tuple[Path, Path] | None) -> list[Substitution]:
+    """examples/fleet signs: with ``keys`` (a signed fleet), its key paths are this fleet's;
+    without, the vassals' ``sign=`` and the routers' check go."""
+    if keys is None:
+        return [
+            Substitution(f",sign={SIGN_DIGEST}:{PRIVATE_KEY}", "", "unsigned: announce unsigned"),
+            Substitution(SIGN_CHECK, None, "unsigned: the routers check no signature"),
+        ]
+    private, public_dir = keys
+    return [
+        Substitution(PRIVATE_KEYS_DIR, str(private.parent), "the private key made for the fleet"),
+        Substitution(PUBLIC_KEYS_DIR, str(public_dir), "its public half, for the routers"),
+    ]
+
+
 def prepare(config: FleetConfig, uwsgi: str) -> Fleet:
     """Render examples/fleet into new short dirs: every file of the fleet, no process yet."""
     config.check()
@@ -327,6 +491,8 @@ def prepare(config: FleetConfig, uwsgi: str) -> Fleet:
         raise render.MissingTool(
             f"{FLEET_DIR} is missing: this installation does not ship examples/fleet"
         )
+    if config.signed:
+        check_signing(uwsgi)
     built_in = render.python_built_in(uwsgi)
     layout = Layout(Path(tempfile.mkdtemp(prefix="ur-", dir="/tmp")))
     fleet = Fleet(name=f"uwsgi-fleet-{layout.base.name}", config=config, layout=layout)
@@ -351,6 +517,9 @@ def _render(fleet: Fleet, built_in: bool) -> None:
         wsgi_file=config.wsgi_file,
         python_built_in=built_in,
     )
+    keys = make_keys(layout.base) if config.signed else None
+    signing = signing_substitutions(keys)
+    sign_spec = None if keys is None else f"{SIGN_DIGEST}:{keys[0]}"
     for i in range(1, config.routers + 1):
         p, q, r = _free_ports(ROUTER_HOST, 3, taken)
         router = FleetRouter(
@@ -361,7 +530,7 @@ def _render(fleet: Fleet, built_in: bool) -> None:
             config=layout.rendered(f"fastrouter-{i}.ini"),
             log=layout.base / f"fastrouter-{i}.log",
         )
-        subs = [*own_router_substitutions(router, router.log), *base_subs]
+        subs = [*own_router_substitutions(router, router.log), *signing, *base_subs]
         router.config.write_text(render.render_text((FLEET_DIR / ROUTER_INI).read_text(), subs))
         fleet.routers.append(router)
         fleet.logs[router.name] = router.log
@@ -383,6 +552,7 @@ def _render(fleet: Fleet, built_in: bool) -> None:
             Substitution(HOST_ADDRESS, address, "this host's own loopback address"),
             Substitution(EMPEROR_STATS, emperor_stats, "hosts share the machine's loopback"),
             *routing,
+            *signing,
             *render.substitutions(
                 host_layout,
                 http_port=fleet.http_port,
@@ -400,6 +570,7 @@ def _render(fleet: Fleet, built_in: bool) -> None:
             index=index,
             address=address,
             substitutions=subs,
+            subscription_sign=sign_spec,
         )
         fleet.hosts.append(host)  # listed: prepare() removes its dir if rendering fails
         fleet.keys.setdefault(fleet.host, []).extend(host.vassal_ids)
