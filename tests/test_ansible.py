@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.stats_servers import StatsServer
 from uwsgi_reload_harness.fleet import Fleet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,17 +30,19 @@ HOST_VARS = {"emperor_stats"}
 GROUP_VARS = {
     "emperor_path",
     "fleet_minimum",
+    "fleet_nodes",
     "fastrouter_stats",
     "subscription_servers",
     "probe_path",
+    "subscription_sign",
 }
 
 MakeFleet = Callable[..., Fleet]
 
 
-def playbook(inventory: Path) -> subprocess.CompletedProcess[str]:
+def playbook(inventory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(ANSIBLE_PLAYBOOK), "-i", str(inventory), str(PLAYBOOK)],
+        [str(ANSIBLE_PLAYBOOK), "-i", str(inventory), *extra, str(PLAYBOOK)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -142,3 +145,86 @@ def test_a_failing_host_stops_the_rollout_there(
     assert lines[1].startswith(f"{failing.address}: 0/0 vassals reloaded, failed: ")
     assert lines[2] == f"{last.address}: untouched (the rollout stopped before it)"
     assert f"the rollout stopped at {failing.address}" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: refused before anything is touched
+# ---------------------------------------------------------------------------------------------
+
+#: 3 hosts x 3 vassals, a fleet minimum of 3: 6 nodes may be out at once, over the whole fleet.
+BATCH_NODES, BATCH_MINIMUM = 9, 3
+
+
+def batch_inventory(tool_dir: Path, router_stats: str, **group_vars: object) -> Path:
+    """Three hosts whose emperors nothing answers for (the run must stop before asking them),
+    one router at ``router_stats``."""
+    hosts = [
+        f"127.0.0.{i} ansible_connection=local ansible_python_interpreter={sys.executable} "
+        f"emperor_stats=127.0.0.{i}:1 tool_path={tool_dir / str(i) / 'uwsgi_reload.py'}"
+        for i in (2, 3, 4)
+    ]
+    variables = {
+        "python": sys.executable,
+        "emperor_path": tool_dir / "emperor",
+        "fleet_minimum": BATCH_MINIMUM,
+        "fleet_nodes": BATCH_NODES,
+        "fastrouter_stats": json.dumps([router_stats]),
+        "subscription_servers": json.dumps(["127.0.0.1:1"]),
+        "tool_source": REPO / "uwsgi_reload.py",
+        **group_vars,
+    }
+    lines = [f"{name}={value}" for name, value in variables.items() if value is not None]
+    inventory = tool_dir / "inventory.ini"
+    inventory.write_text("\n".join(["[app]", *hosts, "", "[app:vars]", *lines]) + "\n")
+    return inventory
+
+
+def failed_assertion(stdout: str) -> str:
+    """The condition of the playbook's assert that failed (Ansible prints it as JSON)."""
+    start = stdout.index("FAILED! => ") + len("FAILED! => ")
+    return str(json.loads(stdout[start : stdout.index("\n", start)])["assertion"])
+
+
+@pytest.mark.parametrize(
+    ("batch", "group_vars", "assertion"),
+    [
+        # (9 - 3) // 7 = 0: no host could take a vassal out
+        ("7", {}, "batch_n | int == 1 or share | int >= 1"),
+        # not a number of hosts: the share would be worked out for nothing
+        ("100%", {}, "batch_n | int >= 1"),
+        ("2", {"fleet_nodes": None}, "batch_n | int == 1 or fleet_nodes is defined"),
+    ],
+)
+def test_a_batch_without_a_share_is_refused_before_anything_is_touched(
+    tool_dir: Path, batch: str, group_vars: dict[str, object], assertion: str
+) -> None:
+    inventory = batch_inventory(tool_dir, "127.0.0.1:1", **group_vars)
+    done = playbook(inventory, "-e", f"batch={batch}")
+    assert done.returncode != 0, done.stdout[-3000:]
+    assert failed_assertion(done.stdout) == assertion, done.stdout[-3000:]
+    assert sorted(p.name for p in tool_dir.iterdir()) == ["inventory.ini"]  # no copy of the tool
+
+
+def router_stats(live: int, dead: int) -> bytes:
+    """A fastrouter's stats with ``live`` live nodes and ``dead`` death-marked ones."""
+    nodes = [
+        {"name": f"127.0.0.2:{8000 + i}", "death_mark": int(i >= live)} for i in range(live + dead)
+    ]
+    document = {"subscriptions": [{"key": "domain.tld", "hits": 0, "nodes": nodes}]}
+    return json.dumps(document).encode()
+
+
+def test_a_batch_is_refused_while_a_router_counts_fewer_live_nodes_than_fleet_nodes(
+    tool_dir: Path,
+) -> None:
+    """fleet_nodes says 9, a router has 8 live (one node down): shares of (9 - 3) // 3 = 2 could
+    take 6 of the 8 out, 2 live of a minimum of 3. Nothing is touched: no copy of the tool."""
+    router = StatsServer(None, lambda: router_stats(live=8, dead=1))
+    try:
+        done = playbook(batch_inventory(tool_dir, router.address), "-e", "batch=3")
+    finally:
+        router.close()
+    assert done.returncode != 0, done.stdout[-3000:]
+    assert "fatal: [127.0.0.2]" in done.stdout, done.stdout[-3000:]
+    assert "has 8 live nodes of key domain.tld" in done.stdout, done.stdout[-3000:]
+    assert sorted(p.name for p in tool_dir.iterdir()) == ["inventory.ini"]

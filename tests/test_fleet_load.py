@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from uwsgi_reload_harness.fleet import Fleet, FleetHost
 from uwsgi_reload_loadtests.measure import (
@@ -50,6 +51,20 @@ def work_dir() -> Iterator[Path]:
 
 def vassals_of(hosts: Sequence[FleetHost]) -> set[str]:
     return {vid for h in hosts for vid in h.vassal_ids}
+
+
+def last_run(path: Path) -> dict[str, float]:
+    """A host's metrics file (the inventory's ``metrics_file``), read with prometheus_client's
+    parser: every sample by name (``uwsgi_reload_last_run_`` left out), a vassal outcome's as
+    ``vassals_<outcome>``."""
+    found = {}
+    for family in text_string_to_metric_families(path.read_text()):
+        for sample in family.samples:
+            name = sample.name.removeprefix("uwsgi_reload_last_run_")
+            if "outcome" in sample.labels:
+                name += "_" + sample.labels["outcome"].replace(" ", "_")
+            found[name] = sample.value
+    return found
 
 
 @pytest.mark.parametrize("routers", [1, 2])
@@ -174,6 +189,14 @@ def test_a_broken_deploy_on_host_2_stops_the_rollout_there_losing_nothing(
     # drained first, host 2's vassals had no request queued when they went down
     assert run.check(BROKEN_MINIMUM, all_replaced=False) == [], run.output[-4000:]
     assert run.load.total.failures == 0
+    # each host's metrics file: host 1 a good run, host 2 a failed one, host 3 none
+    good, failed = (last_run(fleet.metrics_file(work_dir, h)) for h in (first, broken))
+    assert (good["exit_code"], good["success"], good["vassals_reloaded"]) == (0, 1, VASSALS)
+    assert (failed["exit_code"], failed["success"], failed["vassals_reloaded"]) == (1, 0, 0)
+    assert failed["vassals_timed_out"] >= 1
+    left = ("timed_out", "failed", "not_started", "in_flight")
+    assert sum(failed[f"vassals_{outcome}"] for outcome in left) == VASSALS
+    assert not fleet.metrics_file(work_dir, last).exists()
 
 
 # ---------------------------------------------------------------------------------------------
