@@ -50,6 +50,7 @@ LAYERS = {
     "uwsgi_reload_loadtests.cli": CHECKS,
     "uwsgi_reload_loadtests.demo": CHECKS,
     "uwsgi_reload_loadtests.bench": CHECKS,
+    "uwsgi_reload_loadtests.bench_busy": CHECKS,
     "uwsgi_reload_loadtests.bench_drain": CHECKS,
     "uwsgi_reload_loadtests.bench_fleet": CHECKS,
     "uwsgi_reload_loadtests.bench_surge": CHECKS,
