@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Callable
 
 import psutil
@@ -214,3 +216,60 @@ def test_the_tool_run_host_by_host_reloads_every_vassal_of_the_fleet(
     after = fleet.worker_pids()
     unchanged = [vid for vid, workers in after.items() if set(workers) & set(before[vid])]
     assert unchanged == [], "every vassal of every host has new workers"
+
+
+# ---------------------------------------------------------------------------------------------
+# Signed fleets: rendering, and a uWSGI without OpenSSL
+# ---------------------------------------------------------------------------------------------
+
+
+def _prepared(config: FleetConfig) -> Fleet:
+    return fleet_module.prepare(config, render.find_uwsgi())
+
+
+def _remove(fleet: Fleet) -> None:
+    for base in fleet.base_dirs:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_signed_fleet_renders_the_examples_keys_and_an_unsigned_one_drops_them(
+    signed: bool,
+) -> None:
+    fleet = _prepared(FleetConfig(hosts=2, vassals=1, routers=2, signed=signed))
+    try:
+        checks = {r.config.read_text().count("subscriptions-sign-check =") for r in fleet.routers}
+        [router_text] = checks
+        host = fleet.hosts[0]
+        vassal = host.layout.rendered(fleet_module.FLEET_VASSAL_INI).read_text()
+        signs = re.findall(r"^subscribe2 = .*,sign=SHA1:(\S+)$", vassal, re.MULTILINE)
+        if signed:
+            key = Path(signs[0])
+            assert router_text == 1
+            assert len(signs) == 2 and set(signs) == {str(key)} and key.is_file()
+            assert fleet.subscription_sign == f"SHA1:{key}"
+            public = key.parent.parent / "subscription-keys" / f"{fleet.host}.pem"
+            assert public.read_text().startswith("-----BEGIN PUBLIC KEY-----")
+            command = host.reload_command()
+            pairs = list(zip(command, command[1:]))
+            assert ("--subscription-sign", f"SHA1:{key}") in pairs
+            assert "--subscription-sign" not in host.reload_command(drain=False)
+        else:
+            assert (router_text, signs, fleet.subscription_sign) == (0, [], None)
+            assert "--subscription-sign" not in host.reload_command()
+        for r in fleet.routers:  # strict either way: an unknown option stops the router
+            assert "\nstrict = true\n" in r.config.read_text()
+    finally:
+        _remove(fleet)
+
+
+def test_a_signed_fleet_with_a_uwsgi_built_without_openssl_is_refused_saying_how_to_fix_it(
+    tmp_path: Path,
+) -> None:
+    # a uwsgi whose --help has no --subscriptions-sign-check, as a build without libssl-dev
+    fake = tmp_path / "uwsgi"
+    fake.write_text("#!/bin/sh\necho '    --wsgi-file    load .wsgi file'\n")
+    fake.chmod(0o755)
+    with pytest.raises(render.MissingTool, match="libssl-dev"):
+        fleet_module.prepare(FleetConfig(hosts=1, vassals=1, signed=True), str(fake))
+    assert fleet_module.sign_check_built_in(render.find_uwsgi())  # this suite's uwsgi has it
