@@ -54,6 +54,7 @@ LAYERS = {
     "uwsgi_reload_loadtests.bench_drain": CHECKS,
     "uwsgi_reload_loadtests.bench_fleet": CHECKS,
     "uwsgi_reload_loadtests.bench_surge": CHECKS,
+    "uwsgi_reload_loadtests.bench_warmup": CHECKS,
     "uwsgi_reload_loadtests.original_plan": CHECKS,
     "uwsgi_reload_loadtests.simulate_fleet": CHECKS,
 }

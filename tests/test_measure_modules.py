@@ -23,6 +23,7 @@ COMMANDS = {
     "bench_drain",
     "bench_fleet",
     "bench_surge",
+    "bench_warmup",
     "original_plan",
     "simulate_fleet",
 }
