@@ -12,6 +12,7 @@ signs its drain (``--subscription-sign``), with a key pair made for the fleet.
   there: exit 1, "not drained", nothing touched, zero failed.
 - Ctrl-C in the middle of a signed rollout: exit 130, the drained vassal is subscribed again
   (signed), the fleet comes back whole, and the metrics file says 130.
+- What signing does not stop: a signed unsubscribe replayed a day later still works.
 
 uWSGI has ``subscriptions-sign-check`` only when built with OpenSSL's headers: without them the
 harness refuses to start a signed fleet and says how to build one (``fleet.check_signing``).
@@ -19,18 +20,21 @@ harness refuses to start a signed fleet and says how to build one (``fleet.check
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import uwsgi_reload as ur
 from uwsgi_reload_harness import render
 from uwsgi_reload_harness.fleet import Fleet, FleetConfig, check_signing, running_fleet
 from uwsgi_reload_loadtests.measure import Broken, again, observed, reload_under_load
@@ -221,3 +225,28 @@ def test_ctrl_c_in_a_signed_rollout_brings_the_fleet_back_and_says_130(
     outcomes = ("reloaded", "in_flight", "not_started", "failed", "timed_out")
     assert sum(done[f"vassals_{o}"] for o in outcomes) == VASSALS
     assert done["vassals_not_started"] >= 1
+
+
+def test_a_signed_unsubscribe_replayed_long_after_still_takes_its_node_out(
+    signed_fleet: Fleet,
+) -> None:
+    """What signing does not stop (docs/fleet.md): the routers check an unsubscribe's signature
+    and nothing more (plugins/corerouter/cr_common.c). One dated a day before now, far past the
+    routers' 60 s tolerance (which only a new node's subscribe is held to), as a captured packet
+    replayed later would be, still takes its node out of every router."""
+    fleet = signed_fleet
+    fleet.wait_all_live(timeout=60)
+    name = fleet.expected_nodes()[0]
+    node = ur.Node(key=fleet.host, name=name, death_mark=False, ref=0)
+    spec = fleet.subscription_sign
+    assert spec is not None
+    sign = functools.partial(ur.openssl_sign, spec)
+    [packet] = ur.subscriptions(ur.Command.UNSUBSCRIBE, [node])
+    replayed = packet.packet(sign, now=time.time() - 86_400)
+    for router in fleet.routers:
+        ur.send_datagram(router.subscription_server, replayed)
+
+    def gone() -> bool:
+        return all(name not in r.live_by_key().get(fleet.host, []) for r in fleet.routers)
+
+    fleet.wait_for(gone, f"{name} out of every router", 10)
