@@ -11,7 +11,8 @@ example text                       rendered as
 ``/etc/uwsgi.d``                   ``<base>/vassals``: the emperor's directory of vassal links
 ``/var/log/uwsgi-emperor``         ``<base>/emperor.log``: the emperor's log
 ``some_user`` / ``some_group``     the user and group running the tests
-``/some/project/dir``              the app dir (default: this repository's ``examples/``)
+``/some/project/dir``              the app dir (default: this repository's ``examples/``;
+                                   with releases, the link ``<base>/current``)
 ``wsgi-file = ./wsgi.py``          ``wsgi-file = <file>``, only when another file is asked for
 ``plugin = python3``               line dropped when the uwsgi binary has Python built in (pip)
 ``listen 80;``                     ``listen 127.0.0.1:<free port>;``
