@@ -3307,6 +3307,9 @@ class Driver:
     ) -> None:
         self.options, self.reporter, self.io, self.pool = options, reporter, io, pool
         self.interrupted, self.started = interrupted, started
+        #: the signals the run had when it began: one received later, even between two machines,
+        #: gives up every machine of the run (only the clean-up of twins runs after it)
+        self.signals = interrupted.count
         #: probes and commands out, with what they are about; answered in the order asked
         self.probes: dict[Future[Any], Instance] = {}
         #: signs a subscription packet (``--subscription-sign``), or none
@@ -3342,7 +3345,7 @@ class Driver:
             ending, code, failure = self._roll(rollout)
             if twins.twins:
                 self.line(f"surge: removing {len(twins.twins)} twins")
-                self.drive(twins.remove())
+                self.drive(twins.remove(), cleanup=True)
                 self.io.write_state(path, twins.left)
             extra = f"twins left in place: {_why(twins.left)} (the next run removes them)"
             extra = "; ".join(filter(None, (failure, extra if twins.left else "")))
@@ -3351,7 +3354,7 @@ class Driver:
             return (EXIT_INTERRUPTED if ending is Ending.INTERRUPTED else code), extra, True
         for surge in (twins, leftovers):
             if surge.left:
-                self.drive(surge.remove())
+                self.drive(surge.remove(), cleanup=True)
         left = leftovers.left + twins.left
         self.io.write_state(path, left)
         kept = f"; twins left in place: {_why(left)}" if left else ""
@@ -3421,9 +3424,10 @@ class Driver:
             return ending, EXIT_NOT_ALL_RELOADED, f"{failure}; revert incomplete: {left} not back"
         return ending, EXIT_REVERTED, f"{failure}; reverted {len(touched)} vassals (exit 4)"
 
-    def drive(self, machine: Machine) -> Ending:
-        """Step ``machine`` until it is done, or give it up (``Ending``)."""
-        signals = self.interrupted.count
+    def drive(self, machine: Machine, cleanup: bool = False) -> Ending:
+        """Step ``machine`` until it is done, or give it up (``Ending``). A clean-up (removing
+        twins) runs after an interrupt and gives up only on a signal received while it runs."""
+        signals = self.interrupted.count if cleanup else self.signals
         unreadable_since: float | None = None
         try:
             while True:
