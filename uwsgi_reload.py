@@ -81,6 +81,10 @@ class ReloadError(Exception):
     exit_code = EXIT_USAGE
 
 
+class NoRoom(ReloadError):
+    """The minimum leaves nothing to reload with the nodes live now."""
+
+
 class LockedError(ReloadError):
     """Another run holds the lock on this emperor."""
 
@@ -1116,7 +1120,8 @@ TWIN_UP = frozenset({TwinPhase.STARTING, TwinPhase.PROBING, TwinPhase.LIVE, Twin
 class NotStarted(enum.Enum):
     """Why a vassal in ``Phase.NOT_STARTED`` was never touched."""
 
-    UNKNOWN = enum.auto()  # the emperor does not run it
+    UNKNOWN = enum.auto()  # the emperor did not list it for the whole timeout
+    STARTING = enum.auto()  # the emperor was starting it (not accepting) for the whole timeout
     MINIMUM = enum.auto()  # reloading it would take a key below the minimum
     STOPPED = enum.auto()  # a failed probe or touch stopped the rollout (``Rollout.stopped_by``)
     ABANDONED = enum.auto()  # the driver gave the run up (``Rollout.abandoned``)
@@ -1171,9 +1176,10 @@ class VassalReload(Instance):
     phase: Phase = Phase.PENDING
     #: what /proc showed its master listening on when the run began (``locate``)
     listening: tuple[str, ...] = ()
-    #: live in this run's polls before, and since when it is out of the router while it accepts
-    was_live: bool = False
-    missing_since: float | None = None
+    #: the places it was live in during this run, and since when it waits to start
+    #: (``Rollout._waiting``)
+    seen_in: frozenset[tuple[str, str]] = frozenset()
+    waiting_since: float | None = None
     #: the emperor's view when the run first saw it; ``baseline`` when it started reloading
     initial: EmperorVassal | None = None
     baseline: EmperorVassal | None = None
@@ -1436,6 +1442,10 @@ class Rollout(Machine):
         #: those of them that then had it no longer (they act on the tool's packets)
         self._routed: dict[str, set[str]] = {}
         self._acted: dict[str, set[str]] = {}
+        #: per place, the most live nodes of other hosts seen in this run; since when nothing is
+        #: in flight and nothing may start (``_stuck``)
+        self._others_seen: dict[tuple[str, str], int] = {}
+        self._stuck_since: float | None = None
 
     def in_phase(self, *phases: Phase) -> list[VassalReload]:
         return [v for v in self.vassals.values() if v.phase in phases]
@@ -1515,10 +1525,8 @@ class Rollout(Machine):
         free = self.rules.max_parallel
         if free is not None:
             free -= len(self.in_phase(*IN_FLIGHT))
-        waiting = self._out_of_router(live, snapshot, now)
-        candidates = [
-            v.id for v in self._pending() if v.id in snapshot.vassals and v.id not in waiting
-        ]
+        waiting = self._waiting(live, snapshot, now)
+        candidates = [v.id for v in self._pending() if v.id not in waiting]
         budget = self._budget()
         for vassal_id in pick_reloads(candidates, live, self.rules.minimum, free, others, budget):
             v = self.vassals[vassal_id]
@@ -1533,34 +1541,61 @@ class Rollout(Machine):
             v.move(Phase.RELOADING)
             kind = EventKind.TRIGGERED if vassal_id in live else EventKind.TRIGGERED_NOT_LIVE
             events.append(_event(v, kind, now))
-        if not self.in_phase(*IN_FLIGHT) and all(
-            now - since >= self.rules.timeout for since in waiting.values()
-        ):
+        if self._stuck(waiting, others, now):
             # Nothing in flight, nothing may start, none may come back: no live count can rise.
             for v in self._pending():
-                known = v.id in snapshot.vassals
-                v.not_started = NotStarted.MINIMUM if known else NotStarted.UNKNOWN
-                v.not_started = NotStarted.MISSING if v.id in waiting else v.not_started
+                current = snapshot.vassals.get(v.id)
+                v.not_started = (
+                    NotStarted.UNKNOWN
+                    if current is None
+                    else NotStarted.STARTING
+                    if not current.accepting
+                    else NotStarted.MISSING
+                    if v.id in waiting
+                    else NotStarted.MINIMUM
+                )
                 v.move(Phase.NOT_STARTED)
                 events.append(_event(v, EventKind.NOT_STARTED, now))
         return events
 
-    def _out_of_router(
+    def _waiting(
         self, live: Mapping[str, frozenset[tuple[str, str]]], snapshot: Snapshot, now: float
     ) -> dict[str, float]:
-        """Pending vassals live earlier in the run and out of the router now, though the emperor
-        says they accept, with since when. A restarted router has lost every node until the
-        masters announce again: they wait for that, not a reload (it would keep them out a reload
-        longer, and it costs the minimum nothing only for a vassal that is down)."""
+        """Pending vassals that may not start now, with since when they wait (at most the
+        timeout: then they are not started). Those the emperor does not list or is starting:
+        uWSGI 2.0 loses a reload that reaches a vassal before it accepts, and its master then
+        ignores reloads for worker-reload-mercy; they wait until it accepts. And those out of a
+        router (or key) they were live in earlier in the run, though they accept: a restarted
+        router has lost every node until the masters announce again; they wait for that, not a
+        reload (it would keep them out a reload longer, and costs the minimum nothing only when
+        down; a vassal live in another router would be counted there only)."""
         waiting = {}
         for v in self.in_phase(Phase.PENDING):
             current = snapshot.vassals.get(v.id)
-            if v.id in live:
-                v.was_live, v.missing_since = True, None
-            elif v.was_live and current is not None and current.accepting:
-                v.missing_since = now if v.missing_since is None else v.missing_since
-                waiting[v.id] = v.missing_since
+            places = live.get(v.id, frozenset())
+            v.seen_in |= places
+            if current is not None and current.accepting and places >= v.seen_in:
+                v.waiting_since = None
+            else:
+                v.waiting_since = now if v.waiting_since is None else v.waiting_since
+                waiting[v.id] = v.waiting_since
         return waiting
+
+    def _stuck(
+        self, waiting: Mapping[str, float], others: Mapping[tuple[str, str], int], now: float
+    ) -> bool:
+        """Nothing in flight, nothing may start, and nothing that could give room came back
+        within the timeout: a vassal waited for, or other hosts' nodes seen live earlier in the
+        run (their hosts are reloading: room comes back when they are done)."""
+        for place, count in others.items():
+            self._others_seen[place] = max(count, self._others_seen.get(place, 0))
+        if self.in_phase(*IN_FLIGHT):
+            self._stuck_since = None
+            return False
+        self._stuck_since = now if self._stuck_since is None else self._stuck_since
+        fewer = any(others.get(place, 0) < n for place, n in self._others_seen.items())
+        since = [*waiting.values(), *([self._stuck_since] if fewer else [])]
+        return all(now - t >= self.rules.timeout for t in since)
 
     def _budget(self) -> dict[tuple[str, str], int] | None:
         """Per key, how many more may go out of rotation: the cap less the vassals this run has
@@ -2224,7 +2259,9 @@ def vassal_detail(v: VassalReload, rollout: Rollout) -> str:
     if v.phase is not Phase.NOT_STARTED:
         return ""
     if v.not_started is NotStarted.UNKNOWN:
-        return "not known to the emperor"
+        return f"not known to the emperor (not listed for {rollout.rules.timeout:g}s)"
+    if v.not_started is NotStarted.STARTING:
+        return f"never accepting while the emperor started it ({rollout.rules.timeout:g}s)"
     if v.not_started is NotStarted.MINIMUM:
         return f"reloading it would leave fewer than {rollout.rules.minimum} live"
     if v.not_started is NotStarted.CANARY:
@@ -2471,7 +2508,7 @@ def check_fleet(
     if minimum >= len(known) + most_others + surge:
         elsewhere = f" and the router has {most_others} other live nodes" if most_others else ""
         added = f", with {surge} twins per key from --max-surge," if surge else ""
-        raise ReloadError(
+        raise NoRoom(
             f"--minimum-active-vassals {minimum} leaves nothing to reload: the emperor runs "
             f"{len(known)} vassals{elsewhere}{added} and at least {minimum} must stay live"
         )
@@ -2501,7 +2538,7 @@ def check_fleet(
             elsewhere = f" and {others[key]} other live nodes" if others.get(key) else ""
             if surge:
                 elsewhere += f" and {surge} twins from --max-surge"
-            raise ReloadError(
+            raise NoRoom(
                 f"fastrouter key {key!r} has {count} live vassals{elsewhere}: with "
                 f"--minimum-active-vassals {minimum} none of them could be reloaded"
             )
@@ -2893,7 +2930,16 @@ def describe_plan(
     )
     lines = [f"dry run: would reload {len(fleet)} vassals of {options.emperor_path}, order:"]
     for v in sorted(fleet, key=lambda v: bool(keys_of[v.id])):
-        state = f"live for {', '.join(keys_of[v.id])}" if keys_of[v.id] else "not live, goes first"
+        current = snapshot.vassals.get(v.id)
+        state = (
+            f"live for {', '.join(keys_of[v.id])}"
+            if keys_of[v.id]
+            else "not listed by the emperor: waited for"
+            if current is None
+            else "not accepting (starting): waits until it accepts"
+            if not current.accepting
+            else "not live, goes first"
+        )
         node = f" (node {', '.join(sorted(v.addresses))})" if v.addresses else ""
         lines.append(f"  {v.name} ({v.id}): {state}{node}")
     for key in sorted({k for keys in keys_of.values() for k in keys}):
@@ -3131,6 +3177,34 @@ class Io:
     sign: Callable[[str, bytes], bytes] = openssl_sign
 
 
+def _wait_for_room(
+    fleet: Sequence[VassalReload],
+    snapshot: Snapshot,
+    options: Options,
+    reporter: Reporter,
+    io: Io,
+    twins: Sequence[Twin],
+) -> Snapshot:
+    """``check_fleet``, and the snapshot it passed on. With ``--max-unavailable`` (a host of a
+    fleet rolled in batches) a minimum that leaves nothing to reload now is waited on up to
+    ``--timeout``: other hosts' nodes out of rotation come back when their reloads are done."""
+    deadline, told = io.clock() + options.timeout, False
+    while True:
+        try:
+            check_fleet(fleet, snapshot, options.minimum_active_vassals, options.max_surge, twins)
+            return snapshot
+        except NoRoom as exc:
+            if not options.max_unavailable or options.dry_run or io.clock() >= deadline:
+                raise
+            if not told:
+                reporter.line(f"waiting up to {options.timeout:g}s for room: {exc}")
+                told = True
+        io.sleep(options.check_interval)
+        snapshot = io.snapshot(options)
+        if snapshot.unreadable:
+            raise StatsError("; ".join(snapshot.unreadable.values()))
+
+
 def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
     io = io or Io()
     if options.max_surge and not options.subscription_servers:
@@ -3180,7 +3254,7 @@ def run(options: Options, reporter: Reporter, io: Io | None = None) -> int:
     if first.unreadable:
         raise StatsError("; ".join(first.unreadable.values()))
     fleet = locate(fleet, first, io.sockets, io.is_local)
-    check_fleet(fleet, first, options.minimum_active_vassals, options.max_surge, leftovers)
+    first = _wait_for_room(fleet, first, options, reporter, io, leftovers)
     caps = unavailable_caps(options.max_unavailable, first) if options.max_unavailable else None
     for key, cap in (caps or {}).items():
         if cap < 1:
@@ -3761,7 +3835,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-unavailable", type=_share, default=unset, metavar="<int|percent>",
         help="at most this many of this host's vassals out of rotation at once per fastrouter "
         "key, on top of the minimum; N%% is N percent of the key's live nodes, every host's: "
-        "the share of one host among those a playbook rolls together (default: no cap)")
+        "the share of one host among those a playbook rolls together; a minimum that leaves "
+        "nothing to reload at the start is then waited on up to --timeout, as other hosts' "
+        "nodes come back (default: no cap)")
     add("--max-parallel", type=positive_int, default=None, metavar="<int>",
         help="at most this many vassals reloading at once (default: as many as the minimum "
         "allows)")

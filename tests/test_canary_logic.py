@@ -6,6 +6,7 @@ reloaded vassal goes back into rotation (``--warmup``)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 from pathlib import Path
@@ -23,10 +24,11 @@ NAMES = [f"vassal_{i:02d}.ini" for i in range(1, 5)]
 class ReleaseSim(RouterSim):
     """A ``RouterSim`` whose vassals run a release: ``old`` before the run; a touch loads what
     the app link points to when the emperor acts on it (``release``). A release goes wrong one
-    way: ``no-start`` never accepts, ``sick`` answers its probe with 500 from ``after`` seconds
-    after it is back, ``crash`` has its master die ``after`` seconds after it is back (the emperor
-    starts it again: a new pid). ``revert`` (the team's command) points the link back to ``old``;
-    ``check`` (the canary check) exits 1 when ``check_fails``."""
+    way: ``no-start`` never accepts (its master exits at start, and the emperor starts it again
+    every second, loading what the link points to then), ``sick`` answers its probe with 500
+    from ``after`` seconds after it is back, ``crash`` has its master die ``after`` seconds after
+    it is back (the emperor starts it again: a new pid). ``revert`` (the team's command) points
+    the link back to ``old``; ``check`` (the canary check) exits 1 when ``check_fails``."""
 
     def __init__(
         self, release: str, after: float = 3.0, check_fails: bool = False, announce: float = 0.1
@@ -35,6 +37,8 @@ class ReleaseSim(RouterSim):
         self.release, self.after, self.check_fails = release, after, check_fails
         self.running = dict.fromkeys(self.vassals, "old")
         self.back_at: dict[str, float] = {}
+        #: vassals whose master exits at start (``no-start``), with when it last started
+        self.failing: dict[str, float] = {}
         self.commands: list[tuple[float, str]] = []
         #: warm-up requests each vassal answered since its reload; polls that found it in the
         #: router with fewer than ``warm`` of them (a user request there would find it cold)
@@ -56,6 +60,17 @@ class ReleaseSim(RouterSim):
                 self.running[vid] = self.release
                 self.back_at[vid] = v.down_until or self.t
                 self.warmed[vid] = 0
+                if self.release == "no-start":
+                    self.failing[vid] = self.t
+        for vid, at in list(self.failing.items()):
+            if self.t >= at + 1.0:  # it exited: the emperor starts it again, on today's link
+                self.kill(vid, 1.0)
+                self.running[vid] = self.release
+                self.next_announce[vid] = self.t + 1.0 + self.announce_delay
+                del self.failing[vid]
+                if self.release == "no-start":
+                    self.vassals[vid].down_until = math.inf
+                    self.failing[vid] = self.t
         for vid, at in list(self.back_at.items()):
             if self.running[vid] == "crash" and self.t >= at + self.after:
                 del self.back_at[vid]

@@ -517,12 +517,12 @@ def test_without_a_subscription_server_nothing_is_sent(tmp_path: Path) -> None:
 
 
 def test_not_live_vassal_is_not_drained(tmp_path: Path) -> None:
-    def one_down(stack: RouterSim) -> None:
-        stack.vassals["vassal_03.ini"].down_until = 0.5
+    def one_out(stack: RouterSim) -> None:
+        stack.in_router["vassal_03.ini"] = False  # accepting, never announced
 
-    code, stack, _ = run_sim(tmp_path, n=3, minimum=2, setup=one_down)
-    assert code == ur.EXIT_OK
-    assert stack.touched[0] == (0.0, "vassal_03.ini")
+    code, stack, out = run_sim(tmp_path, n=3, minimum=2, setup=one_out)
+    assert code == ur.EXIT_OK, out
+    assert stack.touched[0] == (0.0, "vassal_03.ini"), out
     assert stack.sent("vassal_03.ini", ur.Command.UNSUBSCRIBE) == []
 
 
@@ -942,7 +942,7 @@ def test_control_reloading_every_vassal_out_of_the_router_touches_them_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same check fails on the rule before: a vassal out of the router goes first."""
-    monkeypatch.setattr(ur.Rollout, "_out_of_router", lambda self, live, snapshot, now: {})
+    monkeypatch.setattr(ur.Rollout, "_waiting", lambda self, live, snapshot, now: {})
     stack = RestartingRouter(
         [f"vassal_{i:02d}.ini" for i in range(1, 5)], restart_at=0.5, announce_after=2.0
     )

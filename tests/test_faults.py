@@ -83,13 +83,8 @@ RESTART_TIMEOUT = 12
 #: The tool with the rule before: a vassal out of the router goes like one that is down.
 RULE_BEFORE = (
     "import sys, uwsgi_reload as tool\n"
-    "tool.Rollout._out_of_router = lambda self, live, snapshot, now: {}\n"
+    "tool.Rollout._waiting = lambda self, live, snapshot, now: {}\n"
     "raise SystemExit(tool.main(sys.argv[1:]))\n"
-)
-TWO_ROUTERS_BUG = (
-    "the tool waits only for a vassal out of every router: with two routers, one that router 1 "
-    "lost on its restart but router 2 still has is reloaded at once, while router 1 shows fewer "
-    "than the minimum (Rollout._out_of_router looks at `live`, which holds any router's places)"
 )
 
 
@@ -144,10 +139,7 @@ def restarted_mid_rollout(
     return run, watch, (fault.at, fault.done), held[0]
 
 
-@pytest.mark.parametrize(
-    "routers",
-    [1, pytest.param(2, marks=pytest.mark.xfail(strict=True, reason=TWO_ROUTERS_BUG))],
-)
+@pytest.mark.parametrize("routers", [1, 2])
 def test_a_restarted_router_is_waited_for_never_reloaded_into(
     make_uwsgi_fleet: MakeFleet, record_reload: Record, routers: int
 ) -> None:

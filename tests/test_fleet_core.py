@@ -632,11 +632,12 @@ def test_a_vassal_bound_on_every_address_and_down_at_the_start_is_found_once_bac
 ) -> None:
     stack = fleet_stack(local=4, remote=8, announce_delay=0.3)
     stack.bound_on_every_address = True
-    stack.vassals["vassal_04.ini"].down_until = 1000.0  # not accepting: not in the router
+    # the emperor is starting it: not accepting, not in the router
+    stack.vassals["vassal_04.ini"].down_until = 0.5
     code, out, report = run_fleet(stack, tmp_path, minimum=4)
     assert code == ur.EXIT_OK, out
     assert report["vassal_04.ini"]["addresses"] == ["127.0.0.2:3124"]
-    assert stack.touched[0][1] == "vassal_04.ini", out  # not live: it went first
+    assert [t for t, vid in stack.touched if vid == "vassal_04.ini"] >= [0.5], out
     assert stack.remote_packets == [] and fewest_total(stack) >= 4, out
 
 
@@ -706,3 +707,65 @@ def test_a_drain_timeout_touches_no_vassal_a_router_that_ignores_the_drain_route
     code, out, _ = run_fleet(stack, tmp_path, minimum=0, drain_timeout=0.5, timeout=1.0)
     assert code == ur.EXIT_NOT_ALL_RELOADED, out
     assert stack.touched_while_routed == [], out
+
+
+def test_other_hosts_reloading_are_waited_for_not_given_up() -> None:
+    """Two vassals here, four other nodes, minimum 5: one vassal here goes at a time. As the
+    first is back, two other nodes are out (their host reloads): nothing is in flight, nothing
+    may start. The rollout waits for them, up to the timeout, and goes on once they are back."""
+    fleet, full = local_and_remote(2, 4, 5)
+    v0, v1 = fleet
+    rollout = ur.Rollout(fleet, ur.Rules(minimum=5, timeout=10))
+    (event,) = rollout.step(full, 0.0)
+    assert (event.vassal.name, event.kind) == (v0.name, ur.EventKind.TRIGGERED)
+    reloading = {**full.vassals, v0.id: vassal(v0.id, pid=10, respawns=1, last_mod=2000)}
+    # v0 back, two of the other host's nodes out: 4 live, v1 would leave 3
+    others_out = ur.Snapshot(reloading, [n for n in full.nodes if n.name not in OUT])
+    rollout.step(others_out, 2.0)
+    assert rollout.vassals[v0.id].phase is ur.Phase.BACK
+    for now in (3.0, 11.0):
+        assert rollout.step(others_out, now) == []
+        assert rollout.vassals[v1.id].phase is ur.Phase.PENDING, now
+    # they are back: v1 goes
+    (event,) = rollout.step(ur.Snapshot(reloading, full.nodes), 11.5)
+    assert (event.vassal.name, event.kind) == (v1.name, ur.EventKind.TRIGGERED)
+
+
+def test_other_hosts_out_for_the_whole_timeout_leave_the_rest_not_started() -> None:
+    fleet, full = local_and_remote(2, 4, 5)
+    v0, v1 = fleet
+    rollout = ur.Rollout(fleet, ur.Rules(minimum=5, timeout=10))
+    rollout.step(full, 0.0)
+    reloading = {**full.vassals, v0.id: vassal(v0.id, pid=10, respawns=1, last_mod=2000)}
+    others_out = ur.Snapshot(reloading, [n for n in full.nodes if n.name not in OUT])
+    rollout.step(others_out, 2.0)
+    rollout.step(others_out, 3.0)
+    (event,) = rollout.step(others_out, 13.0)
+    assert (event.vassal.name, event.kind) == (v1.name, ur.EventKind.NOT_STARTED)
+    assert rollout.vassals[v1.id].not_started is ur.NotStarted.MINIMUM
+
+
+#: two of the other host's nodes (``local_and_remote``), out while their host reloads
+OUT = {"127.0.0.3:3121", "127.0.0.3:3122"}
+
+
+def test_a_host_of_a_batch_waits_for_room_at_the_start(tmp_path: Path) -> None:
+    """With ``--max-unavailable`` the minimum leaving nothing to reload at the start is waited
+    on: the other hosts' nodes come back (here at 3 s) and the run goes on; without it the run
+    is refused at once, as before (``test_a_minimum_of_the_whole_fleet_leaves_nothing...``)."""
+    stack = fleet_stack(local=4, remote=8, announce_delay=0.3)
+    others = [v for h in stack.hosts[1:] for v in h]
+    for v in others:
+        v.routed["fr-a"] = False
+    stack.roll(0)
+
+    def back() -> None:
+        for v in others:
+            v.routed["fr-a"] = True
+        stack.roll(0)
+
+    stack.on_sleep.append((3.0, back))
+    code, out, _ = run_fleet(stack, tmp_path, minimum=8, max_unavailable="4", timeout=10.0)
+    assert code == ur.EXIT_OK, out
+    assert out.startswith("waiting up to 10s for room: --minimum-active-vassals 8"), out
+    assert min(t for t, _ in stack.touched) >= 3.0, out
