@@ -14,8 +14,6 @@ wrong is the release the vassals end on, not the requests): a revert command tha
 (the tool exits 4, one worker still serves v2) and no soak (v2 everywhere) for the sick release;
 no revert command for the release that cannot start (its canary left down: not serving); no
 canary check for the check (v2 everywhere).
-
-Three tests are ``xfail(strict=True)``: each shows a bug of the tool (the reason says which).
 """
 
 from __future__ import annotations
@@ -203,15 +201,6 @@ def test_release_turning_sick_is_caught_in_soak_and_reverted(
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=True,
-    reason="tool: the revert reloads the crashed canary while the Emperor is still starting it "
-    "again ('triggered (was not live)'); uWSGI 2.0 loses a reload that reaches a vassal before "
-    "it accepts (its master logs 'gracefully killing workers', the worker keeps the code it "
-    "loaded, and the master ignores every later reload for worker-reload-mercy, 300 s), yet the "
-    "tool counts it back on its accepting and probe: exit 4 whatever the canary runs, and the "
-    "next deploy times out on it. It should wait until a starting vassal accepts, then reload it.",
-)
 def test_release_crashing_under_traffic_is_caught_and_reverted(
     make_uwsgi_stack: MakeStack, record_reload: Record
 ) -> None:
@@ -248,13 +237,6 @@ def test_release_crashing_under_traffic_is_caught_and_reverted(
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=True,
-    reason="tool: the revert's rollout gives up at once on a canary the Emperor does not list at "
-    "that moment ('not known to the emperor': between two of its restarts of a vassal that "
-    "fails to start, the Emperor lists it for ~0.1 s every 1-3 s) and exits 1 'revert "
-    "incomplete'; it should wait for it until --timeout. The canary comes back on v1 by itself.",
-)
 def test_release_that_fails_to_start_is_reverted(
     make_uwsgi_stack: MakeStack, record_reload: Record
 ) -> None:
