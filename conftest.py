@@ -15,5 +15,5 @@ def pytest_configure(config: pytest.Config) -> None:
     if importlib.util.find_spec("uwsgi_reload_harness") is None:
         raise pytest.UsageError(
             "uwsgi-reload is not installed in this environment: run the suite with tox, "
-            "or pip install -e '.[harness,demo]' first"
+            "or pip install -e '.[harness,demo,fleet]' flask hypothesis prometheus-client first"
         )
