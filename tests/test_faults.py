@@ -168,13 +168,21 @@ def test_control_the_rule_before_reloads_into_the_restarted_router(
     make_uwsgi_fleet: MakeFleet, record_reload: Record
 ) -> None:
     """The same fault, the tool with the rule before (a vassal out of the router goes like a
-    vassal that is down): it takes vassals out while router 1 does not have them."""
-    fleet = make_uwsgi_fleet(hosts=2, vassals=3, routers=1)
-    run, watch, (stopped, _), _ = restarted_mid_rollout(fleet, rule_before=True)
-    record_reload(run.row("control: router 1 restarted, the rule before", RESTART_MINIMUM))
-    [report] = tool_reports(run.output)
-    first, router = fleet.hosts[0], fleet.routers[0]
-    assert reloads_into_a_short_router(watch, report, first, router.stats, stopped) != []
+    vassal that is down): it takes vassals out while router 1 does not have them. Where the
+    restart falls against the rule's decisions is a race: once in three runs here the check found
+    nothing wrong, so a second run on a new fleet may catch it."""
+    wrong: list[str] = []
+    for attempt in range(2):
+        fleet = make_uwsgi_fleet(hosts=2, vassals=3, routers=1)
+        run, watch, (stopped, _), _ = restarted_mid_rollout(fleet, rule_before=True)
+        record_reload(run.row(f"control: router 1 restarted, the rule before ({attempt + 1})", 4))
+        [report] = tool_reports(run.output)
+        first, router = fleet.hosts[0], fleet.routers[0]
+        wrong = reloads_into_a_short_router(watch, report, first, router.stats, stopped)
+        if wrong:
+            break
+        print(f"not caught: router stopped at {stopped:.3f}, touches {triggers(report)}")
+    assert wrong != []
 
 
 # ---------------------------------------------------------------------------------------------
