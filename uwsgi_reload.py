@@ -3834,10 +3834,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="interval between vassal status checks (seconds)")
     add("--max-unavailable", type=_share, default=unset, metavar="<int|percent>",
         help="at most this many of this host's vassals out of rotation at once per fastrouter "
-        "key, on top of the minimum; N%% is N percent of the key's live nodes, every host's: "
-        "the share of one host among those a playbook rolls together; a minimum that leaves "
-        "nothing to reload at the start is then waited on up to --timeout, as other hosts' "
-        "nodes come back (default: no cap)")
+        "key, on top of the minimum (N%% of the key's live nodes, every host's): one host's "
+        "share of a batch; it then waits up to --timeout for room at the start (default: none)")
     add("--max-parallel", type=positive_int, default=None, metavar="<int>",
         help="at most this many vassals reloading at once (default: as many as the minimum "
         "allows)")
