@@ -80,6 +80,16 @@ def test_the_playbook_rolls_the_fleet_under_load_losing_nothing(
     assert run.check(minimum) == [], run.output[-4000:]
     assert set(run.replaced()) == vassals_of(fleet.hosts)
     assert run.observer.min_live >= minimum
+    # a playbook run under load leaves nothing behind
+    dirs = fleet.base_dirs
+    seen = fleet.processes() | fleet.stop()
+    assert [p for p in seen if p.alive()] == []
+    assert [d for d in dirs if d.exists()] == []
+    # nothing the run started is left: no playbook, no tool, no locust, no end-state wrapper
+    assert argv_mentions([str(work_dir), *map(str, dirs)]) == []
+    # Ansible's temp dirs were its own run's, under the work dir, and it emptied them
+    for temp in ("ansible-local", "ansible-remote"):
+        assert not any(work_dir.joinpath(temp).glob("*")), temp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,20 +226,3 @@ def argv_mentions(words: Sequence[str]) -> list[int]:
             if any(word in argv for word in words):
                 found.append(int(entry.name))
     return found
-
-
-def test_a_fleet_load_run_leaves_nothing_behind(
-    make_uwsgi_fleet: MakeFleet, work_dir: Path
-) -> None:
-    fleet = make_uwsgi_fleet(hosts=2, vassals=2, routers=2)
-    run = reload_under_load(fleet, fleet.playbook_command(work_dir, 2), rate=RATE)
-    assert run.returncode == 0, run.output[-4000:]
-    dirs = fleet.base_dirs
-    seen = fleet.processes() | fleet.stop()
-    assert [p for p in seen if p.alive()] == []
-    assert [d for d in dirs if d.exists()] == []
-    # nothing the run started is left: no playbook, no tool, no locust, no end-state wrapper
-    assert argv_mentions([str(work_dir), *map(str, dirs)]) == []
-    # Ansible's temp dirs were its own run's, under the work dir, and it emptied them
-    for temp in ("ansible-local", "ansible-remote"):
-        assert not any(work_dir.joinpath(temp).glob("*")), temp

@@ -43,9 +43,7 @@ def fault_result(run: ReloadRun) -> dict[str, object]:
     return result
 
 
-@pytest.mark.parametrize(
-    "minimum", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("minimum", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_reload_loses_no_request(
     uwsgi_stack: Stack, reload_template: str, record_reload: Record, minimum: int
 ) -> None:
