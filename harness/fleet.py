@@ -630,6 +630,7 @@ def start_fleet(config: FleetConfig) -> Fleet:
                 functools.partial(_answers, host.emperor_vassals),
                 f"emperor stats at {host.emperor_stats}",
                 env={**env, CONTROL_ENV: str(host.control_file)},
+                emperor=True,
             )
         fleet.wait_for(
             lambda: fleet.status(through_nginx=False)[0],
